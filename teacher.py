@@ -1,0 +1,164 @@
+"""The frozen sliding-window teacher of SPAR (CVPR 2026, Sec. 3, Fig. 2 teacher branch).
+
+The teacher is the pre-trained backbone used only where it is reliable: at its native K x K resolution.  It looks
+at the image through many overlapping K x K windows (stride s, 24 px in the paper), computes dense features of
+each window exactly as the student would at K x K, and stitches them back into one map on the image's patch grid:
+
+    (E1)  windows  W(H, W; K, s),  F_w = f(x[:, y:y+K, x:x+K])
+    (E2)  F_T = resize_{h x w}( sum_w place_w(up_r(F_w)) / sum_w place_w(1) )
+
+Image sizes: like the student, the image is zero-padded (in normalised space) at the bottom/right to a multiple
+of p, so both live on the same h x w = ceil(H/p) x ceil(W/p) grid and every window offset lands on the p/r cell
+grid.  A side shorter than K is zero-padded up to K the same way (one window row/column), and the padded cells
+are cropped from the result; the image is never rescaled, so object scale stays what the student sees.
+
+Run `python teacher.py --backbone tiny --image photo.jpg` to compare teacher and single-pass student features.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from stitch import Stitcher, sub_patch_factor, window_starts
+from student import Backbone, add_backbone_args, autocast, load_backbone_or_exit, synchronize
+
+
+def default_batch_size(backbone: Backbone, device) -> int:
+    """Windows per forward pass: 16 on CPU; on GPU as many as roughly a quarter of the free memory allows."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return 16
+    free, _ = torch.cuda.mem_get_info(device)
+    tokens = (backbone.window // backbone.patch_size) ** 2
+    # ~ activations of one block in bf16 plus the up-sampled fp32 window maps (generous: 24 C-sized rows / token)
+    per_window = tokens * backbone.dim * 24 * 2 + tokens * 4 * backbone.dim * 4
+    return int(max(1, min(256, free // 4 // per_window)))
+
+
+class Teacher(nn.Module):
+    """Frozen sliding-window teacher: normalised (B, 3, H, W) -> stitched (B, h, w, C), the grid of `dense`."""
+
+    def __init__(self, backbone: Backbone, window: int | None = None, stride: int = 24,
+                 batch_size: int | None = None, progress: bool = False):
+        super().__init__()
+        self.backbone = backbone
+        self.window = window or backbone.window
+        self.stride = stride
+        self.batch_size = batch_size
+        self.progress = progress
+        p = backbone.patch_size
+        if self.window % p:
+            raise ValueError(f"window {self.window} must be a multiple of the patch size {p}")
+        self.r = sub_patch_factor(stride, p)
+
+    def windows(self, H: int, W: int) -> tuple[int, int, list[int], list[int]]:
+        """Padded size and (E1) row / column starts for an H x W image."""
+        p, K = self.backbone.patch_size, self.window
+        Hp, Wp = max(K, math.ceil(H / p) * p), max(K, math.ceil(W / p) * p)
+        return Hp, Wp, window_starts(Hp, K, self.stride), window_starts(Wp, K, self.stride)
+
+    def num_windows(self, H: int, W: int) -> int:
+        _, _, ys, xs = self.windows(H, W)
+        return len(ys) * len(xs)
+
+    @torch.inference_mode()
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, _, H, W = x.shape
+        p, K, r = self.backbone.patch_size, self.window, self.r
+        cell = p // r
+        Hp, Wp, ys, xs = self.windows(H, W)
+        x = F.pad(x, (0, Wp - W, 0, Hp - H))                            # zero = the mean colour after normalising
+        device = x.device
+
+        # All windows of all images as index vectors: image b, top-left (y, x) in pixels.   (E1)
+        ys_t = torch.tensor(ys, device=device)
+        xs_t = torch.tensor(xs, device=device)
+        b_idx = torch.arange(B, device=device).repeat_interleave(len(ys) * len(xs))
+        y_idx = ys_t.repeat_interleave(len(xs)).repeat(B)
+        x_idx = xs_t.repeat(len(ys) * B)
+        n = b_idx.numel()
+
+        stitcher = Stitcher(B, (Hp // cell, Wp // cell), self.backbone.dim, r, device=device)
+        batch = self.batch_size or default_batch_size(self.backbone, device)
+        offs = torch.arange(K, device=device)
+        chans = torch.arange(x.shape[1], device=device)
+        starts = range(0, n, batch)
+        for i in tqdm(starts, desc=f"teacher: {n} windows", unit="batch", disable=not self.progress, leave=False):
+            b, y0, x0 = b_idx[i:i + batch], y_idx[i:i + batch], x_idx[i:i + batch]
+            # crop all windows of the batch with one gather: (n_b, 3, K, K)
+            crops = x[b[:, None, None, None], chans[None, :, None, None],
+                      (y0[:, None] + offs)[:, None, :, None], (x0[:, None] + offs)[:, None, None, :]]
+            with autocast(device):
+                feats = self.backbone.dense(crops)                          # (n_b, k, k, C)
+            stitcher.add(feats, b, y0 // cell, x0 // cell)                  # (E2) place_w(up_r(F_w))
+        h, w = math.ceil(H / p), math.ceil(W / p)
+        return stitcher.result((h, w))
+
+
+def load_image(path: str, max_side: int | None = None) -> torch.Tensor:
+    """An image file as a (1, 3, H, W) float tensor in [0, 1] (RGB); optionally shrink so max(H, W) <= max_side."""
+    import numpy as np
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            im = im.convert("RGB")
+            if max_side and max(im.size) > max_side:
+                scale = max_side / max(im.size)
+                im = im.resize((max(1, round(im.width * scale)), max(1, round(im.height * scale))),
+                               Image.BICUBIC)
+            arr = np.asarray(im, dtype=np.float32) / 255.0
+    except (OSError, ValueError) as exc:
+        raise SystemExit(f"error: cannot read image '{path}' ({exc}).")
+    return torch.from_numpy(arr).permute(2, 0, 1)[None].contiguous()
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="Sliding-window teacher (E1-E2) vs single-pass student (E3): "
+                                                 "prints the grid, window count, timings and their agreement.")
+    add_backbone_args(parser)
+    parser.add_argument("--image", help="image file (default: random noise of --size)")
+    parser.add_argument("--size", default="512x1024", help="HxW used when --image is not given (default: %(default)s)")
+    parser.add_argument("--stride", type=int, default=24, help="window stride s in pixels (paper: 24)")
+    parser.add_argument("--batch-size", type=int, default=None, help="windows per forward (default: auto)")
+    args = parser.parse_args(argv)
+
+    backbone = load_backbone_or_exit(args)
+    if args.image:
+        img = load_image(args.image)
+    else:
+        H, W = (int(v) for v in args.size.lower().split("x"))
+        img = torch.rand(1, 3, H, W, generator=torch.Generator().manual_seed(0))
+    x = backbone.normalize(img.to(args.device))
+    H, W = x.shape[-2:]
+    teacher = Teacher(backbone, stride=args.stride, batch_size=args.batch_size, progress=True)
+    print(f"backbone {backbone.name} (K={teacher.window}, p={backbone.patch_size}, C={backbone.dim}), "
+          f"image {H}x{W}, grid {backbone.grid_size(H, W)}")
+    print(f"stride {args.stride}: {teacher.num_windows(H, W)} windows, sub-patch factor r={teacher.r}")
+
+    with torch.inference_mode(), autocast(args.device):
+        backbone.dense(x)                                                   # warm-up
+        synchronize(args.device)
+        t0 = time.perf_counter()
+        student = backbone.dense(x).float()
+        synchronize(args.device)
+        t_student = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    target = teacher(x)
+    synchronize(args.device)
+    t_teacher = time.perf_counter() - t0
+
+    cos = F.cosine_similarity(student, target, dim=-1).mean().item()
+    mse = F.mse_loss(student, target).item()
+    print(f"single pass: {t_student:8.3f} s   teacher: {t_teacher:8.3f} s   ({t_teacher / t_student:.1f}x slower)")
+    print(f"teacher vs single pass: mean cosine {cos:.4f}, MSE {mse:.4g}")
+
+
+if __name__ == "__main__":
+    main()
