@@ -1,0 +1,249 @@
+"""Backbones, position-embedding resize (E3) and the dense heads, checked against independent formulations."""
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from student import (BackboneError, OpenCLIPBackbone, SigLIPBackbone, load_backbone, load_checkpoint,
+                     resize_pos_embed)
+from tests.reference import bicubic_resize
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return load_backbone("tiny")
+
+
+@pytest.fixture(scope="module")
+def clip_b16():
+    return load_backbone("clip-b16", pretrained=None)
+
+
+@pytest.fixture(scope="module")
+def siglip2_b16():
+    return load_backbone("siglip2-b16", pretrained=None)
+
+
+# ---------------------------------------------------------------- (E3) position embeddings
+
+def test_pos_embed_resize_is_an_exact_identity_at_the_native_grid():
+    pos = torch.randn(1, 8 * 8, 16)
+    out = resize_pos_embed(pos, (8, 8), (8, 8))
+    assert torch.equal(out, pos)
+    # ... and bicubic at scale 1 is numerically the identity too, so the shortcut changes nothing
+    grid = pos.reshape(1, 8, 8, 16).permute(0, 3, 1, 2)
+    same = torch.nn.functional.interpolate(grid, size=(8, 8), mode="bicubic", align_corners=False)
+    assert torch.allclose(same, grid, atol=1e-6)
+
+
+@pytest.mark.parametrize("new_hw", [(5, 7), (16, 32), (13, 4), (8, 20)])
+def test_pos_embed_resize_matches_a_handwritten_bicubic(new_hw):
+    g = (8, 8)
+    pos = torch.randn(g[0] * g[1], 6, generator=torch.Generator().manual_seed(0))
+    ours = resize_pos_embed(pos, g, new_hw).numpy()
+    ref = bicubic_resize(pos.reshape(*g, 6).double().numpy(), *new_hw).reshape(-1, 6)
+    assert ours.shape == (new_hw[0] * new_hw[1], 6)
+    np.testing.assert_allclose(ours, ref, rtol=1e-4, atol=1e-5)
+
+
+def test_pos_embed_resize_keeps_layout_and_dtype():
+    pos = torch.randn(1, 16, 4, dtype=torch.float64)
+    out = resize_pos_embed(pos, (4, 4), (6, 3))
+    assert out.shape == (1, 18, 4) and out.dtype == torch.float64
+
+
+# ---------------------------------------------------------------- shapes for every backbone
+
+@pytest.mark.parametrize("fixture,dim,window", [("tiny", 128, 128), ("clip_b16", 512, 224),
+                                                ("siglip2_b16", 768, 512)])
+@pytest.mark.parametrize("H,W", [(64, 96), (100, 150), (33, 17)])
+def test_dense_shapes_use_the_ceil_grid(request, fixture, dim, window, H, W):
+    bb = request.getfixturevalue(fixture)
+    assert bb.dim == dim and bb.window == window and bb.patch_size == 16
+    with torch.inference_mode():
+        out = bb.dense(bb.normalize(torch.rand(2, 3, H, W)))
+    assert out.shape == (2, -(-H // 16), -(-W // 16), dim)
+    assert torch.isfinite(out).all()
+
+
+def test_normalize_uses_the_backbone_statistics(tiny, clip_b16):
+    x = torch.full((1, 3, 2, 2), 0.5)
+    assert torch.allclose(tiny.normalize(x), torch.zeros_like(x))           # SigLIP: mean = std = 0.5
+    expected = (0.5 - torch.tensor(clip_b16.mean)) / torch.tensor(clip_b16.std)
+    assert torch.allclose(clip_b16.normalize(x)[0, :, 0, 0], expected)
+
+
+# ---------------------------------------------------------------- dense heads vs the unmodified modules
+
+def test_siglip_trunk_at_native_size_equals_timm_forward_features(tiny):
+    x = tiny.normalize(torch.rand(2, 3, 128, 128))
+    with torch.inference_mode():
+        ours, hw = tiny.tokens(x)
+        ref = tiny.trunk.forward_features(x)
+    assert hw == (8, 8)
+    assert torch.equal(ours, ref)
+
+
+@pytest.mark.parametrize("fixture", ["tiny", "siglip2_b16"])
+def test_siglip_dense_head_is_attention_pooling_of_each_token_alone(request, fixture):
+    # Attention over a single key is the identity on its value, so running the UNMODIFIED attention-pool head on
+    # each token as a sequence of length 1 is an independent way to compute the value-path head.
+    bb = request.getfixturevalue(fixture)
+    K = bb.window
+    x = bb.normalize(torch.rand(1, 3, K // 2, K // 2 + 16))
+    with torch.inference_mode():
+        dense = bb.dense(x)
+        tokens, (h, w) = bb.tokens(x)
+        ref = bb.trunk.attn_pool(tokens.reshape(-1, 1, tokens.shape[-1]))          # (h*w, C)
+    assert torch.allclose(dense.reshape(-1, dense.shape[-1]), ref, atol=1e-5, rtol=1e-4)
+
+
+def test_openclip_dense_head_is_the_last_block_with_diagonal_attention(clip_b16):
+    # MaskCLIP's value path = each token attends only to itself: run the UNMODIFIED last block with a diagonal
+    # attention mask (an independent formulation) at the native resolution.
+    vis = clip_b16.visual
+    x = clip_b16.normalize(torch.rand(1, 3, 224, 224))
+    with torch.inference_mode():
+        ours = clip_b16.dense(x)
+        t = vis._embeds(x)
+        for blk in vis.transformer.resblocks[:-1]:
+            t = blk(t)
+        n = t.shape[1]
+        mask = torch.full((n, n), float("-inf"))
+        mask.fill_diagonal_(0.0)
+        t = vis.transformer.resblocks[-1](t, attn_mask=mask)
+        ref = (vis.ln_post(t) @ vis.proj)[:, 1:].reshape(1, 14, 14, -1)
+    assert torch.allclose(ours, ref, atol=1e-4, rtol=1e-4)
+
+
+def test_openclip_keeps_the_cls_position_embedding(clip_b16):
+    # At a non-native size only the patch part of the position embedding is resized; changing the CLS entry
+    # must change the output, changing nothing must not.
+    x = clip_b16.normalize(torch.rand(1, 3, 160, 96))
+    with torch.inference_mode():
+        a = clip_b16.dense(x)
+        pos = clip_b16.visual.positional_embedding
+        saved = pos[0].clone()
+        pos.data[0] += 1.0
+        b = clip_b16.dense(x)
+        pos.data[0] = saved
+        c = clip_b16.dense(x)
+    assert not torch.allclose(a, b) and torch.equal(a, c)
+
+
+@pytest.mark.parametrize("fixture", ["tiny", "clip_b16"])
+def test_dense_does_not_break_the_models_own_encode_image(request, fixture):
+    bb = request.getfixturevalue(fixture)
+    K = bb.window
+    x = bb.normalize(torch.rand(1, 3, K, K))
+    with torch.inference_mode():
+        before = bb.model.encode_image(x)
+        bb.dense(bb.normalize(torch.rand(1, 3, K + 32, K - 16)))
+        after = bb.model.encode_image(x)
+    assert torch.equal(before, after)
+
+
+def test_padding_is_bottom_right_zeros(tiny):
+    # A 100 x 100 image and the same image zero-padded to 112 x 112 give the same features.
+    x = tiny.normalize(torch.rand(1, 3, 100, 100))
+    padded = torch.nn.functional.pad(x, (0, 12, 0, 12))
+    with torch.inference_mode():
+        assert torch.equal(tiny.dense(x), tiny.dense(padded))
+
+
+def test_blocks_and_image_tower(tiny, clip_b16):
+    assert isinstance(tiny, SigLIPBackbone) and isinstance(clip_b16, OpenCLIPBackbone)
+    assert len(tiny.blocks) == 4 and len(clip_b16.blocks) == 12
+    tower = {id(p) for p in tiny.image_tower().parameters()}
+    assert all(id(p) in tower for p in tiny.blocks.parameters())
+    assert not any(p.requires_grad for p in tiny.parameters())             # frozen by default
+
+
+# ---------------------------------------------------------------- tiny: seeded, text works offline
+
+def test_tiny_is_seeded_and_leaves_the_global_rng_alone():
+    torch.manual_seed(123)
+    expected_next = torch.rand(1)
+    torch.manual_seed(123)
+    a = load_backbone("tiny")
+    after = torch.rand(1)
+    b = load_backbone("tiny")
+    assert torch.equal(after, expected_next)
+    for (na, pa), (nb, pb) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert na == nb and torch.equal(pa, pb)
+
+
+def test_encode_text_offline(tiny, clip_b16):
+    for bb in (tiny, clip_b16):
+        with torch.inference_mode():
+            t = bb.encode_text(["a photo of a cat.", "a photo of a dog.", "road"])
+        assert t.shape == (3, bb.dim) and torch.isfinite(t).all()
+        assert not torch.allclose(t[0], t[1])
+
+
+# ---------------------------------------------------------------- errors and checkpoints
+
+def test_unknown_backbone_is_a_clear_error():
+    with pytest.raises(BackboneError, match="unknown backbone 'vit-huge'.*siglip2-b16, clip-b16, tiny"):
+        load_backbone("vit-huge")
+
+
+def test_missing_weights_file_is_a_clear_error(tmp_path):
+    with pytest.raises(BackboneError, match="does not exist"):
+        load_backbone("clip-b16", pretrained=str(tmp_path / "nope.pt"))
+
+
+def test_mismatched_weights_file_is_a_clear_error(tmp_path):
+    path = tmp_path / "wrong.pt"
+    torch.save({"visual.nothing": torch.zeros(1)}, path)
+    with pytest.raises(BackboneError, match="does not match"):
+        load_backbone("tiny", pretrained=str(path))
+
+
+@pytest.mark.parametrize("backbone", ["clip-b16", "siglip2-b16"])
+def test_no_network_cli_prints_one_sentence_and_exits_nonzero(tmp_path, backbone):
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf"), XDG_CACHE_HOME=str(tmp_path / "xdg"))
+    proc = subprocess.run([sys.executable, "student.py", "--backbone", backbone], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("error: cannot download") and "internet" in lines[0]
+    assert "Traceback" not in proc.stderr
+
+
+def test_checkpoint_round_trip_and_mismatch(tmp_path, tiny, clip_b16):
+    student = load_backbone("tiny")
+    with torch.no_grad():
+        student.blocks[-1].mlp.fc2.bias.add_(0.5)
+    path = tmp_path / "student.pt"
+    torch.save({"format": "spar-student", "backbone": "tiny", "settings": {"stride": 24},
+                "image_tower": student.image_tower().state_dict()}, path)
+    restored = load_backbone("tiny", checkpoint=str(path))
+    x = tiny.normalize(torch.rand(1, 3, 64, 80))
+    with torch.inference_mode():
+        assert torch.equal(restored.dense(x), student.dense(x))
+        assert not torch.allclose(restored.dense(x), tiny.dense(x))
+    assert load_checkpoint(load_backbone("tiny"), str(path)) == {"stride": 24}
+    with pytest.raises(BackboneError, match="distilled from backbone 'tiny'.*--backbone tiny"):
+        load_checkpoint(clip_b16, str(path))
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(BackboneError, match="corrupt"):
+        load_backbone("tiny", checkpoint=str(bad))
+    other = tmp_path / "other.pt"
+    torch.save({"weights": 1}, other)
+    with pytest.raises(BackboneError, match="not a SPAR student checkpoint"):
+        load_backbone("tiny", checkpoint=str(other))
+
+
+def test_student_cli_prints_shapes():
+    proc = subprocess.run([sys.executable, "student.py", "--backbone", "tiny", "--sizes", "64x96"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "(1, 4, 6, 128)" in proc.stdout
