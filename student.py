@@ -303,7 +303,6 @@ def _register_tiny_timm_model():
 
 
 def _build_tiny():
-    import open_clip
     from open_clip.model import CustomTextCLIP
 
     _register_tiny_timm_model()
@@ -314,7 +313,6 @@ def _build_tiny():
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(TINY["seed"])
         model = CustomTextCLIP(embed_dim=TINY["width"], vision_cfg=vision_cfg, text_cfg=text_cfg)
-    del open_clip
     return model
 
 
