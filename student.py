@@ -320,11 +320,22 @@ def _friendly(exc: BaseException) -> str:
     """Turn a loader exception into the short reason part of a one-sentence message."""
     text = str(exc)
     low = text.lower()
-    if isinstance(exc, ImportError) or "transformers" in low and "install" in low:
-        return f"a package is missing: {text.splitlines()[0][:120]}"
-    if any(k in low for k in ("local cache", "connection", "offline", "resolve", "timed out", "network")):
+    if any(k in low for k in ("local cache", "connect", "huggingface.co", "offline", "resolve", "timed out",
+                              "network")):
         return "the Hugging Face hub could not be reached and the files are not in the local cache"
+    if isinstance(exc, ImportError):
+        return f"a package is missing: {text.splitlines()[0][:120]}"
     return f"{type(exc).__name__}: {text.splitlines()[0][:160] if text else ''}"
+
+
+@contextlib.contextmanager
+def _quiet_logging():
+    """open_clip / huggingface_hub log every failed download at length; we report it in one sentence instead."""
+    logging.disable(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logging.disable(logging.NOTSET)
 
 
 def _load_open_clip_model(spec: BackboneSpec, pretrained):
@@ -336,29 +347,24 @@ def _load_open_clip_model(spec: BackboneSpec, pretrained):
             _load_state_dict_file(model, pretrained, spec.name)
         return model
     if pretrained is None:
-        logging.getLogger().disabled = True      # silence open_clip's "initialized randomly" warning: we asked for it
-        try:
+        with _quiet_logging():                   # silence open_clip's "initialized randomly" warning: we asked for it
             return open_clip.create_model(spec.openclip_name, pretrained=None)
-        finally:
-            logging.getLogger().disabled = False
     if pretrained != "default":
         if not os.path.isfile(pretrained):
             raise BackboneError(f"cannot load {spec.name}: weights file '{pretrained}' does not exist; "
                                 f"pass an existing open_clip checkpoint path, 'default' to download, or None.")
         return open_clip.create_model(spec.openclip_name, pretrained=pretrained)
-    logging.getLogger().disabled = True          # open_clip logs the whole failure; we say it in one sentence
     try:
-        if spec.hub_name is not None:
-            return open_clip.create_model(spec.hub_name)
-        return open_clip.create_model(spec.openclip_name, pretrained=spec.pretrained_tag)
+        with _quiet_logging():
+            if spec.hub_name is not None:
+                return open_clip.create_model(spec.hub_name)
+            return open_clip.create_model(spec.openclip_name, pretrained=spec.pretrained_tag)
     except Exception as exc:  # network, missing package, corrupt cache ... -> one clear sentence
         source = spec.hub_name or f"{spec.openclip_name}/{spec.pretrained_tag}"
         raise BackboneError(
             f"cannot download the {spec.name} weights ({source}) through open_clip ({_friendly(exc)}); "
             f"connect to the internet once (the files are cached), or pass a local weights file with "
             f"--pretrained PATH, or use --pretrained none / --backbone tiny to work offline.") from exc
-    finally:
-        logging.getLogger().disabled = False
 
 
 def _load_state_dict_file(model: nn.Module, path: str, name: str):
@@ -377,7 +383,8 @@ def _tokenizer_factory(spec: BackboneSpec):
     def make():
         import open_clip
         try:
-            return open_clip.get_tokenizer(spec.tokenizer_name)
+            with _quiet_logging():
+                return open_clip.get_tokenizer(spec.tokenizer_name)
         except Exception as exc:
             raise BackboneError(
                 f"cannot load the {spec.name} text tokenizer ({spec.tokenizer_name}) ({_friendly(exc)}); it needs "
