@@ -41,6 +41,23 @@ def default_batch_size(backbone: Backbone, device) -> int:
     return int(max(1, min(256, free // 4 // per_window)))
 
 
+def crop_windows(x: torch.Tensor, b: torch.Tensor, y0: torch.Tensor, x0: torch.Tensor, K: int) -> torch.Tensor:
+    """(E1) the K x K windows with top-left corners (y0, x0) of images b of x (B, 3, H, W): (n, 3, K, K)."""
+    if x.device.type == "cpu":
+        # CPU: one slice copy (a memcpy) per window is ~50x faster than the element-wise gather of gather_windows
+        return torch.stack([x[i, :, y:y + K, w:w + K] for i, y, w in zip(b.tolist(), y0.tolist(), x0.tolist())])
+    return gather_windows(x, b, y0, x0, K)
+
+
+def gather_windows(x: torch.Tensor, b: torch.Tensor, y0: torch.Tensor, x0: torch.Tensor, K: int) -> torch.Tensor:
+    """`crop_windows` on GPU: one gather kernel crops the whole batch (one launch, no host sync, no per-window
+    launches); the same values as slicing each window."""
+    offs = torch.arange(K, device=x.device)
+    chans = torch.arange(x.shape[1], device=x.device)
+    return x[b[:, None, None, None], chans[None, :, None, None],
+             (y0[:, None] + offs)[:, None, :, None], (x0[:, None] + offs)[:, None, None, :]]
+
+
 class Teacher(nn.Module):
     """Frozen sliding-window teacher: normalised (B, 3, H, W) -> stitched (B, h, w, C), the grid of `dense`."""
 
@@ -86,14 +103,10 @@ class Teacher(nn.Module):
 
         stitcher = Stitcher(B, (Hp // cell, Wp // cell), self.backbone.dim, r, device=device)
         batch = self.batch_size or default_batch_size(self.backbone, device)
-        offs = torch.arange(K, device=device)
-        chans = torch.arange(x.shape[1], device=device)
         starts = range(0, n, batch)
         for i in tqdm(starts, desc=f"teacher: {n} windows", unit="batch", disable=not self.progress, leave=False):
             b, y0, x0 = b_idx[i:i + batch], y_idx[i:i + batch], x_idx[i:i + batch]
-            # crop all windows of the batch with one gather: (n_b, 3, K, K)
-            crops = x[b[:, None, None, None], chans[None, :, None, None],
-                      (y0[:, None] + offs)[:, None, :, None], (x0[:, None] + offs)[:, None, None, :]]
+            crops = crop_windows(x, b, y0, x0, K)                           # (n_b, 3, K, K)
             with autocast(device):
                 feats = self.backbone.dense(crops)                          # (n_b, k, k, C)
             stitcher.add(feats, b, y0 // cell, x0 // cell)                  # (E2) place_w(up_r(F_w))
