@@ -1,0 +1,242 @@
+"""Tests for segment.py: class lists, text embeddings and their cache, (E4) logits, upsampling with the padded
+patch grid, synonyms, and the CLI on the offline `tiny` backbone."""
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import segment  # noqa: E402
+from segment import ClassText, SegmentError  # noqa: E402
+from student import load_backbone  # noqa: E402
+
+TEMPLATES = ["a photo of a {}.", "{}"]
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return load_backbone("tiny", None)
+
+
+@pytest.fixture
+def template_file(tmp_path):
+    path = tmp_path / "templates.txt"
+    path.write_text("\n".join(TEMPLATES) + "\n")
+    return str(path)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# class lists
+# --------------------------------------------------------------------------------------------------------------
+
+def test_parse_classes_commas_and_semicolons():
+    assert segment.parse_classes("road, car, person, sky") == [["road"], ["car"], ["person"], ["sky"]]
+    assert segment.parse_classes("road; car, truck; sky") == [["road"], ["car", "truck"], ["sky"]]
+    with pytest.raises(SegmentError, match="empty"):
+        segment.parse_classes(" , ,")
+
+
+def test_read_paper_class_files():
+    voc21 = segment.read_class_file(ROOT / "data" / "classes" / "voc21.txt")
+    assert len(voc21) == 21 and len(voc21[0]) == 26 and voc21[0][0] == "sky"     # background = 26 stuff names
+    assert voc21[15][0] == "person" and len(voc21[15]) == 7
+    assert len(segment.read_class_file(ROOT / "data" / "classes" / "ade20k.txt")) == 150
+    assert len(segment.read_templates()) == 80
+    with pytest.raises(SegmentError, match="cannot read class file"):
+        segment.read_class_file(ROOT / "no_such_file.txt")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# text embeddings
+# --------------------------------------------------------------------------------------------------------------
+
+def test_text_embeddings_average_normalised_templates(tiny, tmp_path):
+    text = segment.text_embeddings(tiny, [["cat"], ["dog", "puppy"]], TEMPLATES, cache_dir=tmp_path)
+    assert text.names == ["cat", "dog"] and text.queries == ["cat", "dog", "puppy"]
+    assert text.query_class.tolist() == [0, 1, 1]
+    assert text.embeddings.shape == (3, tiny.dim)
+    with torch.inference_mode():
+        raw = tiny.encode_text([t.format("puppy") for t in TEMPLATES])             # (T, C)
+    expected = F.normalize(F.normalize(raw, dim=-1).mean(0), dim=0)
+    assert torch.allclose(text.embeddings[2], expected, atol=1e-5)
+    assert torch.allclose(text.embeddings.norm(dim=-1), torch.ones(3), atol=1e-5)
+
+
+def test_text_cache_on_disk_and_its_key(tiny, tmp_path, monkeypatch):
+    classes = [["road"], ["sky"]]
+    first = segment.text_embeddings(tiny, classes, TEMPLATES, cache_dir=tmp_path).embeddings
+    files = list(tmp_path.glob("tiny-*.pt"))
+    assert len(files) == 1 and not list(tmp_path.glob("*.tmp"))                      # written atomically
+
+    segment._MEMORY_CACHE.clear()
+    with monkeypatch.context() as m:                                                   # the disk cache is used
+        m.setattr(tiny, "encode_text", lambda *a, **k: pytest.fail("text encoder called despite the cache"))
+        again = segment.text_embeddings(tiny, classes, TEMPLATES, cache_dir=tmp_path).embeddings
+    assert torch.equal(first, again)
+
+    visual = next(tiny.model.visual.parameters())
+    text_w = tiny.model.text.text_projection
+    try:
+        visual.data.add_(1.0)                      # a distilled image tower shares the text cache ...
+        assert segment._cache_key(tiny, ["road"], TEMPLATES) == segment._cache_key(tiny, ["road"], TEMPLATES)
+        key = segment._cache_key(tiny, ["road"], TEMPLATES)
+        text_w.data.add_(1.0)                      # ... other text weights (e.g. random vs real) never do
+        assert segment._cache_key(tiny, ["road"], TEMPLATES) != key
+        segment.text_embeddings(tiny, classes, TEMPLATES, cache_dir=tmp_path)
+        assert len(list(tmp_path.glob("tiny-*.pt"))) == 2
+    finally:
+        visual.data.sub_(1.0)
+        text_w.data.sub_(1.0)
+        segment._MEMORY_CACHE.clear()
+    assert segment._cache_key(tiny, ["road"], TEMPLATES) != segment._cache_key(tiny, ["road"], TEMPLATES[:1])
+
+
+# --------------------------------------------------------------------------------------------------------------
+# logits, upsampling, synonyms
+# --------------------------------------------------------------------------------------------------------------
+
+def test_upsample_logits_crops_the_padding_for_odd_sizes():
+    p, (H, W) = 16, (37, 53)
+    h, w = -(-H // p), -(-W // p)                                                      # 3 x 4 patch grid
+    cols = torch.arange(w, dtype=torch.float32).expand(1, 1, h, w)
+    out = segment.upsample_logits(cols, p, (H, W))
+    assert out.shape == (1, 1, H, W)
+    # bilinear on the padded (h*p) x (w*p) canvas: pixel x sits at patch coordinate (x + 0.5) / p - 0.5
+    x = torch.arange(W, dtype=torch.float32)
+    expected = ((x + 0.5) / p - 0.5).clamp(0, w - 1)
+    assert torch.allclose(out[0, 0, 0], expected, atol=1e-5)
+    stretched = F.interpolate(cols, size=(H, W), mode="bilinear", align_corners=False)
+    assert not torch.allclose(out, stretched, atol=1e-2)                               # not a plain stretch
+    # a resized input goes back to the original size after the crop
+    assert segment.upsample_logits(cols, p, (H, W), (20, 29)).shape == (1, 1, 20, 29)
+
+
+class FixedBackbone(torch.nn.Module):
+    """A stand-in backbone whose dense features are given: tests the head of (E4) exactly."""
+
+    def __init__(self, feats, patch=16):
+        super().__init__()
+        self.feats, self.patch_size, self.window = feats, patch, 64
+        self.register_buffer("_dev", torch.zeros(0))
+
+    @property
+    def device(self):
+        return self._dev.device
+
+    def normalize(self, x):
+        return x
+
+    def dense(self, x):
+        return self.feats
+
+
+def test_synonyms_collapse_to_their_class_with_max_not_sum():
+    e = torch.eye(4)[:3]                                                  # queries q0 (class 0), q1, q2 (class 1)
+    text = ClassText(["a", "b"], ["a", "b1", "b2"], torch.tensor([0, 1, 1]), e)
+    feats = torch.stack([e[0], e[2], e[1], e[0] * 1.0 + e[1] * 0.9 + e[2] * 0.9]).view(1, 2, 2, 4)
+    seg = segment.segment(FixedBackbone(feats), torch.rand(1, 3, 32, 32), text, logit_scale=10,
+                          return_logits=True)
+    labels = seg.labels[0]
+    assert labels.shape == (32, 32) and seg.logits.shape == (1, 2, 32, 32)
+    assert labels[0, 0] == 0 and labels[0, -1] == 1 and labels[-1, 0] == 1          # b2 and b1 both -> class 1
+    # q0 alone beats each synonym of class 1, although their summed probability is larger: max, not sum
+    assert labels[-1, -1] == 0
+    assert set(labels.unique().tolist()) <= {0, 1}
+
+
+def test_prob_thd_sends_unsure_pixels_to_class_zero():
+    e = torch.eye(3)
+    text = ClassText(["a", "b", "c"], ["a", "b", "c"], torch.arange(3), e)
+    feats = torch.stack([e[1], e[1] + e[2], e[2], e[1]]).view(1, 2, 2, 3)
+    backbone = FixedBackbone(feats)
+    plain = segment.segment(backbone, torch.rand(1, 3, 32, 32), text, logit_scale=5).labels[0]
+    thd = segment.segment(backbone, torch.rand(1, 3, 32, 32), text, logit_scale=5, prob_thd=0.6).labels[0]
+    assert plain[0, 0] == 1 and thd[0, 0] == 1                 # confident pixel keeps its class
+    assert plain[0, 24] in (1, 2) and thd[0, 24] == 0          # a 50/50 pixel falls back to class 0
+
+
+def test_segment_tiny_any_size_single_and_slide(tiny, tmp_path):
+    text = segment.text_embeddings(tiny, [["a"], ["b"], ["c"]], TEMPLATES, cache_dir=tmp_path)
+    image = torch.rand(1, 3, 37, 53, generator=torch.Generator().manual_seed(0))
+    for mode, kwargs in (("single", {}), ("slide", {"stride": 32}), ("single", {"short_side": 64})):
+        seg = segment.segment(tiny, image, text, mode, return_logits=True, **kwargs)
+        assert seg.labels.shape == (1, 37, 53), mode
+        assert seg.logits.shape == (1, 3, 37, 53), mode
+        assert torch.equal(seg.labels, seg.logits.argmax(1)), mode
+    all_zero = segment.segment(tiny, image, text, prob_thd=1.01).labels
+    assert (all_zero == 0).all()
+    with pytest.raises(SegmentError, match="smaller than one"):
+        segment.segment(tiny, torch.rand(1, 3, 8, 300), text)
+
+
+def test_resized_hw_keeps_ratio():
+    assert segment.resized_hw(375, 500, 672, 2048) == (672, 896)
+    assert segment.resized_hw(1024, 2048, 1024, 2048) == (1024, 2048)
+    assert segment.resized_hw(300, 3000, 672, 2048) == (205, 2048)                     # long side capped
+    assert segment.resized_hw(37, 53, None, None) == (37, 53)
+    assert segment.resized_hw(37, 53, None, 2048) == (37, 53)                          # a cap never enlarges
+    assert segment.resized_hw(3000, 6000, 0, 2048) == (1024, 2048)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# CLI
+# --------------------------------------------------------------------------------------------------------------
+
+def test_cli_bundled_image_writes_mask_of_its_size(tmp_path, template_file, capsys):
+    out = tmp_path / "seg" / "x.png"
+    segment.main([str(ROOT / "assets" / "chelsea.jpg"), "--backbone", "tiny", "--classes", "a, b, c",
+                  "--templates", template_file, "--text-cache", str(tmp_path / "cache"), "--out", str(out)])
+    stdout = capsys.readouterr().out
+    with Image.open(ROOT / "assets" / "chelsea.jpg") as src, Image.open(out) as mask:
+        assert mask.size == src.size and mask.mode == "P"
+        labels = np.asarray(mask)
+    assert labels.max() < 3
+    with Image.open(tmp_path / "seg" / "x_overlay.png") as overlay:
+        assert overlay.size[0] > overlay.size[1]                                     # image | overlay | legend
+    shares = [float(line.split()[-2]) for line in stdout.splitlines() if line.strip().endswith("%")]
+    assert len(shares) == 3 and abs(sum(shares) - 100) < 0.1
+    assert "segmentation" in stdout and " s " in stdout
+
+
+def test_cli_odd_size_slide_and_class_file(tmp_path, template_file, capsys):
+    img = tmp_path / "odd.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (45, 70, 3), dtype=np.uint8)).save(img)
+    classes = tmp_path / "classes.txt"
+    classes.write_text("road\ncar, truck\n\nsky\n")
+    out = tmp_path / "odd_seg.png"
+    segment.main([str(img), "--backbone", "tiny", "--class-file", str(classes), "--mode", "slide",
+                  "--stride", "48", "--short-side", "0", "--templates", template_file, "--text-cache", "none",
+                  "--out", str(out)])
+    with Image.open(out) as mask:
+        assert mask.size == (70, 45)
+        assert np.asarray(mask).max() < 3                                              # truck -> class 1
+    assert "(run at 70x45)" in capsys.readouterr().out                               # --short-side 0: as is
+
+
+def test_cli_errors_are_one_sentence(tmp_path, template_file, capsys):
+    base = ["--backbone", "tiny", "--templates", template_file, "--text-cache", "none",
+            "--out", str(tmp_path / "x.png")]
+    with pytest.raises(SystemExit) as exc:
+        segment.main([str(ROOT / "assets" / "coffee.jpg"), "--classes", " , "] + base)
+    assert exc.value.code == 2 and "class list is empty" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
+        segment.main([str(tmp_path / "missing.jpg"), "--classes", "a"] + base)
+    assert "cannot read image" in str(exc.value.code)
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"not an image at all")
+    with pytest.raises(SystemExit) as exc:
+        segment.main([str(bad), "--classes", "a"] + base)
+    assert "cannot read image" in str(exc.value.code)
+    tiny_img = tmp_path / "tiny.png"
+    Image.new("RGB", (5, 5)).save(tiny_img)
+    with pytest.raises(SystemExit) as exc:
+        segment.main([str(tiny_img), "--classes", "a", "--short-side", "0"] + base)
+    assert exc.value.code == 2 and "smaller than one" in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "x.png")
