@@ -197,7 +197,7 @@ def bench_single(backbone, ref, sizes, args) -> tuple[list, dict]:
     for H, W in sizes:
         x = backbone.normalize(torch.rand(1, 3, H, W, device=dev))
 
-        def call(f):
+        def call(f, x=x):
             def run():
                 with torch.inference_mode(), autocast(dev):
                     f(x)

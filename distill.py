@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import errno
 import hashlib
 import io
 import json
@@ -43,6 +42,7 @@ from PIL import Image, ImageOps
 from tqdm import tqdm
 
 import student
+from files import TEMP_MARK, ImageError, WriteError, atomic_write, read_rgb, save_torch, write_json
 from student import BackboneError, autocast
 from teacher import Teacher
 
@@ -86,30 +86,6 @@ def barrier():
         dist.barrier()
 
 
-def atomic_write(path: str, write) -> None:
-    """Write through `write(fileobj)` to a temp file, fsync, then rename: readers see the old file or the new one."""
-    tmp = f"{path}.tmp.{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as exc:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise DistillError(f"no space left on the device while writing '{path}'; free some space and run the "
-                               f"same command again (finished work is kept).") from exc
-        if isinstance(exc, OSError):
-            raise DistillError(f"cannot write '{path}' ({exc.strerror or exc}); check the --out folder.") from exc
-        raise
-
-
-def write_json(path: str, obj) -> None:
-    atomic_write(path, lambda f: f.write(json.dumps(obj, indent=1).encode()))
-
-
 def read_json(path: str):
     try:
         with open(path) as f:
@@ -118,16 +94,12 @@ def read_json(path: str):
         return None
 
 
-def save_torch(path: str, obj) -> None:
-    atomic_write(path, lambda f: torch.save(obj, f))
-
-
 def clean_temp_files(run_dir: str) -> int:
     """Remove temp files left by a killed writer (never a finished file)."""
     n = 0
     for root, _, files in os.walk(run_dir):
         for name in files:
-            if ".tmp." in name:
+            if TEMP_MARK in name:
                 with contextlib.suppress(OSError):
                     os.remove(os.path.join(root, name))
                     n += 1
@@ -159,36 +131,12 @@ def list_images(folder: str) -> list[str]:
     return sorted(found)
 
 
-def to_rgb8(im: Image.Image) -> Image.Image:
-    """Any PIL mode -> 8-bit RGB: 16-bit and float images are rescaled (not clipped), alpha is put on white."""
-    if im.mode.startswith("I") or im.mode == "F":
-        arr = np.asarray(im).astype(np.float64)
-        if im.mode.startswith("I;16") or (im.mode == "I" and arr.max() > 255):
-            arr = arr / 65535.0
-        elif im.mode == "I":
-            arr = arr / 255.0
-        elif arr.max() > 1.0:                                           # float image in an unknown range
-            arr = (arr - arr.min()) / max(arr.max() - arr.min(), 1e-12)
-        return Image.fromarray(np.clip(np.rint(arr * 255.0), 0, 255).astype(np.uint8), "L").convert("RGB")
-    if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
-        rgba = im.convert("RGBA")
-        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(white, rgba).convert("RGB")
-    return im.convert("RGB")
-
-
 def read_image(path: str, min_side: int = 16) -> Image.Image:
-    """An image file as 8-bit RGB (EXIF rotation applied); raises ImageSkip with the reason when it is unusable."""
+    """An image file as 8-bit RGB (`files.read_rgb`); raises ImageSkip with the reason when it is unusable."""
     try:
-        with Image.open(path) as im:
-            im.load()
-            im = ImageOps.exif_transpose(im) or im
-            rgb = to_rgb8(im)
-    except Image.DecompressionBombError as exc:
-        raise ImageSkip(f"it is too large to decode safely ({exc})") from exc
-    except (OSError, ValueError, SyntaxError, EOFError) as exc:
-        reason = str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__
-        raise ImageSkip(f"cannot read it ({reason})") from exc
+        rgb = read_rgb(path)
+    except ImageError as exc:
+        raise ImageSkip(f"cannot read it ({exc.reason})") from exc
     W, H = rgb.size
     if min(W, H) < min_side:
         raise ImageSkip(f"it is {W}x{H} px, smaller than one {min_side} px patch")
@@ -808,7 +756,7 @@ def main(argv=None):
         old = None
     try:
         return run(args)
-    except DistillError as exc:
+    except (DistillError, WriteError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         raise SystemExit(2)
     except KeyboardInterrupt:

@@ -30,13 +30,13 @@ import math
 import os
 import re
 import sys
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from files import WriteError, write_json
 from segment import HERE, SegmentError, cache_dir_arg, read_class_file, read_templates, segment, text_embeddings
 from student import BackboneError, add_backbone_args, autocast, load_backbone
 from teacher import Teacher
@@ -400,14 +400,6 @@ def _file_id(path: str | None) -> str | None:
     return f"{os.path.abspath(path)}:{st.st_size}:{int(st.st_mtime)}"
 
 
-def save_json_atomic(obj, path: Path):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(tmp, path)
-
-
 def evaluate_mode(backbone, samples, text, settings: dict, kind: str, stride: int, state: dict, save,
                   batch_size=None, num_workers: int = 0, save_every: int = 25, desc: str = "") -> dict:
     """Run one mode over `samples`, continuing from state["images_done"].
@@ -580,7 +572,7 @@ def main(argv=None):
                 print(f"note: {out} holds results for other settings; starting over (it will be overwritten).")
         except (OSError, ValueError):
             pass
-    save = lambda: save_json_atomic(record, out)                     # noqa: E731
+    save = lambda: write_json(out, record)                            # noqa: E731  atomic (files.py)
     workers = args.workers if args.workers is not None else (2 if backbone.device.type == "cuda" else 0)
 
     print(f"{spec.title}: {len(samples)} images, backbone {args.backbone}"
@@ -595,7 +587,7 @@ def main(argv=None):
             model = backbone if kind == "single" else base
             evaluate_mode(model, samples, text, settings, kind, stride, state, save, args.batch_size, workers,
                           args.save_every, desc=label)
-    except (DatasetError, SegmentError) as exc:
+    except (DatasetError, SegmentError, WriteError) as exc:
         fail(str(exc))
     except KeyboardInterrupt:
         fail(f"interrupted; the finished images are saved in {out} and a rerun resumes from there.")
@@ -604,7 +596,10 @@ def main(argv=None):
     print(f"\n{'mode':<12} {'mIoU':>6} {'s/image':>9} {'images':>7}")
     for label, r in results.items():
         print(f"{label:<12} {100 * r['miou']:6.2f} {r['seconds_per_image']:9.3f} {r['images_done']:>7}")
-    save()
+    try:
+        save()
+    except WriteError as exc:
+        fail(str(exc))
     print(f"saved {out}")
     if len(results) > 1:
         plot = out.with_suffix(".png")

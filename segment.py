@@ -32,7 +32,6 @@ import hashlib
 import json
 import os
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,8 +40,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from files import ImageError, WriteError, load_image, save_torch
 from student import Backbone, BackboneError, add_backbone_args, autocast, load_backbone, synchronize
-from teacher import Teacher, load_image
+from teacher import Teacher
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_TEMPLATES = HERE / "data" / "imagenet_templates.txt"
@@ -155,19 +155,6 @@ def _cache_key(backbone: Backbone, queries: list[str], templates: list[str]) -> 
     return f"{backbone.name}-{hashlib.sha256(blob.encode()).hexdigest()[:20]}"
 
 
-def _save_atomic(obj, path: Path):
-    """torch.save to a temporary file in the same folder, then rename: readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 @torch.inference_mode()
 def embed_queries(backbone: Backbone, queries: list[str], templates: list[str], batch_size: int = 256,
                   progress: bool = False) -> torch.Tensor:
@@ -211,10 +198,9 @@ def text_embeddings(backbone: Backbone, classes: list[list[str]], templates: lis
         emb = embed_queries(backbone, queries, templates, progress=progress).cpu()
         if path is not None:
             try:
-                _save_atomic({"queries": queries, "templates": templates, "embeddings": emb}, path)
-            except OSError as exc:
-                print(f"warning: cannot write the text cache {path} ({exc.strerror or exc}); continuing.",
-                      file=sys.stderr)
+                save_torch(path, {"queries": queries, "templates": templates, "embeddings": emb})
+            except WriteError as exc:
+                print(f"warning: the text cache is not saved ({exc}); continuing.", file=sys.stderr)
     _MEMORY_CACHE[key] = emb
     return ClassText([syns[0] for syns in classes], queries, query_class, emb).to(backbone.device)
 
@@ -471,7 +457,7 @@ def main(argv=None):
         t_text = time.perf_counter()
         seg = segment(backbone, image, text, args.mode, args.stride, args.logit_scale, args.prob_thd,
                       args.short_side or None, args.long_side or None, batch_size=args.batch_size)
-    except (SegmentError, BackboneError) as exc:
+    except (SegmentError, BackboneError, ImageError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
 

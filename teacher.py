@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
 import time
 
 import torch
@@ -25,6 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from files import ImageError, load_image
 from stitch import Stitcher, sub_patch_factor, window_starts
 from student import Backbone, add_backbone_args, autocast, load_backbone_or_exit, synchronize
 
@@ -114,24 +116,6 @@ class Teacher(nn.Module):
         return stitcher.result((h, w))
 
 
-def load_image(path: str, max_side: int | None = None) -> torch.Tensor:
-    """An image file as a (1, 3, H, W) float tensor in [0, 1] (RGB); optionally shrink so max(H, W) <= max_side."""
-    import numpy as np
-    from PIL import Image
-
-    try:
-        with Image.open(path) as im:
-            im = im.convert("RGB")
-            if max_side and max(im.size) > max_side:
-                scale = max_side / max(im.size)
-                im = im.resize((max(1, round(im.width * scale)), max(1, round(im.height * scale))),
-                               Image.BICUBIC)
-            arr = np.asarray(im, dtype=np.float32) / 255.0
-    except (OSError, ValueError) as exc:
-        raise SystemExit(f"error: cannot read image '{path}' ({exc}).")
-    return torch.from_numpy(arr).permute(2, 0, 1)[None].contiguous()
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(description="Sliding-window teacher (E1-E2) vs single-pass student (E3): "
                                                  "prints the grid, window count, timings and their agreement.")
@@ -144,7 +128,11 @@ def main(argv=None):
 
     backbone = load_backbone_or_exit(args)
     if args.image:
-        img = load_image(args.image)
+        try:
+            img = load_image(args.image)
+        except ImageError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            sys.exit(2)
     else:
         H, W = (int(v) for v in args.size.lower().split("x"))
         img = torch.rand(1, 3, H, W, generator=torch.Generator().manual_seed(0))

@@ -228,12 +228,12 @@ def test_cli_errors_are_one_sentence(tmp_path, template_file, capsys):
     assert exc.value.code == 2 and "class list is empty" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exc:
         segment.main([str(tmp_path / "missing.jpg"), "--classes", "a"] + base)
-    assert "cannot read image" in str(exc.value.code)
+    assert exc.value.code == 2 and "cannot read image" in capsys.readouterr().err
     bad = tmp_path / "bad.jpg"
     bad.write_bytes(b"not an image at all")
     with pytest.raises(SystemExit) as exc:
         segment.main([str(bad), "--classes", "a"] + base)
-    assert "cannot read image" in str(exc.value.code)
+    assert exc.value.code == 2 and "cannot read image" in capsys.readouterr().err
     tiny_img = tmp_path / "tiny.png"
     Image.new("RGB", (5, 5)).save(tiny_img)
     with pytest.raises(SystemExit) as exc:

@@ -1,0 +1,135 @@
+"""Reading images and writing files safely: the plumbing every CLI shares (not a part of the paper).
+
+* `read_rgb`     -- any image file -> 8-bit RGB (EXIF rotation applied, 16-bit / float images rescaled rather than
+                    clipped, alpha composited on white); one-sentence `ImageError` for anything unreadable;
+* `load_image`   -- the same as a (1, 3, H, W) float tensor in [0, 1], the input `Backbone.normalize` expects;
+* `atomic_write` -- write a temp file next to the target, fsync, rename: a kill or a full disk leaves the old file
+                    or the new one, never half of one; `write_json` and `save_torch` use it.
+
+`python files.py IMAGE` prints what `read_rgb` makes of an image file.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import errno
+import json
+import os
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+TEMP_MARK = ".tmp."           # temp files are "<target>.tmp.<pid>"; a run may delete leftovers with this mark
+
+
+class ImageError(ValueError):
+    """An image file cannot be used. `reason` says why, `str()` is one sentence naming the file."""
+
+    def __init__(self, path: str, reason: str):
+        super().__init__(f"cannot read image '{path}' ({reason}).")
+        self.path, self.reason = path, reason
+
+
+class WriteError(RuntimeError):
+    """A file could not be written (full disk, no permission, ...). The message is one sentence."""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Images
+# ----------------------------------------------------------------------------------------------------------------
+
+def to_rgb8(im: Image.Image) -> Image.Image:
+    """Any PIL mode -> 8-bit RGB: 16-bit and float images are rescaled (not clipped), alpha is put on white."""
+    if im.mode.startswith("I") or im.mode == "F":
+        arr = np.asarray(im).astype(np.float64)
+        if im.mode.startswith("I;16") or (im.mode == "I" and arr.max() > 255):
+            arr = arr / 65535.0
+        elif im.mode == "I":
+            arr = arr / 255.0
+        elif arr.max() > 1.0:                                           # float image in an unknown range
+            arr = (arr - arr.min()) / max(arr.max() - arr.min(), 1e-12)
+        return Image.fromarray(np.clip(np.rint(arr * 255.0), 0, 255).astype(np.uint8), "L").convert("RGB")
+    if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
+        rgba = im.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return im.convert("RGB")
+
+
+def read_rgb(path: str) -> Image.Image:
+    """An image file as an 8-bit RGB PIL image (EXIF rotation applied); raises ImageError when it is unusable."""
+    try:
+        with Image.open(path) as im:
+            im.load()
+            im = ImageOps.exif_transpose(im) or im
+            return to_rgb8(im)
+    except Image.DecompressionBombError as exc:
+        raise ImageError(path, f"too large to decode safely: {exc}") from exc
+    except FileNotFoundError as exc:
+        raise ImageError(path, "no such file") from exc
+    except (OSError, ValueError, SyntaxError, EOFError) as exc:
+        reason = str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__
+        raise ImageError(path, reason) from exc
+
+
+def load_image(path: str, max_side: int | None = None) -> torch.Tensor:
+    """An image file as a (1, 3, H, W) float tensor in [0, 1] (RGB); optionally shrunk so max(H, W) <= max_side."""
+    im = read_rgb(path)
+    if max_side and max(im.size) > max_side:
+        scale = max_side / max(im.size)
+        im = im.resize((max(1, round(im.width * scale)), max(1, round(im.height * scale))), Image.BICUBIC)
+    arr = np.asarray(im, dtype=np.float32) / 255.0
+    return torch.from_numpy(arr).permute(2, 0, 1)[None].contiguous()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Atomic writes
+# ----------------------------------------------------------------------------------------------------------------
+
+def atomic_write(path: str | os.PathLike, write) -> None:
+    """Write through `write(fileobj)` to a temp file, fsync, then rename: readers see the old file or the new one."""
+    path = os.fspath(path)
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = f"{path}{TEMP_MARK}{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as exc:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise WriteError(f"no space left on the device while writing '{path}'; free some space and run the "
+                             f"same command again (finished work is kept).") from exc
+        if isinstance(exc, OSError):
+            raise WriteError(f"cannot write '{path}' ({exc.strerror or exc}); check the output folder.") from exc
+        raise
+
+
+def write_json(path: str | os.PathLike, obj) -> None:
+    atomic_write(path, lambda f: f.write(json.dumps(obj, indent=1).encode()))
+
+
+def save_torch(path: str | os.PathLike, obj) -> None:
+    atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="Show what the project's image reader makes of image files.")
+    parser.add_argument("images", nargs="+")
+    args = parser.parse_args(argv)
+    for path in args.images:
+        try:
+            with Image.open(path) as im:
+                mode = im.mode
+            rgb = read_rgb(path)
+            print(f"{path}: {mode} -> RGB {rgb.width}x{rgb.height}")
+        except (ImageError, OSError) as exc:
+            print(f"{path}: {exc}")
+
+
+if __name__ == "__main__":
+    main()
