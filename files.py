@@ -106,6 +106,10 @@ def atomic_write(path: str | os.PathLike, write) -> None:
                              f"same command again (finished work is kept).") from exc
         if isinstance(exc, OSError):
             raise WriteError(f"cannot write '{path}' ({exc.strerror or exc}); check the output folder.") from exc
+        if isinstance(exc, RuntimeError):         # torch.save's zip writer reports a full disk this way, at close
+            reason = str(exc).strip().splitlines()[-1][:160] if str(exc).strip() else "RuntimeError"
+            raise WriteError(f"cannot write '{path}' ({reason}); check the free space and permissions of the "
+                             f"output folder, then run the same command again (finished work is kept).") from exc
         raise
 
 
