@@ -4,7 +4,8 @@
                     clipped, alpha composited on white); one-sentence `ImageError` for anything unreadable;
 * `load_image`   -- the same as a (1, 3, H, W) float tensor in [0, 1], the input `Backbone.normalize` expects;
 * `atomic_write` -- write a temp file next to the target, fsync, rename: a kill or a full disk leaves the old file
-                    or the new one, never half of one; `write_json` and `save_torch` use it.
+                    or the new one, never half of one; `write_json` and `save_torch` use it;
+* `resolve_device`, `parse_size`, `display_name` -- the command-line checks every CLI shares (one-sentence errors).
 
 `python files.py IMAGE` prints what `read_rgb` makes of an image file.
 """
@@ -15,6 +16,8 @@ import contextlib
 import errno
 import json
 import os
+import sys
+import warnings
 
 import numpy as np
 import torch
@@ -33,6 +36,50 @@ class ImageError(ValueError):
 
 class WriteError(RuntimeError):
     """A file could not be written (full disk, no permission, ...). The message is one sentence."""
+
+
+class DeviceError(ValueError):
+    """A --device that does not exist here. The message is one sentence."""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Command-line values
+# ----------------------------------------------------------------------------------------------------------------
+
+def resolve_device(name: str) -> torch.device:
+    """'cpu', 'cuda', 'cuda:N' (or 'mps') -> torch.device, checked to exist here; DeviceError otherwise."""
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError, TypeError):
+        raise DeviceError(f"unknown device '{name}'; use cpu, cuda or cuda:N.") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise DeviceError(f"--device {name} was asked for but no CUDA GPU is available here; use --device cpu.")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise DeviceError(f"--device {name}: there are only {torch.cuda.device_count()} CUDA GPU(s) here.")
+    elif device.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise DeviceError(f"--device {name} was asked for but MPS is not available here; use --device cpu.")
+    elif device.type != "cpu":
+        raise DeviceError(f"device '{name}' is not supported; use cpu, cuda or cuda:N.")
+    return device
+
+
+def parse_size(text: str, what: str = "size") -> tuple[int, int]:
+    """'HxW' -> (H, W), both positive; ValueError with one sentence otherwise."""
+    parts = text.strip().lower().split("x")
+    if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
+        raise ValueError(f"{what} must be HxW with two positive integers, e.g. 512x1024; got '{text}'.")
+    H, W = (int(p) for p in parts)
+    if H < 1 or W < 1:
+        raise ValueError(f"{what} must be at least 1x1, got '{text}'.")
+    return H, W
+
+
+def display_name(path: str | os.PathLike) -> str:
+    """A file name that can always be printed or drawn: undecodable bytes (a non-UTF-8 name) become U+FFFD."""
+    name = os.fsdecode(path)
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -59,13 +106,21 @@ def to_rgb8(im: Image.Image) -> Image.Image:
 
 def read_rgb(path: str) -> Image.Image:
     """An image file as an 8-bit RGB PIL image (EXIF rotation applied); raises ImageError when it is unusable."""
+    limit = Image.MAX_IMAGE_PIXELS
     try:
-        with Image.open(path) as im:
-            im.load()
-            im = ImageOps.exif_transpose(im) or im
-            return to_rgb8(im)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)    # refused below, before decoding
+            with Image.open(path) as im:
+                if limit and im.width * im.height > limit:
+                    raise ImageError(path, f"its header claims {im.width}x{im.height} px, more than the "
+                                           f"{limit}-pixel safety limit")
+                im.load()
+                im = ImageOps.exif_transpose(im) or im
+                return to_rgb8(im)
+    except ImageError:
+        raise
     except Image.DecompressionBombError as exc:
-        raise ImageError(path, f"too large to decode safely: {exc}") from exc
+        raise ImageError(path, f"too large to decode safely ({str(exc).split(',')[0]})") from exc
     except FileNotFoundError as exc:
         raise ImageError(path, "no such file") from exc
     except (OSError, ValueError, SyntaxError, EOFError) as exc:
@@ -125,14 +180,18 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description="Show what the project's image reader makes of image files.")
     parser.add_argument("images", nargs="+")
     args = parser.parse_args(argv)
+    failed = 0
     for path in args.images:
         try:
+            rgb = read_rgb(path)                         # first: it refuses decompression bombs in one sentence
             with Image.open(path) as im:
                 mode = im.mode
-            rgb = read_rgb(path)
-            print(f"{path}: {mode} -> RGB {rgb.width}x{rgb.height}")
+            print(f"{display_name(path)}: {mode} -> RGB {rgb.width}x{rgb.height}")
         except (ImageError, OSError) as exc:
-            print(f"{path}: {exc}")
+            failed += 1
+            print(f"error: {display_name(str(exc))}", file=sys.stderr)
+    if failed:
+        sys.exit(2)
 
 
 if __name__ == "__main__":

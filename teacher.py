@@ -7,16 +7,26 @@ each window exactly as the student would at K x K, and stitches them back into o
     (E1)  windows  W(H, W; K, s),  F_w = f(x[:, y:y+K, x:x+K])
     (E2)  F_T = resize_{h x w}( sum_w place_w(up_r(F_w)) / sum_w place_w(1) )
 
-Image sizes: like the student, the image is zero-padded (in normalised space) at the bottom/right to a multiple
-of p, so both live on the same h x w = ceil(H/p) x ceil(W/p) grid and every window offset lands on the p/r cell
-grid.  A side shorter than K is zero-padded up to K the same way (one window row/column), and the padded cells
-are cropped from the result; the image is never rescaled, so object scale stays what the student sees.
+Image sizes: the teacher follows the backbone's grid rule, so teacher and student live on the same h x w grid
+(`Backbone.grid_size`) and every window offset lands on the p/r cell grid: SigLIP2 (and `tiny`) zero-pad the image
+(in normalised space) at the bottom/right to the ceil grid ceil(H/p) x ceil(W/p); OpenCLIP crops it to the floor
+grid floor(H/p) x floor(W/p), as the authors' wrapper does (`Backbone.fit_to_grid`).  A side shorter than K is
+then zero-padded up to K (one window row/column), and the padded cells are cropped from the result; the image is
+never rescaled, so object scale stays what the student sees.
+
+Precision: `Teacher(..., precision=)` "auto" (bf16 autocast on GPUs that support it, else fp16; fp32 on CPU),
+"fp32", "fp16" or "bf16".  The authors generate distillation targets in fp16 and evaluate in fp32.
+
+An optional per-window `head` maps each window's features before stitching, e.g. to cosine logits (B, h, w, Q):
+segment.py's `slidelogitN` averages logits where windows overlap, `slideN` averages features.
 
 Run `python teacher.py --backbone tiny --image photo.jpg` to compare teacher and single-pass student features.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
+import inspect
 import math
 import sys
 import time
@@ -26,9 +36,40 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from files import ImageError, load_image
+from files import DeviceError, ImageError, load_image, parse_size, resolve_device
 from stitch import Stitcher, sub_patch_factor, window_starts
-from student import Backbone, add_backbone_args, autocast, load_backbone_or_exit, synchronize
+from student import (Backbone, BackboneError, add_backbone_args, autocast, load_backbone, pad_to_multiple,
+                     synchronize)
+
+PRECISIONS = ("auto", "fp32", "fp16", "bf16")
+
+
+class TeacherError(ValueError):
+    """Bad teacher settings (stride, window, batch size, precision). The message is one sentence."""
+
+
+def precision_autocast(device, precision: str = "auto"):
+    """The autocast context of a precision: fp32 -> none; auto/fp16/bf16 -> `student.autocast(device, precision)`."""
+    if precision not in PRECISIONS:
+        raise TeacherError(f"unknown precision '{precision}'; use one of {', '.join(PRECISIONS)}.")
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    if "precision" in inspect.signature(autocast).parameters:
+        return autocast(device, precision)
+    return autocast(device)            # older student.autocast: "auto" behaviour (bf16 if supported, else fp16)
+
+
+def fit_to_grid(backbone, x: torch.Tensor) -> torch.Tensor:
+    """The image the backbone's patch grid covers: pad to the ceil grid or crop to the floor grid (OpenCLIP)."""
+    fit = getattr(backbone, "fit_to_grid", None)
+    return fit(x) if fit is not None else pad_to_multiple(x, backbone.patch_size)
+
+
+def grid_size(backbone, H: int, W: int) -> tuple[int, int]:
+    """The backbone's (h, w) patch grid for an H x W image (its grid rule; ceil when it has none)."""
+    if hasattr(backbone, "grid_size"):
+        return tuple(backbone.grid_size(H, W))
+    return math.ceil(H / backbone.patch_size), math.ceil(W / backbone.patch_size)
 
 
 def default_batch_size(backbone: Backbone, device) -> int:
@@ -64,22 +105,30 @@ class Teacher(nn.Module):
     """Frozen sliding-window teacher: normalised (B, 3, H, W) -> stitched (B, h, w, C), the grid of `dense`."""
 
     def __init__(self, backbone: Backbone, window: int | None = None, stride: int = 24,
-                 batch_size: int | None = None, progress: bool = False):
+                 batch_size: int | None = None, progress: bool = False, precision: str = "auto", head=None):
         super().__init__()
         self.backbone = backbone
         self.window = window or backbone.window
         self.stride = stride
         self.batch_size = batch_size
         self.progress = progress
+        self.precision = precision
+        self.head = head                     # optional (n, k, k, C) -> (n, k, k, D) per window, before stitching
         p = backbone.patch_size
         if self.window % p:
-            raise ValueError(f"window {self.window} must be a multiple of the patch size {p}")
+            raise TeacherError(f"window {self.window} must be a multiple of the patch size {p}.")
+        if not 0 < stride <= self.window:    # a stride above K leaves strips that no window sees
+            raise TeacherError(f"the stride must be between 1 and the {self.window} px window, got {stride}.")
+        if batch_size is not None and batch_size < 1:
+            raise TeacherError(f"the batch size must be at least 1 window, got {batch_size}.")
+        precision_autocast("cpu", precision)                                # validates the name
         self.r = sub_patch_factor(stride, p)
 
     def windows(self, H: int, W: int) -> tuple[int, int, list[int], list[int]]:
-        """Padded size and (E1) row / column starts for an H x W image."""
+        """Canvas size (the fitted grid, at least K) and (E1) row / column starts for an H x W image."""
         p, K = self.backbone.patch_size, self.window
-        Hp, Wp = max(K, math.ceil(H / p) * p), max(K, math.ceil(W / p) * p)
+        h, w = grid_size(self.backbone, H, W)
+        Hp, Wp = max(K, h * p), max(K, w * p)
         return Hp, Wp, window_starts(Hp, K, self.stride), window_starts(Wp, K, self.stride)
 
     def num_windows(self, H: int, W: int) -> int:
@@ -92,7 +141,9 @@ class Teacher(nn.Module):
         p, K, r = self.backbone.patch_size, self.window, self.r
         cell = p // r
         Hp, Wp, ys, xs = self.windows(H, W)
-        x = F.pad(x, (0, Wp - W, 0, Hp - H))                            # zero = the mean colour after normalising
+        h, w = grid_size(self.backbone, H, W)
+        x = fit_to_grid(self.backbone, x)                               # (B, 3, h*p, w*p): pad (ceil) / crop (floor)
+        x = F.pad(x, (0, Wp - x.shape[-1], 0, Hp - x.shape[-2]))       # up to K; zero = mean colour after normalising
         device = x.device
 
         # All windows of all images as index vectors: image b, top-left (y, x) in pixels.   (E1)
@@ -103,16 +154,19 @@ class Teacher(nn.Module):
         x_idx = xs_t.repeat(len(ys) * B)
         n = b_idx.numel()
 
-        stitcher = Stitcher(B, (Hp // cell, Wp // cell), self.backbone.dim, r, device=device)
+        stitcher = None
         batch = self.batch_size or default_batch_size(self.backbone, device)
         starts = range(0, n, batch)
         for i in tqdm(starts, desc=f"teacher: {n} windows", unit="batch", disable=not self.progress, leave=False):
             b, y0, x0 = b_idx[i:i + batch], y_idx[i:i + batch], x_idx[i:i + batch]
             crops = crop_windows(x, b, y0, x0, K)                           # (n_b, 3, K, K)
-            with autocast(device):
+            with precision_autocast(device, self.precision):
                 feats = self.backbone.dense(crops)                          # (n_b, k, k, C)
+            if self.head is not None:
+                feats = self.head(feats.float())                            # (n_b, k, k, D), e.g. cosine logits
+            if stitcher is None:
+                stitcher = Stitcher(B, (Hp // cell, Wp // cell), feats.shape[-1], r, device=device)
             stitcher.add(feats, b, y0 // cell, x0 // cell)                  # (E2) place_w(up_r(F_w))
-        h, w = math.ceil(H / p), math.ceil(W / p)
         return stitcher.result((h, w))
 
 
@@ -122,37 +176,38 @@ def main(argv=None):
     add_backbone_args(parser)
     parser.add_argument("--image", help="image file (default: random noise of --size)")
     parser.add_argument("--size", default="512x1024", help="HxW used when --image is not given (default: %(default)s)")
-    parser.add_argument("--stride", type=int, default=24, help="window stride s in pixels (paper: 24)")
+    parser.add_argument("--stride", type=int, default=24, help="window stride s in pixels, 1..K (paper: 24)")
     parser.add_argument("--batch-size", type=int, default=None, help="windows per forward (default: auto)")
+    parser.add_argument("--precision", choices=PRECISIONS, default="auto",
+                        help="auto: bf16/fp16 autocast on GPU, fp32 on CPU (default: %(default)s)")
     args = parser.parse_args(argv)
 
-    backbone = load_backbone_or_exit(args)
-    if args.image:
-        try:
-            img = load_image(args.image)
-        except ImageError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            sys.exit(2)
-    else:
-        H, W = (int(v) for v in args.size.lower().split("x"))
-        img = torch.rand(1, 3, H, W, generator=torch.Generator().manual_seed(0))
-    x = backbone.normalize(img.to(args.device))
+    try:
+        device = resolve_device(args.device)
+        size = parse_size(args.size, "--size") if not args.image else None
+        backbone = load_backbone(args.backbone, args.pretrained, device)
+        teacher = Teacher(backbone, stride=args.stride, batch_size=args.batch_size, progress=True,
+                          precision=args.precision)
+        img = load_image(args.image) if args.image else torch.rand(1, 3, *size, generator=torch.Generator().manual_seed(0))
+    except (DeviceError, BackboneError, TeacherError, ImageError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    x = backbone.normalize(img.to(device))
     H, W = x.shape[-2:]
-    teacher = Teacher(backbone, stride=args.stride, batch_size=args.batch_size, progress=True)
     print(f"backbone {backbone.name} (K={teacher.window}, p={backbone.patch_size}, C={backbone.dim}), "
           f"image {H}x{W}, grid {backbone.grid_size(H, W)}")
     print(f"stride {args.stride}: {teacher.num_windows(H, W)} windows, sub-patch factor r={teacher.r}")
 
-    with torch.inference_mode(), autocast(args.device):
+    with torch.inference_mode(), precision_autocast(device, args.precision):
         backbone.dense(x)                                                   # warm-up
-        synchronize(args.device)
+        synchronize(device)
         t0 = time.perf_counter()
         student = backbone.dense(x).float()
-        synchronize(args.device)
+        synchronize(device)
         t_student = time.perf_counter() - t0
     t0 = time.perf_counter()
     target = teacher(x)
-    synchronize(args.device)
+    synchronize(device)
     t_teacher = time.perf_counter() - t0
 
     cos = F.cosine_similarity(student, target, dim=-1).mean().item()
