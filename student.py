@@ -4,16 +4,22 @@ The student is the pre-trained ViT itself, run ONCE on the whole image at any re
 
     (E3)  F_S = f_theta(x),  with the absolute position embeddings resized from g x g to h x w
 
-where g = K / p is the native (pre-training) grid and h x w = ceil(H/p) x ceil(W/p) is the patch grid of the
-input.  This file holds:
+where g = K / p is the native (pre-training) grid and h x w is the patch grid of the input.  The grid follows the
+authors' wrapper of each backbone (`Backbone.grid_rule`): SigLIP2 (and `tiny`) zero-pad to the ceil grid
+ceil(H/p) x ceil(W/p); OpenCLIP crops to the floor grid floor(H/p) x floor(W/p) (the last < p rows/columns are
+not seen).  This file holds:
 
-* `resize_pos_embed`      -- the position-embedding resize of (E3): bicubic, align_corners=False, no antialias,
-                             and an exact identity at the native grid;
-* `Backbone`              -- the common interface (`normalize`, `dense`, `encode_text`, `blocks`, ...);
+* `resize_pos_embed`      -- the position-embedding resize of (E3): bicubic, align_corners=False, no antialias;
+                             mode "size" (SigLIP2: an exact identity at the native grid) or "scale+0.1" (the
+                             authors' DINO-style OpenCLIP resize);
+* `Backbone`              -- the common interface (`normalize`, `grid_size`, `fit_to_grid`, `dense`,
+                             `encode_text`, `blocks`, ...);
 * `SigLIPBackbone`        -- timm trunk + attention-pool head; dense head = the pooling head with the attention
                              removed (value path), as in the paper's SigLIP2 experiments;
 * `OpenCLIPBackbone`      -- OpenCLIP ViT; dense head = MaskCLIP-style value path in the last block;
-* `load_backbone(name)`   -- `siglip2-b16`, `clip-b16` and the offline `tiny` backbone.
+* `load_backbone(name)`   -- `siglip2-b16`, `clip-b16` and the offline `tiny` backbone;
+* `load_checkpoint`       -- a distilled student: ours (`distill.py`) or the authors' released `.pth` / `.ckpt`;
+* `autocast`              -- the precision switch every CLI uses ("auto", "fp32", "fp16", "bf16").
 
 Run `python student.py --backbone tiny` to see the dense-feature shapes and timings at a few resolutions.
 """
@@ -46,41 +52,77 @@ class BackboneError(RuntimeError):
 # (E3) position-embedding resize
 # ----------------------------------------------------------------------------------------------------------------
 
-def resize_pos_embed(pos: torch.Tensor, old_hw: tuple[int, int], new_hw: tuple[int, int]) -> torch.Tensor:
+POS_RESIZE_MODES = ("size", "scale+0.1")
+
+
+def resize_pos_embed(pos: torch.Tensor, old_hw: tuple[int, int], new_hw: tuple[int, int],
+                     mode: str = "size") -> torch.Tensor:
     """Resize a grid of absolute position embeddings, (E3).
 
     pos: (old_h * old_w, C) or (1, old_h * old_w, C), row-major over the grid (no CLS entry).
-    Returns the same layout for the new grid.  Bicubic, align_corners=False, no antialias (the paper's choice,
-    also what most dense-prediction codebases do); computed in float32 and cast back.  At the native grid the
-    input is returned untouched, so a K x K image gives bit-identical features to the unmodified model.
+    Returns the same layout for the new grid.  Bicubic, align_corners=False, no antialias; computed in float32
+    and cast back.  Two ways to map output to input coordinates:
+
+    * mode="size" (SigLIP2, `tiny`): `F.interpolate(size=new_hw)`, so output cell i samples the input at
+      (i + 0.5) * old / new - 0.5.  At the native grid the input is returned untouched, so a K x K image gives
+      bit-identical features to the unmodified model.
+    * mode="scale+0.1" (OpenCLIP, the authors' wrapper, from DINO): `F.interpolate(scale_factor=(new + 0.1) / old)`.
+      The +0.1 exists because the output size is floor(old * scale): with scale = new / old a float rounding
+      like 13.9999 would give one cell too few, and +0.1 makes the floor land on `new` safely.  With a
+      scale_factor PyTorch maps coordinates with 1 / scale, i.e. cell i samples (i + 0.5) * old / (new + 0.1)
+      - 0.5: a slightly different resize from mode="size", and NOT an identity at the native grid (14 x 14 is
+      resampled at scale 14.1 / 14).  We follow the authors at every size, as their numbers were made so.
     """
-    if tuple(old_hw) == tuple(new_hw):
+    if mode not in POS_RESIZE_MODES:
+        raise ValueError(f"unknown position-embedding resize mode '{mode}'; choose one of {POS_RESIZE_MODES}.")
+    if mode == "size" and tuple(old_hw) == tuple(new_hw):
         return pos
+    # ASSIGNMENT 3 BEGIN: resize the position-embedding grid, bicubic (E3)
     lead = pos.shape[:-2]                                              # () or (1,)
     C = pos.shape[-1]
     grid = pos.reshape(1, old_hw[0], old_hw[1], C).permute(0, 3, 1, 2).float()   # (1, C, gh, gw)
-    grid = F.interpolate(grid, size=tuple(new_hw), mode="bicubic", align_corners=False, antialias=False)
+    if mode == "size":
+        grid = F.interpolate(grid, size=tuple(new_hw), mode="bicubic", align_corners=False, antialias=False)
+    else:
+        scale = ((new_hw[0] + 0.1) / old_hw[0], (new_hw[1] + 0.1) / old_hw[1])
+        grid = F.interpolate(grid, scale_factor=scale, mode="bicubic", align_corners=False, antialias=False)
+        assert tuple(grid.shape[-2:]) == tuple(new_hw), (grid.shape, new_hw)   # the +0.1 guarantees the floor
     out = grid.permute(0, 2, 3, 1).reshape(*lead, new_hw[0] * new_hw[1], C)
     return out.to(pos.dtype)
+    # ASSIGNMENT 3 END
 
 
 def pad_to_multiple(x: torch.Tensor, multiple: int) -> torch.Tensor:
     """Zero-pad a normalised (B, 3, H, W) batch at the bottom/right so H and W are multiples of `multiple`.
 
-    This is the paper's SigLIP2 convention (ceil grid); we use it for every backbone so that the patch grid is
-    always h x w = ceil(H/p) x ceil(W/p) and the teacher and the student agree on it.
+    This is the paper's SigLIP2 convention (ceil grid, `Backbone.grid_rule == "ceil"`).
     """
     H, W = x.shape[-2:]
     ph, pw = (-H) % multiple, (-W) % multiple
     return F.pad(x, (0, pw, 0, ph)) if (ph or pw) else x
 
 
-def autocast(device: torch.device | str):
-    """bf16 autocast on GPUs that support it (fp16 otherwise); a no-op on CPU, where fp32 is faster and exact."""
+PRECISIONS = ("auto", "fp32", "fp16", "bf16")
+
+
+def autocast(device: torch.device | str, precision: str = "auto"):
+    """The mixed-precision context every CLI runs its forward passes in.
+
+    precision "auto": bf16 autocast on GPUs that support it, fp16 on other GPUs;
+              "fp32": no autocast (the authors evaluate in fp32);
+              "fp16" / "bf16": autocast to that dtype on CUDA (the authors train and make teacher targets in fp16).
+    On CPU every precision is a no-op (fp32): CPU half-precision autocast is slow on most CPUs and would make
+    the CPU tests inexact, so it buys nothing here.
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision '{precision}'; choose one of {', '.join(PRECISIONS)}.")
     device = torch.device(device)
-    if device.type != "cuda":
+    if device.type != "cuda" or precision == "fp32":
         return contextlib.nullcontext()
-    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if precision == "auto":
+        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    else:
+        dtype = torch.float16 if precision == "fp16" else torch.bfloat16
     return torch.autocast("cuda", dtype=dtype)
 
 
@@ -92,8 +134,12 @@ class Backbone(nn.Module):
     """A frozen-or-trainable vision-language ViT that gives dense, text-aligned features at any resolution.
 
     Attributes: `model` (the open_clip model), `name`, `patch_size` (p), `window` (K, native resolution),
-    `dim` (C), `mean`, `std` (3-tuples).  Subclasses implement `dense` and `blocks`.
+    `dim` (C), `mean`, `std` (3-tuples), `grid_rule` ("ceil": zero-pad to ceil(H/p) x ceil(W/p); "floor": crop
+    to floor(H/p) x floor(W/p), as the authors' wrapper of each backbone does).  Subclasses implement `dense`
+    and `blocks`.
     """
+
+    grid_rule: str = "ceil"
 
     def __init__(self, model: nn.Module, name: str, patch_size: int, window: int, dim: int,
                  mean, std, tokenizer_factory):
@@ -124,8 +170,22 @@ class Backbone(nn.Module):
         return (images.to(self._mean.dtype) - self._mean) / self._std
 
     def grid_size(self, H: int, W: int) -> tuple[int, int]:
-        """Patch grid of an H x W image: (ceil(H/p), ceil(W/p))."""
-        return math.ceil(H / self.patch_size), math.ceil(W / self.patch_size)
+        """Patch grid of an H x W image: (ceil(H/p), ceil(W/p)) or, for grid_rule "floor", (floor(H/p),
+        floor(W/p)) -- at least 1 x 1, so an image side shorter than one patch is zero-padded instead of empty."""
+        p = self.patch_size
+        if self.grid_rule == "floor":
+            return max(H // p, 1), max(W // p, 1)
+        return math.ceil(H / p), math.ceil(W / p)
+
+    def fit_to_grid(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) -> (B, 3, h*p, w*p) with (h, w) = grid_size(H, W): zero-pad bottom/right (ceil rule) or
+        crop bottom/right (floor rule)."""
+        H, W = x.shape[-2:]
+        h, w = self.grid_size(H, W)
+        Hg, Wg = h * self.patch_size, w * self.patch_size
+        x = x[..., :Hg, :Wg]
+        ph, pw = Hg - x.shape[-2], Wg - x.shape[-1]
+        return F.pad(x, (0, pw, 0, ph)) if (ph or pw) else x
 
     @property
     def blocks(self) -> nn.ModuleList | nn.Sequential:
@@ -137,7 +197,7 @@ class Backbone(nn.Module):
         return self.model.visual
 
     def dense(self, x: torch.Tensor) -> torch.Tensor:
-        """(E3) single-pass dense features: normalised (B, 3, H, W) -> (B, h, w, C), h = ceil(H/p)."""
+        """(E3) single-pass dense features: normalised (B, 3, H, W) -> (B, h, w, C), (h, w) = grid_size(H, W)."""
         raise NotImplementedError
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -178,7 +238,7 @@ class SigLIPBackbone(Backbone):
     def tokens(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
         """Trunk output tokens after the final norm: (B, h*w, C) and the grid (h, w)."""
         trunk = self.trunk
-        x = pad_to_multiple(x, self.patch_size)
+        x = self.fit_to_grid(x)                                        # ceil grid, zero padding
         # timm's PatchEmbed asserts the native image size, so call its projection directly.
         x = trunk.patch_embed.proj(x)                                  # (B, C, h, w)
         h, w = x.shape[-2:]
@@ -190,11 +250,13 @@ class SigLIPBackbone(Backbone):
 
     def head(self, x: torch.Tensor) -> torch.Tensor:
         """Attention-pool head without attention, applied to every token: (B, N, C) -> (B, N, C)."""
+        # ASSIGNMENT 4 BEGIN: the SigLIP2 dense head, the value path of the attention pool (Sec. 3)
         pool = self.trunk.attn_pool
         C = x.shape[-1]
         v = F.linear(x, pool.kv.weight[C:], pool.kv.bias[C:] if pool.kv.bias is not None else None)
         v = pool.proj(v)
         return v + pool.mlp(pool.norm(v))
+        # ASSIGNMENT 4 END
 
     def dense(self, x):
         B = x.shape[0]
@@ -207,9 +269,11 @@ class OpenCLIPBackbone(Backbone):
 
     Dense head (MaskCLIP, used as the OpenCLIP baseline in the paper): blocks 0..L-2 unchanged; in the last
     block the self-attention is replaced by its value path, x = x + out_proj(V(ln_1(x))), then
-    x = x + mlp(ln_2(x)); `ln_post`, `@ proj`, drop the CLS token.  The CLS position embedding is kept as is
-    and only the patch part is resized (DINO-style).
+    x = x + mlp(ln_2(x)); `ln_post`, `@ proj`, drop the CLS token.  As in the authors' wrapper: no padding (floor
+    grid), the CLS position embedding kept as is and only the patch part resized, DINO-style ("scale+0.1").
     """
+
+    grid_rule = "floor"
 
     @property
     def visual(self):
@@ -222,12 +286,12 @@ class OpenCLIPBackbone(Backbone):
     def dense(self, x):
         vis = self.visual
         B = x.shape[0]
-        x = pad_to_multiple(x, self.patch_size)
+        x = self.fit_to_grid(x)                                        # floor grid: crop, no padding
         x = vis.conv1(x)                                               # (B, C, h, w)
         h, w = x.shape[-2:]
         x = x.flatten(2).transpose(1, 2)                               # (B, h*w, C)
         pos = vis.positional_embedding                                 # (1 + g*g, C)
-        patch_pos = resize_pos_embed(pos[1:], self.native_grid, (h, w))   # (E3), CLS entry untouched
+        patch_pos = resize_pos_embed(pos[1:], self.native_grid, (h, w), mode="scale+0.1")   # (E3), CLS kept
         cls = (vis.class_embedding + pos[0]).to(x.dtype).expand(B, 1, -1)
         x = torch.cat([cls, x + patch_pos.to(x.dtype)], dim=1)         # (B, 1 + h*w, C)
         x = vis.ln_pre(vis.patch_dropout(x))

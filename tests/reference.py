@@ -119,3 +119,61 @@ def teacher_reference(dense_fn, image, window, stride, patch, r):
             starts.append((y, x))
     out = stitch_reference(maps, starts, (Hp, Wp), patch, r)
     return out[:math.ceil(H / patch), :math.ceil(W / patch)]
+
+
+def bicubic_resize_by_scale(a: np.ndarray, scale_h: float, scale_w: float) -> np.ndarray:
+    """Bicubic resize of an (H, W, C) array by a scale FACTOR, as `F.interpolate(scale_factor=...)` does it:
+    output size floor(in * scale), and output pixel i samples the input at (i + 0.5) / scale - 0.5 (the scale,
+    not in/out, sets the coordinates).  align_corners=False, no antialias, border taps clamped."""
+    H, W, C = a.shape
+    out_h, out_w = int(math.floor(H * scale_h)), int(math.floor(W * scale_w))
+
+    def taps(i, n_in, scale):
+        src = (i + 0.5) / scale - 0.5
+        base = math.floor(src)
+        t = src - base
+        return [(min(max(base + k, 0), n_in - 1), _cubic(k - t)) for k in (-1, 0, 1, 2)]
+
+    out = np.zeros((out_h, out_w, C), dtype=np.float64)
+    for i in range(out_h):
+        ty = taps(i, H, scale_h)
+        for j in range(out_w):
+            acc = np.zeros(C)
+            for yy, wy in ty:
+                for xx, wx in taps(j, W, scale_w):
+                    acc += wy * wx * a[yy, xx]
+            out[i, j] = acc
+    return out
+
+
+def openclip_authors_dense(visual, x):
+    """The authors' OpenCLIP (MaskCLIP) dense features, written from the unmodified open_clip modules.
+
+    visual: open_clip `VisionTransformer`; x: normalised (B, 3, H, W) torch tensor.  Their wrapper: crop to the
+    floor grid (no padding), patch position table resized DINO-style with
+    `F.interpolate(scale_factor=((h + 0.1) / g, (w + 0.1) / g), mode="bicubic")`, CLS position kept; blocks
+    0..L-2 as they are; the LAST block run unmodified with a diagonal attention mask (each token attends only
+    to itself = MaskCLIP's value path); ln_post, @ proj, CLS dropped.  Returns (B, h, w, C).
+    """
+    import torch
+    import torch.nn.functional as F
+
+    B, _, H, W = x.shape
+    h, w = H // 16, W // 16
+    t = visual.conv1(x[:, :, :h * 16, :w * 16])
+    t = t.reshape(B, t.shape[1], h * w).permute(0, 2, 1)
+    pos = visual.positional_embedding
+    g = int(round(math.sqrt(pos.shape[0] - 1)))
+    table = pos[1:].reshape(1, g, g, -1).permute(0, 3, 1, 2)
+    table = F.interpolate(table, scale_factor=((h + 0.1) / g, (w + 0.1) / g), mode="bicubic",
+                          align_corners=False)
+    table = table.permute(0, 2, 3, 1).reshape(h * w, -1)
+    cls = (visual.class_embedding + pos[0]).expand(B, 1, -1)
+    t = visual.ln_pre(torch.cat([cls, t + table], dim=1))
+    for blk in visual.transformer.resblocks[:-1]:
+        t = blk(t)
+    n = t.shape[1]
+    mask = torch.full((n, n), float("-inf"))
+    mask.fill_diagonal_(0.0)
+    t = visual.transformer.resblocks[-1](t, attn_mask=mask)
+    return (visual.ln_post(t) @ visual.proj)[:, 1:].reshape(B, h, w, -1)

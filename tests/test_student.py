@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from student import (BackboneError, OpenCLIPBackbone, SigLIPBackbone, load_backbone, load_checkpoint,
-                     resize_pos_embed)
-from tests.reference import bicubic_resize
+from student import (PRECISIONS, BackboneError, OpenCLIPBackbone, SigLIPBackbone, autocast, load_backbone,
+                     load_checkpoint, resize_pos_embed)
+from tests.reference import bicubic_resize, bicubic_resize_by_scale, openclip_authors_dense
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -41,6 +41,7 @@ def test_pos_embed_resize_is_an_exact_identity_at_the_native_grid():
     assert torch.allclose(same, grid, atol=1e-6)
 
 
+@pytest.mark.a3
 @pytest.mark.parametrize("new_hw", [(5, 7), (16, 32), (13, 4), (8, 20)])
 def test_pos_embed_resize_matches_a_handwritten_bicubic(new_hw):
     g = (8, 8)
@@ -51,24 +52,73 @@ def test_pos_embed_resize_matches_a_handwritten_bicubic(new_hw):
     np.testing.assert_allclose(ours, ref, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.a3
 def test_pos_embed_resize_keeps_layout_and_dtype():
     pos = torch.randn(1, 16, 4, dtype=torch.float64)
     out = resize_pos_embed(pos, (4, 4), (6, 3))
     assert out.shape == (1, 18, 4) and out.dtype == torch.float64
 
 
-# ---------------------------------------------------------------- shapes for every backbone
+@pytest.mark.a3
+@pytest.mark.parametrize("new_hw", [(14, 14), (28, 42), (20, 31), (1, 3)])
+def test_authors_pos_embed_resize_matches_a_handwritten_bicubic_by_scale(new_hw):
+    # OpenCLIP (the authors' DINO-style wrapper): scale_factor (n + 0.1) / g, so the sampling positions follow
+    # the scale, not in/out.  Checked against a loop that maps coordinates that way.
+    g = (14, 14)
+    pos = torch.randn(g[0] * g[1], 5, generator=torch.Generator().manual_seed(1))
+    ours = resize_pos_embed(pos, g, new_hw, mode="scale+0.1").numpy()
+    scale = ((new_hw[0] + 0.1) / g[0], (new_hw[1] + 0.1) / g[1])
+    ref = bicubic_resize_by_scale(pos.reshape(*g, 5).double().numpy(), *scale)
+    assert ref.shape[:2] == new_hw
+    np.testing.assert_allclose(ours, ref.reshape(-1, 5), rtol=1e-4, atol=1e-5)
 
-@pytest.mark.parametrize("fixture,dim,window", [("tiny", 128, 128), ("clip_b16", 512, 224),
-                                                ("siglip2_b16", 768, 512)])
+
+@pytest.mark.a3
+def test_authors_pos_embed_resize_is_not_an_identity_at_the_native_grid():
+    # Documented on purpose: at 14 x 14 the authors' +0.1 resize still resamples (scale 14.1 / 14), so our
+    # clip-b16 at 224 x 224 differs slightly from the unmodified open_clip model, exactly as theirs does.
+    pos = torch.randn(14 * 14, 8, generator=torch.Generator().manual_seed(2))
+    out = resize_pos_embed(pos, (14, 14), (14, 14), mode="scale+0.1")
+    assert out.shape == pos.shape and not torch.allclose(out, pos, atol=1e-3)
+    assert (out - pos).abs().max() < pos.abs().max()        # small resampling, not a different table
+    with pytest.raises(ValueError, match="unknown position-embedding resize mode"):
+        resize_pos_embed(pos, (14, 14), (7, 7), mode="nearest")
+
+
+# ---------------------------------------------------------------- shapes and grid rules for every backbone
+
+@pytest.mark.parametrize("fixture,dim,window,rule", [("tiny", 128, 128, "ceil"), ("clip_b16", 512, 224, "floor"),
+                                                     ("siglip2_b16", 768, 512, "ceil")])
 @pytest.mark.parametrize("H,W", [(64, 96), (100, 150), (33, 17)])
-def test_dense_shapes_use_the_ceil_grid(request, fixture, dim, window, H, W):
+def test_dense_shapes_follow_the_grid_rule(request, fixture, dim, window, rule, H, W):
     bb = request.getfixturevalue(fixture)
-    assert bb.dim == dim and bb.window == window and bb.patch_size == 16
+    assert bb.dim == dim and bb.window == window and bb.patch_size == 16 and bb.grid_rule == rule
     with torch.inference_mode():
         out = bb.dense(bb.normalize(torch.rand(2, 3, H, W)))
-    assert out.shape == (2, -(-H // 16), -(-W // 16), dim)
+    expected = (-(-H // 16), -(-W // 16)) if rule == "ceil" else (H // 16, W // 16)
+    assert bb.grid_size(H, W) == expected
+    assert out.shape == (2, *expected, dim)
     assert torch.isfinite(out).all()
+
+
+def test_fit_to_grid_pads_or_crops_bottom_right(tiny, clip_b16):
+    x = torch.rand(1, 3, 40, 50)
+    padded, cropped = tiny.fit_to_grid(x), clip_b16.fit_to_grid(x)
+    assert padded.shape[-2:] == (48, 64) and torch.equal(padded[..., :40, :50], x)
+    assert padded[..., 40:, :].abs().sum() == 0 and padded[..., :, 50:].abs().sum() == 0
+    assert cropped.shape[-2:] == (32, 48) and torch.equal(cropped, x[..., :32, :48])
+    # a side shorter than one patch keeps one patch (zero-padded) instead of an empty grid
+    assert clip_b16.grid_size(10, 40) == (1, 2) and clip_b16.fit_to_grid(x[..., :10, :40]).shape[-2:] == (16, 32)
+    assert tiny.fit_to_grid(torch.rand(1, 3, 32, 48)).shape[-2:] == (32, 48)
+
+
+def test_openclip_does_not_see_the_last_partial_patch_rows_and_columns(clip_b16):
+    x = clip_b16.normalize(torch.rand(1, 3, 72, 90))                         # floor grid 4 x 5 = 64 x 80 px
+    y = x.clone()
+    y[..., 64:, :] = 3.0
+    y[..., :, 80:] = -3.0
+    with torch.inference_mode():
+        assert torch.equal(clip_b16.dense(x), clip_b16.dense(y))
 
 
 def test_normalize_uses_the_backbone_statistics(tiny, clip_b16):
@@ -103,22 +153,17 @@ def test_siglip_dense_head_is_attention_pooling_of_each_token_alone(request, fix
     assert torch.allclose(dense.reshape(-1, dense.shape[-1]), ref, atol=1e-5, rtol=1e-4)
 
 
-def test_openclip_dense_head_is_the_last_block_with_diagonal_attention(clip_b16):
-    # MaskCLIP's value path = each token attends only to itself: run the UNMODIFIED last block with a diagonal
-    # attention mask (an independent formulation) at the native resolution.
-    vis = clip_b16.visual
-    x = clip_b16.normalize(torch.rand(1, 3, 224, 224))
+@pytest.mark.parametrize("H,W", [(224, 224), (448, 672), (333, 500)])
+def test_openclip_dense_equals_the_authors_formula(clip_b16, H, W):
+    # Independent formulation (tests/reference.py): floor crop, DINO-style +0.1 position resize, and MaskCLIP's
+    # value path as the UNMODIFIED last block with a diagonal attention mask (each token attends only to itself).
+    # At 224 x 224 this is NOT the unmodified model's embedding: the authors resample the 14 x 14 table too.
+    x = clip_b16.normalize(torch.rand(1, 3, H, W, generator=torch.Generator().manual_seed(H)))
     with torch.inference_mode():
         ours = clip_b16.dense(x)
-        t = vis._embeds(x)
-        for blk in vis.transformer.resblocks[:-1]:
-            t = blk(t)
-        n = t.shape[1]
-        mask = torch.full((n, n), float("-inf"))
-        mask.fill_diagonal_(0.0)
-        t = vis.transformer.resblocks[-1](t, attn_mask=mask)
-        ref = (vis.ln_post(t) @ vis.proj)[:, 1:].reshape(1, 14, 14, -1)
-    assert torch.allclose(ours, ref, atol=1e-4, rtol=1e-4)
+        ref = openclip_authors_dense(clip_b16.visual, x)
+    assert ours.shape == (1, H // 16, W // 16, 512)
+    assert torch.allclose(ours, ref, atol=1e-5, rtol=1e-4), (ours - ref).abs().max()
 
 
 def test_openclip_keeps_the_cls_position_embedding(clip_b16):
@@ -162,6 +207,19 @@ def test_blocks_and_image_tower(tiny, clip_b16):
     tower = {id(p) for p in tiny.image_tower().parameters()}
     assert all(id(p) in tower for p in tiny.blocks.parameters())
     assert not any(p.requires_grad for p in tiny.parameters())             # frozen by default
+
+
+def test_autocast_precisions():
+    for precision in PRECISIONS:                                 # CPU: always fp32, whatever is asked
+        with autocast("cpu", precision):
+            assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.float32
+            assert not torch.is_autocast_enabled("cpu")
+    with pytest.warns(UserWarning):                              # no GPU here: torch disables it, with a warning
+        assert autocast("cuda", "fp16").fast_dtype == torch.float16
+        assert autocast("cuda", "bf16").fast_dtype == torch.bfloat16
+    assert not isinstance(autocast("cuda", "fp32"), torch.autocast)
+    with pytest.raises(ValueError, match="unknown precision 'half'"):
+        autocast("cpu", "half")
 
 
 # ---------------------------------------------------------------- tiny: seeded, text works offline
