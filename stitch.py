@@ -30,15 +30,19 @@ def window_starts(length: int, window: int, stride: int) -> list[int]:
     if length < window:
         raise ValueError(f"side of {length} px is shorter than the {window} px window; pad the image to the "
                          f"window first (Teacher does this)")
+    # ASSIGNMENT 1 BEGIN: the window starts along one side (E1)
     starts = list(range(0, length - window + 1, stride))
     if starts[-1] != length - window:
         starts.append(length - window)
     return starts
+    # ASSIGNMENT 1 END
 
 
 def window_grid(height: int, width: int, window: int, stride: int) -> list[tuple[int, int]]:
     """(E1) every window's top-left corner (y, x), row-major."""
+    # ASSIGNMENT 1 BEGIN: every window's corner, row-major (E1)
     return [(y, x) for y in window_starts(height, window, stride) for x in window_starts(width, window, stride)]
+    # ASSIGNMENT 1 END
 
 
 def sub_patch_factor(stride: int, patch: int) -> int:
@@ -46,10 +50,12 @@ def sub_patch_factor(stride: int, patch: int) -> int:
 
     Window maps are upsampled x r so a window that starts half a patch in lands exactly on the finer grid.
     """
+    # ASSIGNMENT 2 BEGIN: the sub-patch factor r (E2)
     for r in range(1, patch + 1):
         if patch % r == 0 and stride % (patch // r) == 0:
             return r
     raise AssertionError("unreachable: r = p always works")
+    # ASSIGNMENT 2 END
 
 
 class Stitcher:
@@ -66,6 +72,7 @@ class Stitcher:
 
     def add(self, feats: torch.Tensor, image_idx: torch.Tensor, y_cells: torch.Tensor, x_cells: torch.Tensor):
         """feats: (n, k, k, C) window maps; image_idx, y_cells, x_cells: (n,) which image, top-left cell."""
+        # ASSIGNMENT 2 BEGIN: up-sample each window map and add it to the canvas and the count (E2)
         n, k, _, C = feats.shape
         kr = k * self.r
         if self.r > 1:   # up_r: bilinear, align_corners=False, on the channels-first view
@@ -79,11 +86,13 @@ class Stitcher:
         flat = (image_idx.to(offs.device)[:, None, None] * (self.Hc * self.Wc) + cell).reshape(-1)
         self.canvas.index_add_(0, flat, feats.reshape(-1, C).float())
         self.count.index_add_(0, flat, torch.ones_like(flat, dtype=torch.float32))          # place_w(1)
+        # ASSIGNMENT 2 END
 
     def result(self, out_hw: tuple[int, int]) -> torch.Tensor:
         """Uniform average, then crop the padding and resize to the (h, w) patch grid: (B, h, w, C)."""
         if (self.count == 0).any():
             raise RuntimeError("some canvas cells are covered by no window; the window grid is incomplete")
+        # ASSIGNMENT 2 BEGIN: average by the coverage count and resize to the patch grid (E2)
         h, w = out_hw
         avg = (self.canvas / self.count[:, None]).view(self.B, self.Hc, self.Wc, self.C)[:, :h * self.r, :w * self.r]      # drop padded cells
         if self.r == 1:
@@ -92,6 +101,7 @@ class Stitcher:
         out = F.interpolate(avg.permute(0, 3, 1, 2), size=(h, w), mode="bilinear", align_corners=False,
                             antialias=False)
         return out.permute(0, 2, 3, 1).contiguous()
+        # ASSIGNMENT 2 END
 
 
 def stitch(window_feats: torch.Tensor, starts_px: list[tuple[int, int]], image_hw: tuple[int, int],

@@ -11,6 +11,7 @@ P = 16
 
 # ---------------------------------------------------------------- (E1) window grid
 
+@pytest.mark.a1
 @pytest.mark.parametrize("length,window,stride", [
     (512, 512, 24),        # one window
     (1024, 512, 24),       # 512 is not a multiple of 24 -> extra boundary window
@@ -37,6 +38,7 @@ def test_window_starts_cover_every_pixel(length, window, stride):
     assert len(starts) == expected
 
 
+@pytest.mark.a1
 def test_paper_grid_at_1024x2048_has_1495_windows():
     assert len(window_grid(1024, 2048, 512, 24)) == 23 * 65 == 1495
 
@@ -48,6 +50,7 @@ def test_window_starts_rejects_short_side_and_bad_stride():
         window_starts(512, 128, 0)
 
 
+@pytest.mark.a2
 @pytest.mark.parametrize("stride,r", [(16, 1), (32, 1), (48, 1), (512, 1), (24, 2), (8, 2), (40, 2),
                                       (20, 4), (12, 4), (4, 4), (2, 8), (25, 16), (1, 16)])
 def test_sub_patch_factor(stride, r):
@@ -65,6 +68,7 @@ def _random_windows(H, W, K, stride, C=3, seed=0):
     return maps, starts
 
 
+@pytest.mark.a2
 @pytest.mark.parametrize("H,W,K,stride", [
     (64, 64, 64, 24),          # one window, r = 2
     (96, 160, 64, 24),         # non-square, boundary windows on both axes
@@ -82,6 +86,7 @@ def test_stitch_matches_loop_reference(H, W, K, stride):
     np.testing.assert_allclose(ours, ref, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.a2
 @pytest.mark.parametrize("stride", [16, 20, 24, 48, 64])
 def test_constant_maps_stitch_to_the_constant(stride):
     H, W, K = 112, 176, 64
@@ -91,6 +96,7 @@ def test_constant_maps_stitch_to_the_constant(stride):
     assert torch.allclose(out, torch.full_like(out, 2.5), atol=1e-6)
 
 
+@pytest.mark.a2
 @pytest.mark.parametrize("stride", [16, 32, 48, 64])
 def test_position_maps_stitch_to_the_global_position_map(stride):
     # Each window reports the global (row, col) of its patches; with patch-aligned windows (r = 1) every window
@@ -107,6 +113,7 @@ def test_position_maps_stitch_to_the_global_position_map(stride):
     np.testing.assert_array_equal(out, np.stack([rows, cols], -1))
 
 
+@pytest.mark.a2
 def test_stride_equal_to_window_is_a_plain_tiling():
     H, W, K = 128, 192, 64
     maps, starts = _random_windows(H, W, K, K)
@@ -116,6 +123,7 @@ def test_stride_equal_to_window_is_a_plain_tiling():
         np.testing.assert_array_equal(out[y // P:y // P + k, x // P:x // P + k], fmap)
 
 
+@pytest.mark.a2
 def test_single_window_with_sub_patch_stride_is_a_3_tap_smoothing():
     # r = 2: up x2 then 2x2 average = [1/8, 3/4, 1/8] per axis (edges clamped). Documented in stitch.py.
     k = 4
@@ -130,6 +138,7 @@ def test_single_window_with_sub_patch_stride_is_a_3_tap_smoothing():
     np.testing.assert_allclose(out, bilinear_resize(bilinear_resize(fmap, 2 * k, 2 * k), k, k), atol=1e-6)
 
 
+@pytest.mark.a2
 def test_stitcher_batches_of_windows_from_several_images():
     # Windows of two images, fed in mixed batches of arbitrary size, give the same as each image alone.
     H, W, K, stride = 96, 128, 64, 24
@@ -149,6 +158,7 @@ def test_stitcher_batches_of_windows_from_several_images():
         assert torch.allclose(out[b], ref, atol=1e-5)
 
 
+@pytest.mark.a2
 def test_stitcher_refuses_uncovered_cells():
     st = Stitcher(1, (8, 8), 2, 1)
     st.add(torch.ones(1, 4, 4, 2), torch.tensor([0]), torch.tensor([0]), torch.tensor([0]))
@@ -163,6 +173,7 @@ def test_stitch_rejects_unaligned_input():
         stitch(torch.zeros(1, 4, 4, 1), [(4, 0)], (80, 64), P, 24)
 
 
+@pytest.mark.a1
 def test_stitch_cli_prints_the_grid(capsys):
     import stitch as stitch_module
     stitch_module.main(["--height", "1024", "--width", "2048"])
