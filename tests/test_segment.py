@@ -106,7 +106,7 @@ def test_upsample_logits_crops_the_padding_for_odd_sizes():
     p, (H, W) = 16, (37, 53)
     h, w = -(-H // p), -(-W // p)                                                      # 3 x 4 patch grid
     cols = torch.arange(w, dtype=torch.float32).expand(1, 1, h, w)
-    out = segment.upsample_logits(cols, p, (H, W))
+    out = segment.upsample_logits(cols, p, (H, W), protocol="aligned")
     assert out.shape == (1, 1, H, W)
     # bilinear on the padded (h*p) x (w*p) canvas: pixel x sits at patch coordinate (x + 0.5) / p - 0.5
     x = torch.arange(W, dtype=torch.float32)
@@ -116,6 +116,136 @@ def test_upsample_logits_crops_the_padding_for_odd_sizes():
     assert not torch.allclose(out, stretched, atol=1e-2)                               # not a plain stretch
     # a resized input goes back to the original size after the crop
     assert segment.upsample_logits(cols, p, (H, W), (20, 29)).shape == (1, 1, 20, 29)
+
+
+def test_upsample_logits_paper_is_one_resize_of_the_padded_grid():
+    """protocol 'paper': the 3 x 4 grid of a padded 37 x 53 input goes straight to the label size, in ONE bilinear
+    resize (checked against the loop reference), so it differs from the aligned crop-then-resize."""
+    from tests.reference import bilinear_resize
+    p, (H, W), out_hw = 16, (37, 53), (50, 71)                 # model input 37 x 53, label 50 x 71
+    grid = torch.randn(1, 2, 3, 4, generator=torch.Generator().manual_seed(1))
+    out = segment.upsample_logits(grid, p, (H, W), out_hw, protocol="paper")
+    ref = bilinear_resize(grid[0].permute(1, 2, 0).double().numpy(), *out_hw)
+    assert out.shape == (1, 2, *out_hw)
+    assert np.allclose(out[0].permute(1, 2, 0).numpy(), ref, atol=1e-5)
+    aligned = segment.upsample_logits(grid, p, (H, W), out_hw, protocol="aligned")
+    assert not torch.allclose(out, aligned, atol=1e-2)
+
+
+def test_upsample_logits_aligned_floor_grid_extends_the_last_column():
+    """A floor grid (OpenCLIP: 37 x 53 -> 2 x 3 patches) leaves a < 16 px strip unseen; 'aligned' keeps the seen
+    pixels where they are and repeats the edge over the strip, 'paper' stretches the grid over everything."""
+    p, (H, W) = 16, (37, 53)
+    cols = torch.arange(3, dtype=torch.float32).expand(1, 1, 2, 3)
+    out = segment.upsample_logits(cols, p, (H, W), protocol="aligned")
+    x = torch.arange(W, dtype=torch.float32)
+    expected = ((x + 0.5) / p - 0.5).clamp(0, 2)                                       # seen part, then edge
+    assert out.shape == (1, 1, H, W) and torch.allclose(out[0, 0, 5], expected, atol=1e-5)
+    paper = segment.upsample_logits(cols, p, (H, W), protocol="paper")
+    assert torch.allclose(paper[0, 0, 5], ((x + 0.5) * 3 / W - 0.5).clamp(0, 2), atol=1e-5)
+
+
+def test_resize_image_paper_has_no_antialias_aligned_has():
+    """'paper' shrinks like OpenCV INTER_LINEAR (plain bilinear, loop reference); 'aligned' anti-aliases."""
+    from tests.reference import bilinear_resize
+    img = torch.rand(1, 3, 40, 60, generator=torch.Generator().manual_seed(2))
+    paper = segment.resize_image(img, (17, 25), antialias=False)
+    ref = bilinear_resize(img[0].permute(1, 2, 0).double().numpy(), 17, 25)
+    assert np.allclose(paper[0].permute(1, 2, 0).numpy(), ref, atol=1e-5)
+    aligned = segment.resize_image(img, (17, 25), antialias=True)
+    assert not torch.allclose(paper, aligned, atol=1e-3)
+    assert (aligned.std() < paper.std())                                              # smoothed: less aliasing
+
+
+def area_thd_reference(probs: np.ndarray, area_thd: float) -> np.ndarray:
+    """The authors' rule with loops: (K, H, W) probabilities -> (K, H, W) with small classes zeroed."""
+    K = probs.shape[0]
+    a = probs.argmax(0)
+    n = [int((a == k).sum()) for k in range(K)]
+    total = sum(n[1:])
+    out = probs.copy()
+    for k in range(1, K):
+        if not n[k] > area_thd * total:
+            out[k] = 0
+    return out
+
+
+def test_area_thd_on_a_crafted_probability_map():
+    """Class 1 wins 60 pixels, class 2 wins 30, class 3 wins 10 (of 100 foreground), class 4 none: with
+    area_thd 0.1 classes 3 (10 <= 10) and 4 are dropped, 1 and 2 stay; class 0 is never dropped."""
+    K, H, W = 5, 10, 12
+    win = np.zeros((H, W), dtype=int)                        # 20 background pixels, then 60 / 30 / 10
+    flat = win.reshape(-1)
+    flat[20:80], flat[80:110], flat[110:120] = 1, 2, 3
+    rng = np.random.default_rng(0)
+    probs = rng.uniform(0.0, 0.2, (K, H, W))
+    probs[win, np.arange(H)[:, None], np.arange(W)] = 0.5                              # the argmax map is `win`
+    probs[4] = 0.45                                                                    # runner-up, never first
+    probs[2, 0, 0] = 0.49                                                              # runner-up in a pixel of 0
+    got = segment.drop_small_classes(torch.from_numpy(probs)[None], 0.1)[0].numpy()
+    assert np.allclose(got, area_thd_reference(probs, 0.1))
+    labels = got.argmax(0)
+    assert (got[3] == 0).all() and (got[4] == 0).all() and (got[1] > 0).any() and (got[2] > 0).any()
+    assert set(np.unique(labels[win == 3])) <= {0, 1, 2}                              # class 3's pixels move on
+    assert (labels[win == 1] == 1).all() and (labels[win == 2] == 2).all()
+    # end to end through segment(): the same map as cosine logits; then prob_thd after the argmax
+    e = torch.eye(K)
+    text = ClassText([str(k) for k in range(K)], [str(k) for k in range(K)], torch.arange(K), e)
+    feats = torch.from_numpy(np.log(probs)).float().permute(1, 2, 0)[None]    # cosine keeps each pixel's class order
+    seg = segment.segment(FixedBackbone(feats, patch=1), torch.rand(1, 3, H, W), text, logit_scale=1.0,
+                          area_thd=0.1, protocol="paper")
+    assert not (seg.labels == 3).any() and not (seg.labels == 4).any() and (seg.labels[0][win == 1] == 1).all()
+    plain = segment.segment(FixedBackbone(feats, patch=1), torch.rand(1, 3, H, W), text, logit_scale=1.0)
+    assert (plain.labels[0][win == 3] == 3).all()
+
+
+def test_slidelogit_averages_per_window_cosine_logits(tiny, tmp_path):
+    """slidelogit = cosine logits per window, stitched (loop reference); slide = features stitched, then cosine."""
+    from tests.reference import teacher_reference
+    text = segment.text_embeddings(tiny, [["a"], ["b"], ["c"]], TEMPLATES, cache_dir=tmp_path)
+    image = torch.rand(1, 3, 150, 170, generator=torch.Generator().manual_seed(3))
+    x = tiny.normalize(image)
+    emb = text.embeddings.double().numpy()
+
+    def window_logits(crop):
+        with torch.inference_mode():
+            f = tiny.dense(torch.from_numpy(crop)[None].float())[0].double().numpy()
+        f = f / np.linalg.norm(f, axis=-1, keepdims=True)
+        return f @ emb.T
+    ref = teacher_reference(window_logits, x[0].numpy(), tiny.window, 24, 16, 2)         # (h, w, Q)
+    teacher = segment.window_teacher(tiny, "slidelogit", text, stride=24, batch_size=5)
+    with torch.inference_mode():
+        got = teacher(x)[0].double().numpy()
+    assert got.shape == ref.shape and np.allclose(got, ref, atol=1e-4)
+    seg_logit = segment.segment(tiny, image, text, "slidelogit", 24, logit_scale=1.0, return_logits=True)
+    seg_feat = segment.segment(tiny, image, text, "slide", 24, logit_scale=1.0, return_logits=True)
+    assert seg_logit.labels.shape == seg_feat.labels.shape == (1, 150, 170)
+    assert not torch.allclose(seg_logit.logits, seg_feat.logits, atol=1e-4)             # two different modes
+    with pytest.raises(SegmentError, match="slidelogit"):
+        segment.segment(tiny, image, text, "slidelogit", teacher=segment.window_teacher(tiny, "slide", None))
+
+
+def test_segment_runs_fp32_unless_amp(tiny, tmp_path, monkeypatch):
+    """fp32 by default (the authors evaluate in fp32); amp=True asks for autocast ('auto') in the single pass and
+    the teacher alike."""
+    import teacher as teacher_mod
+    asked = []
+    real = teacher_mod.precision_autocast
+
+    def spy(device, precision="auto"):
+        asked.append(precision)
+        return real(device, precision)
+    monkeypatch.setattr(teacher_mod, "precision_autocast", spy)
+    monkeypatch.setattr(segment, "precision_autocast", spy)
+    text = segment.text_embeddings(tiny, [["a"], ["b"]], TEMPLATES, cache_dir=tmp_path)
+    image = torch.rand(1, 3, 40, 40)
+    for mode in ("single", "slide", "slidelogit"):
+        asked.clear()
+        segment.segment(tiny, image, text, mode, 64)
+        assert asked and set(asked) == {"fp32"}, mode
+        asked.clear()
+        segment.segment(tiny, image, text, mode, 64, amp=True)
+        assert asked and set(asked) == {"auto"}, mode
 
 
 class FixedBackbone(torch.nn.Module):
@@ -137,6 +267,7 @@ class FixedBackbone(torch.nn.Module):
         return self.feats
 
 
+@pytest.mark.a6
 def test_synonyms_collapse_to_their_class_with_max_not_sum():
     e = torch.eye(4)[:3]                                                  # queries q0 (class 0), q1, q2 (class 1)
     text = ClassText(["a", "b"], ["a", "b1", "b2"], torch.tensor([0, 1, 1]), e)
