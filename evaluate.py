@@ -67,18 +67,22 @@ def confusion(pred, label, num_classes: int, ignore_index: int = IGNORE) -> torc
                          f"{label.min().item()}..{label.max().item()}")
     if pred.numel() and (pred.min() < 0 or pred.max() >= num_classes):
         raise ValueError(f"predictions must be in [0, {num_classes}), got {pred.min().item()}..{pred.max().item()}")
+    # ASSIGNMENT 6 BEGIN: the confusion matrix, one count per (label, prediction) pair
     return torch.bincount(label * num_classes + pred, minlength=num_classes ** 2).view(num_classes, num_classes)
+    # ASSIGNMENT 6 END
 
 
 def miou(conf) -> tuple[float, np.ndarray]:
     """(mean IoU, per-class IoU) from a confusion matrix.  IoU_k = TP / (TP + FP + FN); classes with an empty
     union (neither in the labels nor predicted) are NaN and left out of the mean (NaN if all are empty)."""
+    # ASSIGNMENT 6 BEGIN: per-class IoU and their mean over classes present
     conf = torch.as_tensor(conf).double().cpu()
     tp = conf.diag()
     union = conf.sum(0) + conf.sum(1) - tp
     iou = torch.where(union > 0, tp / union.clamp(min=1), torch.full_like(tp, float("nan"))).numpy()
     valid = ~np.isnan(iou)
     return (float(iou[valid].mean()) if valid.any() else float("nan")), iou
+    # ASSIGNMENT 6 END
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -226,6 +230,9 @@ DATASETS = {
                              CONTEXT_LAYOUT),
     "cityscapes": DatasetSpec("cityscapes", "Cityscapes", "city_scapes.txt", 19, 40.0, 0.0, 1024, 2048, CITY_LAYOUT),
     "ade20k": DatasetSpec("ade20k", "ADE20K", "ade20k.txt", 150, 40.0, 0.0, 672, 2048, ADE_LAYOUT),
+    # the toy world of miniature.py: scenes are evaluated at their own size (short/long side 0 = no resize)
+    "miniature": DatasetSpec("miniature", "SPAR in miniature", "miniature.txt", 5, 40.0, 0.0, 0, 0,
+                             "ROOT/images/<id>.png, ROOT/labels/<id>.png (0 background, 1..4)"),
 }
 
 
@@ -247,6 +254,10 @@ def dataset_samples(name: str, root) -> list[Sample]:
         return cityscapes_samples(root)
     if name == "ade20k":
         return ade_samples(root)
+    if name == "miniature":                         # written by `python miniature.py world --out ROOT`
+        base = _base(Path(root), "labels", [""], name, DATASETS[name].layout)
+        return _check_files([Sample(str(img), str(base / "labels" / img.name), lut_identity(5))
+                             for img in sorted((base / "images").glob("*.png"))], name)
     raise DatasetError(f"unknown dataset '{name}'; choose one of: {', '.join(DATASETS)}.")
 
 

@@ -1,0 +1,428 @@
+"""SPAR in miniature: the paper's effect (Fig. 1, Table 1) reproduced offline, on a CPU, in minutes.
+
+A toy world stands in for natural images, and `tiny` (4 blocks, width 128, p = 16, K = 128) stands in for SigLIP2:
+
+  1. world     synthetic scenes of any size: grey shapes on a grey background whose CLASS is the colour of a thin
+               border stroke (red, green, blue, yellow; the label is the whole object).  Nothing inside a large
+               object tells its class, so a token must gather it from the object's border -- locally;
+  2. pretrain  `tiny` at its native 128 x 128 ONLY (image AND text tower: cosine between dense features and the
+               text embeddings of the class names, per-pixel cross-entropy), saved as a weights file that every CLI
+               loads with `--backbone tiny --pretrained PATH`;
+  3. evaluate  `evaluate.py --dataset miniature`: native 128^2 scenes, and held-out large 512 x 1024 scenes in one
+               pass (E3) and through the sliding-window teacher (E1-E2);
+  4. distill   `distill.py`, unchanged: the paper's recipe scaled to K = 128 (E4), on unlabelled scenes;
+  5. evaluate  the student in one pass -> `results.json` (native, single, teacher, spar) and a Fig. 1-style plot.
+
+    python miniature.py --out runs/miniature                       # everything, resumable, ~10 min on 2 cores
+    python miniature.py world --out DIR --size 512x1024 --count 32 --seed 1
+    python evaluate.py --dataset miniature --root DIR --backbone tiny --pretrained runs/miniature/tiny.pt \\
+        --modes pretrained,slide24
+
+Every knob of the experiment (world, pretraining, distillation budget) is in `DEFAULTS`; `--set key=value`
+changes one, e.g. `--set distill.lr=1e-3` (the README's table of tries was made that way).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import hashlib
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+HERE = Path(__file__).resolve().parent
+CLASSES = ("background", "red", "green", "blue", "yellow")
+COLOURS = np.array([(0.90, 0.12, 0.10), (0.10, 0.72, 0.15), (0.12, 0.25, 0.92), (0.92, 0.85, 0.10)], np.float32)
+SHAPES = ("disc", "square", "triangle", "plus")
+
+DEFAULTS = {
+    # the world: what a scene looks like (sizes in px, densities per 128 x 128 area)
+    "world": dict(radius=[40, 60], density=[0.7, 2.0], border=3, noise=0.06, tint=0.05, fill_spread=0.0,
+                  contrast=[0.2, 0.35]),
+    # pretraining of tiny at 128^2 only (image + text tower)
+    "pretrain": dict(steps=1000, batch=32, lr=2e-3, weight_decay=0.05, templates=4, logit_scale=20.0,
+                     pos_init="default", pos_rms=0.5, seed=0),
+    # evaluation sets (held out: their own seeds)
+    "eval": dict(native_count=64, large_size="512x1024", large_count=32, stride=24),
+    # distillation through distill.py, the paper's recipe scaled to K = 128
+    "distill": dict(images=128, size="512x1024", epochs=10, lr=2e-5, train="blk_-1,blk_-2", aug_scale=0.25,
+                    augment="paper", batch_size=2, stride=24, extra=""),
+}
+SEEDS = dict(native=101, large=102, distill=103, pretrain=104)       # one stream per set, never shared
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 1. The world
+# ----------------------------------------------------------------------------------------------------------------
+
+def shape_sdf(kind: str, u: np.ndarray, v: np.ndarray, R: float) -> np.ndarray:
+    """Signed distance (px, > 0 inside) of a shape of circumradius ~R centred at 0, in rotated coordinates u, v."""
+    if kind == "disc":
+        return R - np.hypot(u, v)
+    if kind == "square":
+        a = 0.75 * R
+        return np.minimum(a - np.abs(u), a - np.abs(v))
+    if kind == "triangle":                                  # equilateral: inradius R / 2, three half-planes
+        d = [0.5 * R - (u * math.cos(t) + v * math.sin(t)) for t in (math.pi / 2, math.pi * 7 / 6, math.pi * 11 / 6)]
+        return np.minimum(np.minimum(d[0], d[1]), d[2])
+    w = 0.38 * R                                            # plus: union of two bars
+    return np.maximum(np.minimum(R - np.abs(u), w - np.abs(v)), np.minimum(w - np.abs(u), R - np.abs(v)))
+
+
+def render_scene(rng: np.random.Generator, H: int, W: int, cfg: dict) -> tuple[np.ndarray, np.ndarray]:
+    """One scene: (H, W, 3) uint8 image and (H, W) uint8 label (0 background, 1..4 = border colour).
+
+    Objects of radius U(radius) at `density` per 128^2 area, never overlapping, cut by the image border; every
+    object has the same fill grey (+- fill_spread), the background a contrasting grey, a small colour tint, and
+    pixel noise.  Only a `border`-px stroke carries the class.
+    """
+    fill = rng.uniform(0.3, 0.7)
+    sign = rng.choice([-1.0, 1.0])
+    if not 0.05 < fill + sign * cfg["contrast"][1] < 0.95:
+        sign = -sign
+    bg = fill + sign * rng.uniform(*cfg["contrast"])
+    img = np.empty((H, W, 3), np.float32)
+    img[:] = bg + rng.uniform(-cfg["tint"], cfg["tint"], 3)
+    label = np.zeros((H, W), np.uint8)
+    target = rng.uniform(*cfg["density"]) * H * W / 128 ** 2
+    n = int(target) + (rng.random() < target - int(target))
+    placed: list[tuple[float, float, float]] = []
+    for _ in range(30 * n):
+        if len(placed) >= n:
+            break
+        R = rng.uniform(*cfg["radius"])
+        cy, cx = rng.uniform(0, H), rng.uniform(0, W)
+        if any((cy - y) ** 2 + (cx - x) ** 2 < (1.08 * (R + r) + 2) ** 2 for y, x, r in placed):
+            continue                                        # no overlap (circumradius of the plus is ~1.07 R)
+        placed.append((cy, cx, R))
+        y0, y1 = max(0, int(cy - 1.1 * R)), min(H, int(cy + 1.1 * R) + 1)
+        x0, x1 = max(0, int(cx - 1.1 * R)), min(W, int(cx + 1.1 * R) + 1)
+        if y0 >= y1 or x0 >= x1:
+            continue
+        yy, xx = np.mgrid[y0:y1, x0:x1].astype(np.float32)
+        t = rng.uniform(0, 2 * math.pi)
+        dy, dx = yy + 0.5 - cy, xx + 0.5 - cx
+        u, v = dx * math.cos(t) + dy * math.sin(t), -dx * math.sin(t) + dy * math.cos(t)
+        sdf = shape_sdf(SHAPES[rng.integers(len(SHAPES))], u, v, R)
+        inside = sdf > 0
+        cls = rng.integers(4)
+        colour = np.where((sdf <= cfg["border"])[..., None], COLOURS[cls],
+                          fill + rng.uniform(-cfg["fill_spread"], cfg["fill_spread"])
+                          + rng.uniform(-cfg["tint"], cfg["tint"], 3))
+        patch = img[y0:y1, x0:x1]
+        patch[inside] = colour[inside]
+        label[y0:y1, x0:x1][inside] = cls + 1
+    img += rng.normal(0, cfg["noise"], img.shape).astype(np.float32)
+    return (np.clip(img, 0, 1) * 255 + 0.5).astype(np.uint8), label
+
+
+def scene_rng(seed: int, index: int) -> np.random.Generator:
+    return np.random.default_rng([seed, index])
+
+
+def write_world(out: str | os.PathLike, H: int, W: int, count: int, seed: int, cfg: dict | None = None) -> Path:
+    """A labelled set: out/images/<i>.png (RGB) and out/labels/<i>.png (class indices), resumable per file.
+
+    `evaluate.py --dataset miniature --root out` reads it; `distill.py --images out/images` trains on it."""
+    from PIL import Image
+
+    from files import atomic_write
+    cfg = cfg or DEFAULTS["world"]
+    out = Path(out)
+    for sub in ("images", "labels"):
+        (out / sub).mkdir(parents=True, exist_ok=True)
+    key = dict(size=[H, W], count=count, seed=seed, world=cfg)
+    meta = out / "world.json"
+    if meta.is_file() and json.loads(meta.read_text()) == key:
+        return out                                          # finished earlier with the same settings
+    for i in range(count):
+        image, label = render_scene(scene_rng(seed, i), H, W, cfg)
+        for sub, arr in (("images", image), ("labels", label)):
+            buf = __import__("io").BytesIO()
+            Image.fromarray(arr).save(buf, format="PNG", compress_level=1)
+            atomic_write(out / sub / f"{i:05d}.png", lambda f, b=buf.getvalue(): f.write(b))
+    from files import write_json
+    write_json(meta, key)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 2. Pretraining tiny at 128^2 only: dense features against text embeddings of the class names
+# ----------------------------------------------------------------------------------------------------------------
+
+def sincos_pos_embed(h: int, w: int, dim: int) -> torch.Tensor:
+    """2-D sin-cos position embeddings (MAE style), (h * w, dim), rms 1/sqrt(2) before scaling."""
+    q = dim // 4
+    omega = 1.0 / 10000 ** (torch.arange(q, dtype=torch.float32) / q)
+    ys, xs = torch.meshgrid(torch.arange(h, dtype=torch.float32), torch.arange(w, dtype=torch.float32), indexing="ij")
+    out = [f(c.reshape(-1, 1) * omega) for c in (ys, xs) for f in (torch.sin, torch.cos)]
+    return torch.cat(out, dim=1)
+
+
+def class_vectors(backbone, tokens: torch.Tensor, T: int, pick: torch.Tensor) -> torch.Tensor:
+    """(K, C) text side, as segment.py computes it: normalise each template embedding, average, normalise."""
+    K = tokens.shape[0] // T
+    sel = tokens.view(K, T, -1)[:, pick].reshape(K * len(pick), -1)
+    emb = F.normalize(backbone.model.encode_text(sel).float(), dim=-1).view(K, len(pick), -1)
+    return F.normalize(emb.mean(1), dim=-1)
+
+
+def pretrain(out_path: Path, cfg: dict, world: dict, device: str = "cpu") -> dict:
+    """Train every weight of `tiny` on 128^2 scenes; per-pixel CE on logit_scale * cos(F(i), t_c). Deterministic."""
+    from segment import read_templates
+    from student import load_backbone
+    from files import save_torch
+
+    torch.manual_seed(cfg["seed"])
+    bb = load_backbone("tiny", pretrained=None, device=device)
+    trunk = bb.trunk
+    if cfg["pos_init"] == "sincos":                  # a position-aware start (see the README's table of tries)
+        pe = sincos_pos_embed(*bb.native_grid, bb.dim)
+        trunk.pos_embed.data.copy_((pe * cfg["pos_rms"] / pe.pow(2).mean().sqrt())[None].to(device))
+    bb.model.train().requires_grad_(True)
+    bb.model.text.token_embedding.requires_grad_(False)   # 49408 x 128 random word vectors suffice, and AdamW
+                                                          # over them would cost more than the image tower
+    templates = read_templates()
+    prompts = [t.format(c) for c in CLASSES for t in templates]
+    tokens = bb.tokenizer(prompts).to(device)                                   # (K * T, 77)
+    T = len(templates)
+    params = [p for p in bb.model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg["lr"], weight_decay=cfg["weight_decay"])
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg["lr"], total_steps=cfg["steps"], pct_start=0.1)
+    gen = torch.Generator().manual_seed(cfg["seed"])
+    t0, losses = time.time(), []
+    from tqdm import tqdm
+    for step in tqdm(range(cfg["steps"]), desc="2/5 pretrain tiny at 128^2", unit="step", leave=False):
+        batch = [render_scene(scene_rng(SEEDS["pretrain"] + 1000 * cfg["seed"], step * cfg["batch"] + j), 128, 128,
+                              world) for j in range(cfg["batch"])]
+        x = torch.from_numpy(np.stack([b[0] for b in batch])).permute(0, 3, 1, 2).float().div_(255).to(device)
+        y = torch.from_numpy(np.stack([b[1] for b in batch])).long().to(device)
+        pick = torch.randperm(T, generator=gen)[:cfg["templates"]].to(device)
+        text = class_vectors(bb, tokens, T, pick)                               # (K, C)
+        feats = F.normalize(bb.dense(bb.normalize(x)), dim=-1)                  # (B, 8, 8, C)
+        logits = cfg["logit_scale"] * torch.einsum("bhwc,kc->bkhw", feats, text)
+        logits = F.interpolate(logits, size=(128, 128), mode="bilinear", align_corners=False)
+        loss = F.cross_entropy(logits, y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        losses.append(loss.item())
+    bb.model.eval().requires_grad_(False)
+    save_torch(out_path, {k: v.detach().cpu() for k, v in bb.model.state_dict().items()})
+    return dict(seconds=round(time.time() - t0, 1), final_loss=float(np.mean(losses[-50:])))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 3.-5. The experiment: evaluate.py and distill.py, unchanged, as a user would call them
+# ----------------------------------------------------------------------------------------------------------------
+
+def evaluate(root: Path, weights: Path, modes: str, out: Path, device: str, checkpoint: Path | None = None) -> dict:
+    """`python evaluate.py --dataset miniature ...` in a subprocess; returns {mode: {miou, seconds_per_image}}."""
+    cmd = [sys.executable, str(HERE / "evaluate.py"), "--dataset", "miniature", "--root", str(root),
+           "--backbone", "tiny", "--pretrained", str(weights), "--device", device, "--modes", modes,
+           "--out", str(out), "--text-cache", "none"]
+    if checkpoint:
+        cmd += ["--checkpoint", str(checkpoint)]
+    run_cmd(cmd)
+    return json.loads(out.read_text())["modes"]
+
+
+def run_cmd(cmd: list[str]):
+    print("$ " + " ".join(cmd[1:]), flush=True)
+    proc = subprocess.run(cmd, cwd=HERE)
+    if proc.returncode != 0:
+        raise MiniatureError(f"'{' '.join(cmd[1:3])} ...' failed with status {proc.returncode} (see above); "
+                             f"rerun the same command to resume.")
+
+
+def distill_cmd(d: dict, run: Path, images: Path, weights: Path, device: str) -> list[str]:
+    cmd = [sys.executable, str(HERE / "distill.py"), "--backbone", "tiny", "--pretrained", str(weights),
+           "--device", device, "--images", str(images), "--num-heldout", "2", "--out", str(run),
+           "--stride", str(d["stride"]), "--epochs", str(d["epochs"]), "--lr", str(d["lr"]),
+           "--aug-scale", str(d["aug_scale"]), "--augment", d["augment"]]
+    import distill
+    flags = {s for a in distill.build_parser()._actions for s in a.option_strings}
+    if "--train" in flags:
+        cmd += ["--train", d["train"], "--batch-size", str(d["batch_size"])]
+    else:                                  # an older distill.py: last N blocks, one image per step
+        cmd += ["--train-blocks", "all" if d["train"] == "all" else str(d["train"].count("blk_"))]
+    return cmd + (d["extra"].split() if d["extra"] else [])
+
+
+class MiniatureError(RuntimeError):
+    """A stage failed; the message says which and that a rerun resumes."""
+
+
+def config_hash(obj) -> str:
+    return hashlib.sha1(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:10]
+
+
+def experiment(out: Path, cfg: dict, device: str = "cpu", until: str = "spar") -> dict:
+    """World -> pretrain -> evaluate native / single / teacher -> distill -> evaluate SPAR; resumable per stage.
+
+    A finished stage is skipped when the settings it depends on are unchanged (e.g. a new distillation budget
+    reuses the world, the weights and the pre-trained numbers).  until="teacher" stops before distillation."""
+    t0 = time.time()
+    out.mkdir(parents=True, exist_ok=True)
+    W, P, E, D = cfg["world"], cfg["pretrain"], cfg["eval"], cfg["distill"]
+    from files import parse_size, write_json
+    res_path = out / "results.json"
+    res = json.loads(res_path.read_text()) if res_path.is_file() else {}
+    pre_key, dist_key = config_hash([W, P, E]), config_hash([W, P, E, D])
+    if res.get("pre_key") != pre_key:
+        res = {}
+    if res.get("distill_key") != dist_key:
+        res = {k: v for k, v in res.items() if not k.startswith(("spar", "student", "gap"))}
+    res.update(config=cfg, pre_key=pre_key, distill_key=dist_key)
+    save = lambda: write_json(res_path, res)                                    # noqa: E731
+
+    print("1/5 world: held-out native and large scenes, unlabelled distillation scenes", flush=True)
+    native = write_world(out / "world" / "native", 128, 128, E["native_count"], SEEDS["native"], W)
+    large = write_world(out / "world" / "large", *parse_size(E["large_size"]), E["large_count"], SEEDS["large"], W)
+
+    weights = out / f"tiny-{config_hash([W, P])}.pt"
+    if not weights.is_file():
+        print(f"2/5 pretrain tiny at 128^2 ({P['steps']} steps of {P['batch']})", flush=True)
+        res["pretraining"] = pretrain(weights, P, W, device)
+        save()
+    res["pretrained_weights"] = str(weights)
+
+    print("3/5 evaluate the pre-trained model: native 128^2, and large scenes single pass vs teacher", flush=True)
+    ev = out / f"eval-{pre_key}"
+    if "native" not in res:
+        r = evaluate(native, weights, "pretrained", ev / "native.json", device)["pretrained"]
+        res["native"], res["native_s"] = 100 * r["miou"], r["seconds_per_image"]
+        save()
+    teacher_mode = f"slide{E['stride']}"
+    if "teacher" not in res:
+        r = evaluate(large, weights, f"pretrained,{teacher_mode}", ev / "large.json", device)
+        res.update(single=100 * r["pretrained"]["miou"], single_s=r["pretrained"]["seconds_per_image"],
+                   teacher=100 * r[teacher_mode]["miou"], teacher_s=r[teacher_mode]["seconds_per_image"])
+        save()
+    if until == "teacher":
+        return res
+
+    print("4/5 distill.py: the single-pass student regresses the sliding-window teacher (E4)", flush=True)
+    dist_set = write_world(out / "world" / f"distill-{D['size']}-{D['images']}", *parse_size(D["size"]),
+                           D["images"], SEEDS["distill"], W)
+    run = out / f"distill-{dist_key}"
+    ckpt = run / "student.pt"
+    if not (run / "metrics.json").is_file():
+        cmd = distill_cmd(D, run, dist_set / "images", weights, device)
+        run_cmd(cmd + (["--resume"] if (run / "resume.pt").is_file() else []))
+    res["student_checkpoint"] = str(ckpt)
+
+    print("5/5 evaluate the student: large scenes in one pass, and native 128^2", flush=True)
+    if "spar" not in res:
+        r = evaluate(large, weights, "single", run / "eval-large.json", device, ckpt)["single"]
+        res["spar"], res["spar_s"] = 100 * r["miou"], r["seconds_per_image"]
+        r = evaluate(native, weights, "single", run / "eval-native.json", device, ckpt)["single"]
+        res["spar_native"] = 100 * r["miou"]
+        save()
+    gap = res["teacher"] - res["single"]
+    res["gap_closed"] = (res["spar"] - res["single"]) / gap if gap > 0 else float("nan")
+    res["seconds"] = round(time.time() - t0, 1)
+    save()
+    plot(res, out / "results.png")
+    return res
+
+
+def plot(res: dict, path: Path):
+    """Fig. 1 in miniature: seconds per image against mIoU on the large scenes (evaluate.py's plot)."""
+    from evaluate import speed_accuracy_plot
+    pts = {"single pass (pre-trained)": dict(seconds_per_image=res["single_s"], miou=res["single"] / 100),
+           f"slide{res['config']['eval']['stride']} (teacher)": dict(seconds_per_image=res["teacher_s"],
+                                                                      miou=res["teacher"] / 100),
+           "single (SPAR)": dict(seconds_per_image=res["spar_s"], miou=res["spar"] / 100)}
+    speed_accuracy_plot(pts, path, f"SPAR in miniature: tiny, {res['config']['eval']['large_size']} scenes")
+
+
+def print_table(res: dict):
+    print(f"\n{'':<28} {'mIoU':>6} {'s/image':>8}")
+    print(f"{'native 128^2 (pre-trained)':<28} {res['native']:6.1f} {res['native_s']:8.3f}")
+    print(f"{'single pass (pre-trained)':<28} {res['single']:6.1f} {res['single_s']:8.3f}")
+    print(f"{'teacher (sliding window)':<28} {res['teacher']:6.1f} {res['teacher_s']:8.3f}")
+    print(f"{'SPAR (single pass)':<28} {res['spar']:6.1f} {res['spar_s']:8.3f}")
+    print(f"{'SPAR at native 128^2':<28} {res['spar_native']:6.1f}")
+    print(f"gap closed: {100 * res['gap_closed']:.0f} %   ({res['seconds']:.0f} s in all)")
+
+
+def apply_sets(cfg: dict, sets: list[str]) -> dict:
+    """--set section.key=value (value parsed as JSON when it can be, else a string)."""
+    cfg = copy.deepcopy(cfg)
+    for item in sets:
+        key, _, value = item.partition("=")
+        section, _, name = key.partition(".")
+        if section not in cfg or name not in cfg[section]:
+            raise ValueError(f"--set '{item}': unknown key '{key}'; known: "
+                             + ", ".join(f"{s}.{k}" for s in cfg for k in cfg[s]) + ".")
+        try:
+            cfg[section][name] = json.loads(value)
+        except ValueError:
+            cfg[section][name] = value
+    return cfg
+
+
+def main(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["world"]:
+        p = argparse.ArgumentParser(prog="miniature.py world", description="Write a labelled set of toy scenes "
+                                    "(images/ and labels/), read by evaluate.py --dataset miniature.")
+        p.add_argument("--out", required=True)
+        p.add_argument("--size", default="512x1024", help="HxW (default %(default)s)")
+        p.add_argument("--count", type=int, default=32)
+        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--set", action="append", default=[], help="world.KEY=VALUE, e.g. world.fill_spread=0.1")
+        a = p.parse_args(argv[1:])
+        from files import parse_size
+        try:
+            H, W = parse_size(a.size)
+            if a.count < 1:
+                raise ValueError(f"--count must be at least 1, got {a.count}.")
+            cfg = apply_sets(DEFAULTS, a.set)["world"]
+        except ValueError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            sys.exit(2)
+        write_world(a.out, H, W, a.count, a.seed, cfg)
+        print(f"wrote {a.count} scenes of {H}x{W} to {a.out} (images/, labels/)")
+        return
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="runs/miniature", help="run folder (default %(default)s); a rerun resumes")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="change one knob of DEFAULTS, e.g. distill.lr=1e-3 (repeatable)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--until", choices=("teacher", "spar"), default="spar",
+                   help="teacher: stop before distillation (world, pretraining, pre-trained numbers only)")
+    a = p.parse_args(argv)
+    try:
+        cfg = apply_sets(DEFAULTS, a.set)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    try:
+        res = experiment(Path(a.out), cfg, a.device, a.until)
+    except MiniatureError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    if a.until == "teacher":
+        print(json.dumps({k: res[k] for k in ("native", "single", "teacher")}))
+        return
+    print_table(res)
+    print(f"saved {Path(a.out) / 'results.json'} and {Path(a.out) / 'results.png'}")
+
+
+if __name__ == "__main__":
+    main()
