@@ -11,12 +11,19 @@ Six benchmarks, each with the paper's class names (data/classes/*.txt), logit sc
     cityscapes  gtFine val, 500                 trainIds 0..18, 255 (labelIds mapped)   40           0
     ade20k      ADEChallengeData2016 val, 2000  0 -> 255, 1..150 -> 0..149              40           0
 
-Protocol: each image is resized keeping its ratio (short side 672, long side at most 2048; Cityscapes 2048 x 1024),
-segmented with the text of (E4) (`segment.segment`), and the logits are upsampled to the label's original size.
-One confusion matrix is accumulated over the whole split (ignore label 255); mIoU is the mean IoU over the classes
-whose union is not empty.  Modes: `single` (one pass, (E3); the student with --checkpoint), `pretrained` (one pass
-with the pre-trained weights even when --checkpoint is given) and `slideN` (the pre-trained teacher, (E1)-(E2), at
-stride N).  With several modes a speed-accuracy plot in the style of Fig. 1 is drawn.
+Settings are looked up per (backbone, dataset) (`settings_for`): the authors use prob_thd 0.1 and area_thd 0.1
+for OpenCLIP (clip-b16) on VOC21, the table above otherwise (area_thd off).
+
+Protocol (`--protocol paper`, the default, is the authors' code): each image is resized keeping its ratio (short
+side 672, long side at most 2048; Cityscapes 2048 x 1024) bilinearly without antialias, segmented with the text of
+(E4) (`segment.segment`) in fp32 (`--amp` for bf16/fp16 autocast), and the cosine logits are resized ONCE from the
+model's grid to the label's original size; `--protocol aligned` is our variant (see segment.py).  One confusion
+matrix is accumulated over the whole split (ignore label 255); mIoU is the mean IoU over the classes whose union is
+not empty.  Modes: `single` (one pass, (E3); the student with --checkpoint), `pretrained` (one pass with the
+pre-trained weights even when --checkpoint is given), `slideN` (the pre-trained teacher, (E1)-(E2), at stride N,
+features averaged where windows overlap, as SPAR's teacher) and `slidelogitN` (the same windows, cosine logits
+averaged where they overlap, as the authors' sliding-window baseline intended).  With several modes a
+speed-accuracy plot in the style of Fig. 1 is drawn.
 
     python evaluate.py --dataset cityscapes --root DATA --backbone siglip2-b16 --modes single,slide24
     python evaluate.py --dataset voc21 --make-synthetic /tmp/voc        # a tiny fake VOC folder to try things on
@@ -36,10 +43,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from files import WriteError, write_json
-from segment import HERE, SegmentError, cache_dir_arg, read_class_file, read_templates, segment, text_embeddings
-from student import BackboneError, add_backbone_args, autocast, load_backbone
-from teacher import Teacher
+from files import DeviceError, WriteError, display_name, resolve_device, write_json
+from segment import (HERE, PROTOCOLS, SegmentError, cache_dir_arg, read_class_file, read_templates, segment,
+                     text_embeddings, window_teacher)
+from student import BackboneError, add_backbone_args, load_backbone
+from teacher import TeacherError, precision_autocast
 
 IGNORE = 255
 
@@ -210,6 +218,7 @@ class DatasetSpec:
     short_side: int
     long_side: int
     layout: str              # README text: the folder layout the reader expects
+    area_thd: float = 0.0    # drop classes with at most this share of the argmax map (0: off)
 
 
 VOC_LAYOUT = ("ROOT/VOCdevkit/VOC2012/JPEGImages/<id>.jpg, ROOT/VOCdevkit/VOC2012/SegmentationClass/<id>.png "
@@ -234,6 +243,21 @@ DATASETS = {
     "miniature": DatasetSpec("miniature", "SPAR in miniature", "miniature.txt", 5, 40.0, 0.0, 0, 0,
                              "ROOT/images/<id>.png, ROOT/labels/<id>.png (0 background, 1..4)"),
 }
+
+
+# Per-backbone exceptions to a dataset's settings, as in the authors' evaluation configs.
+BACKBONE_SETTINGS = {
+    ("clip-b16", "voc21"): dict(prob_thd=0.1, area_thd=0.1),
+}
+
+
+def settings_for(dataset: str, backbone: str) -> dict:
+    """The (backbone, dataset) evaluation settings: logit_scale, prob_thd, area_thd, short_side, long_side."""
+    spec = DATASETS[dataset]
+    out = dict(logit_scale=spec.logit_scale, prob_thd=spec.prob_thd, area_thd=spec.area_thd,
+               short_side=spec.short_side, long_side=spec.long_side)
+    out.update(BACKBONE_SETTINGS.get((backbone, dataset), {}))
+    return out
 
 
 def dataset_samples(name: str, root) -> list[Sample]:
@@ -263,6 +287,22 @@ def dataset_samples(name: str, root) -> list[Sample]:
 
 def read_sample(sample: Sample) -> tuple[torch.Tensor, torch.Tensor]:
     """-> image (3, H, W) uint8 RGB, label (H, W) uint8 in evaluated classes with 255 = ignore."""
+    return read_sample_checked(sample)[:2]
+
+
+def out_of_range(raw: np.ndarray, lut: np.ndarray) -> tuple[int, int | None]:
+    """Raw label values above the dataset's largest class id, other than 255: (pixel count, an example value).
+
+    The look-up table maps them to 'ignore' like 255, so without this count a wrong label file (another
+    dataset's ids, a colour map) would silently score on fewer pixels."""
+    top = int(np.nonzero(lut != IGNORE)[0].max())
+    bad = (raw > top) & (raw != IGNORE)
+    n = int(bad.sum())
+    return n, (int(raw[bad].flat[0]) if n else None)
+
+
+def read_sample_checked(sample: Sample) -> tuple[torch.Tensor, torch.Tensor, int, int | None]:
+    """`read_sample` plus `out_of_range` of the raw label."""
     from PIL import Image
 
     try:
@@ -278,8 +318,9 @@ def read_sample(sample: Sample) -> tuple[torch.Tensor, torch.Tensor]:
     if image.shape[:2] != label.shape:
         raise DatasetError(f"image '{sample.image}' is {image.shape[1]}x{image.shape[0]} but its label is "
                            f"{label.shape[1]}x{label.shape[0]}.")
+    n_bad, example = out_of_range(label, sample.lut)
     label = sample.lut[np.clip(label, 0, 255).astype(np.uint8)]
-    return torch.from_numpy(image.copy()).permute(2, 0, 1), torch.from_numpy(label)
+    return torch.from_numpy(image.copy()).permute(2, 0, 1), torch.from_numpy(label), n_bad, example
 
 
 class SampleDataset(torch.utils.data.Dataset):
@@ -293,9 +334,9 @@ class SampleDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         try:
-            return read_sample(self.samples[i]) + ("",)
+            return read_sample_checked(self.samples[i]) + ("",)
         except DatasetError as exc:
-            return torch.zeros(0), torch.zeros(0), str(exc)
+            return torch.zeros(0), torch.zeros(0), 0, None, str(exc)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -386,18 +427,21 @@ def make_synthetic(name: str, root, num_images: int = 3, seed: int = 0) -> Path:
 # ----------------------------------------------------------------------------------------------------------------
 
 def parse_modes(text: str) -> list[tuple[str, str, int]]:
-    """"single,slide24,pretrained" -> [(label, kind, stride)], kind in single | pretrained | slide."""
+    """"single,slide24,slidelogit24,pretrained" -> [(label, kind, stride)], kind in single | pretrained | slide |
+    slidelogit (slideN averages features over windows, slidelogitN cosine logits)."""
     modes = []
     for m in (t.strip() for t in text.split(",")):
+        match = re.fullmatch(r"(slidelogit|slide)(\d*)", m)
         if m in ("single", "pretrained"):
             modes.append((m, m, 0))
-        elif re.fullmatch(r"slide\d*", m):
-            stride = int(m[5:] or 24)
+        elif match:
+            kind, stride = match.group(1), int(match.group(2) or 24)
             if stride <= 0:
                 raise ValueError(f"mode '{m}': the stride must be positive")
-            modes.append((f"slide{stride}", "slide", stride))
+            modes.append((f"{kind}{stride}", kind, stride))
         elif m:
-            raise ValueError(f"unknown mode '{m}'; use single, pretrained or slideN (N = stride in px, e.g. slide24)")
+            raise ValueError(f"unknown mode '{m}'; use single, pretrained, slideN or slidelogitN (N = stride in px, "
+                             f"e.g. slide24)")
     if not modes:
         raise ValueError("no modes given; e.g. --modes single,slide24")
     return modes
@@ -435,21 +479,29 @@ def evaluate_mode(backbone, samples, text, settings: dict, kind: str, stride: in
                      confusion=conf.cpu().tolist())
         save()
 
-    teacher = Teacher(backbone, stride=stride, batch_size=batch_size) if kind == "slide" else None
-    with torch.inference_mode(), autocast(device):                   # warm-up: kernels, allocator, cudnn
+    amp = settings.get("amp", False)
+    slide = kind in ("slide", "slidelogit")
+    teacher = window_teacher(backbone, kind, text, stride, batch_size, amp) if slide else None
+    with torch.inference_mode(), precision_autocast(device, "auto" if amp else "fp32"):   # warm-up: kernels, cudnn
         backbone.dense(backbone.normalize(torch.zeros(1, 3, backbone.window, backbone.window, device=device)))
     loader = torch.utils.data.DataLoader(SampleDataset(samples[done:]), batch_size=None, shuffle=False,
                                          num_workers=num_workers, pin_memory=device.type == "cuda")
     bar = tqdm(loader, total=len(samples), initial=done, desc=desc, unit="img", leave=False)
     try:
-        for image, label, error in bar:
+        for i, (image, label, n_bad, example, error) in enumerate(bar, start=done):
             if error:
                 raise DatasetError(error)
+            if n_bad:                                        # counted, and said once per file, with its name
+                state["out_of_range_pixels"] = state.get("out_of_range_pixels", 0) + int(n_bad)
+                bar.write(f"warning: label '{display_name(samples[i].label)}' has {int(n_bad)} pixel(s) with values "
+                          f"outside the classes (e.g. {int(example)}; only 0..{K - 1} after the dataset's mapping "
+                          f"and 255 are expected); they are ignored.", file=sys.stderr)
             label = label.to(device, non_blocking=True)                                # (H, W) uint8
             image = image.to(device, non_blocking=True)[None].float().div_(255)        # (1, 3, H, W)
-            seg = segment(backbone, image, text, "slide" if kind == "slide" else "single", stride,
+            seg = segment(backbone, image, text, kind if slide else "single", stride,
                           settings["logit_scale"], settings["prob_thd"], settings["short_side"],
-                          settings["long_side"], out_hw=label.shape, teacher=teacher)
+                          settings["long_side"], out_hw=label.shape, teacher=teacher,
+                          area_thd=settings.get("area_thd", 0.0), protocol=settings.get("protocol", "paper"), amp=amp)
             conf += confusion(seg.labels[0], label, K)
             done, seconds = done + 1, seconds + seg.seconds
             if done % save_every == 0 or done == len(samples):
@@ -512,11 +564,19 @@ def build_parser() -> argparse.ArgumentParser:
     add_backbone_args(p, default="siglip2-b16")
     p.add_argument("--checkpoint", help="student.pt from distill.py, used by the 'single' mode")
     p.add_argument("--modes", default="single", help="comma-separated: single (student if --checkpoint, else "
-                   "pre-trained), pretrained (pre-trained single pass), slideN (teacher at stride N px), e.g. "
-                   "single,slide24,slide256 (default: %(default)s)")
+                   "pre-trained), pretrained (pre-trained single pass), slideN (teacher at stride N px, features "
+                   "averaged over windows), slidelogitN (cosine logits averaged over windows), e.g. "
+                   "single,slide24,slidelogit24 (default: %(default)s)")
+    p.add_argument("--protocol", choices=PROTOCOLS, default="paper",
+                   help="paper: the authors' resizes (no-antialias image resize, one logit resize from the model's "
+                        "grid); aligned: ours (antialiased shrinking, logits cropped to the seen pixels)")
+    p.add_argument("--amp", action="store_true", help="bf16/fp16 autocast on GPU (default: fp32, as the authors)")
     p.add_argument("--max-images", type=int, default=None, help="only the first N images of the split")
     p.add_argument("--logit-scale", type=float, default=None, help="override the dataset's (VOC21 65, C60 50, else 40)")
-    p.add_argument("--prob-thd", type=float, default=None, help="override the dataset's (C60 0.1, else 0)")
+    p.add_argument("--prob-thd", type=float, default=None, help="override the (backbone, dataset)'s (C60 0.1; "
+                                                                "clip-b16 VOC21 0.1; else 0)")
+    p.add_argument("--area-thd", type=float, default=None, help="override the (backbone, dataset)'s (clip-b16 VOC21 "
+                                                                "0.1; else 0 = off)")
     p.add_argument("--short-side", type=int, default=None, help="override the resize (672; Cityscapes 1024)")
     p.add_argument("--long-side", type=int, default=None, help="override the maximum long side (2048)")
     p.add_argument("--batch-size", type=int, default=None, help="teacher windows per forward (default: auto)")
@@ -532,12 +592,31 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def fail(msg: str):
+def fail(msg: str, code: int = 2):
     print(f"error: {msg}", file=sys.stderr)
-    sys.exit(2)
+    sys.exit(code)
+
+
+def check_numbers(args):
+    """Counts and sizes that would crash later or silently do nothing useful: one sentence each."""
+    for flag, value, low in (("--batch-size", args.batch_size, 1), ("--save-every", args.save_every, 1),
+                             ("--workers", args.workers, 0), ("--short-side", args.short_side, 0),
+                             ("--long-side", args.long_side, 0)):
+        if value is not None and value < low:
+            raise ValueError(f"{flag} must be at least {low}, got {value}.")
+    for flag, value in (("--prob-thd", args.prob_thd), ("--area-thd", args.area_thd)):
+        if value is not None and not 0 <= value <= 1:
+            raise ValueError(f"{flag} must be between 0 and 1, got {value}.")
 
 
 def main(argv=None):
+    try:
+        run(argv)
+    except KeyboardInterrupt:                              # before or after the per-mode loop: nothing to save
+        fail("interrupted.", 130)
+
+
+def run(argv=None):
     args = build_parser().parse_args(argv)
     spec = DATASETS[args.dataset]
     if args.make_synthetic:
@@ -547,6 +626,8 @@ def main(argv=None):
     if not args.root:
         fail("--root is required (the dataset folder), or use --make-synthetic DIR.")
     try:
+        device = resolve_device(args.device)
+        check_numbers(args)
         modes = parse_modes(args.modes)
         if args.max_images is not None and args.max_images < 1:
             raise ValueError(f"--max-images must be at least 1, got {args.max_images}.")
@@ -555,20 +636,25 @@ def main(argv=None):
         templates = read_templates(args.templates)
         if len(classes) != spec.num_classes:
             raise DatasetError(f"{spec.class_file} has {len(classes)} classes, expected {spec.num_classes}.")
+        overrides = dict(logit_scale=args.logit_scale, prob_thd=args.prob_thd, area_thd=args.area_thd,
+                         short_side=args.short_side, long_side=args.long_side)
         settings = dict(dataset=args.dataset, root=os.path.abspath(args.root), num_images=len(samples),
                         backbone=args.backbone, pretrained=args.pretrained, checkpoint=_file_id(args.checkpoint),
-                        logit_scale=args.logit_scale if args.logit_scale is not None else spec.logit_scale,
-                        prob_thd=args.prob_thd if args.prob_thd is not None else spec.prob_thd,
-                        short_side=args.short_side if args.short_side is not None else spec.short_side,
-                        long_side=args.long_side if args.long_side is not None else spec.long_side,
+                        **settings_for(args.dataset, args.backbone),
+                        protocol=args.protocol, amp=args.amp,
                         templates=hashlib.sha256("\n".join(templates).encode()).hexdigest()[:16])
-        needs_pretrained = any(k in ("slide", "pretrained") for _, k, _ in modes) and args.checkpoint
-        backbone = load_backbone(args.backbone, args.pretrained, args.device, checkpoint=args.checkpoint)
-        base = load_backbone(args.backbone, args.pretrained, args.device) if needs_pretrained else backbone
+        settings.update({k: v for k, v in overrides.items() if v is not None})
+        needs_pretrained = any(k != "single" for _, k, _ in modes) and args.checkpoint
+        backbone = load_backbone(args.backbone, args.pretrained, device, checkpoint=args.checkpoint)
+        base = load_backbone(args.backbone, args.pretrained, device) if needs_pretrained else backbone
+        for label, kind, stride in modes:
+            if kind.startswith("slide") and stride > backbone.window:
+                raise ValueError(f"mode '{label}': the stride must be at most the {backbone.window} px window, "
+                                 f"or some pixels would be seen by no window.")
         text = text_embeddings(backbone, classes, templates, cache_dir_arg(args.text_cache), progress=True)
         if args.dataset == "voc21":                 # line 1 of voc21.txt: 26 "stuff" synonyms for background
             text.names[0] = "background"
-    except (DatasetError, SegmentError, BackboneError, ValueError, OSError) as exc:
+    except (DatasetError, SegmentError, BackboneError, DeviceError, ValueError, OSError) as exc:
         fail(str(exc))
 
     out = Path(args.out) if args.out else default_out(args)
@@ -576,20 +662,24 @@ def main(argv=None):
     if out.is_file() and not args.no_resume:
         try:
             old = json.loads(out.read_text())
-            if old.get("settings") == settings:
-                record["modes"] = old.get("modes", {})
-                print(f"resuming from {out}")
-            else:
-                print(f"note: {out} holds results for other settings; starting over (it will be overwritten).")
         except (OSError, ValueError):
-            pass
+            old = {}
+        if not isinstance(old, dict) or not isinstance(old.get("modes", {}), dict):
+            fail(f"--out '{out}' holds JSON that is not a results file of evaluate.py (a {type(old).__name__}); "
+                 f"give another --out or remove it.")
+        if old.get("settings") == settings:
+            record["modes"] = old.get("modes", {})
+            print(f"resuming from {out}")
+        elif old:
+            print(f"note: {out} holds results for other settings; starting over (it will be overwritten).")
     save = lambda: write_json(out, record)                            # noqa: E731  atomic (files.py)
     workers = args.workers if args.workers is not None else (2 if backbone.device.type == "cuda" else 0)
 
     print(f"{spec.title}: {len(samples)} images, backbone {args.backbone}"
           + (f" + {args.checkpoint}" if args.checkpoint else "")
           + f", logit scale {settings['logit_scale']:g}, prob_thd {settings['prob_thd']:g}, "
-            f"short side {settings['short_side']}, long side {settings['long_side']}")
+            f"area_thd {settings['area_thd']:g}, short side {settings['short_side']}, long side "
+            f"{settings['long_side']}, protocol {args.protocol}, {'amp' if args.amp else 'fp32'}")
     try:
         for label, kind, stride in modes:
             state = record["modes"].setdefault(label, {})
@@ -598,10 +688,10 @@ def main(argv=None):
             model = backbone if kind == "single" else base
             evaluate_mode(model, samples, text, settings, kind, stride, state, save, args.batch_size, workers,
                           args.save_every, desc=label)
-    except (DatasetError, SegmentError, WriteError) as exc:
+    except (DatasetError, SegmentError, TeacherError, WriteError) as exc:
         fail(str(exc))
     except KeyboardInterrupt:
-        fail(f"interrupted; the finished images are saved in {out} and a rerun resumes from there.")
+        fail(f"interrupted; the finished images are saved in {out} and a rerun resumes from there.", 130)
 
     results = {label: record["modes"][label] for label, _, _ in modes}
     print(f"\n{'mode':<12} {'mIoU':>6} {'s/image':>9} {'images':>7}")

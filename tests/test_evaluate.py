@@ -31,6 +31,7 @@ def fast_args(tmp_path):
 # metric
 # --------------------------------------------------------------------------------------------------------------
 
+@pytest.mark.a6
 def test_miou_all_correct_and_all_wrong():
     label = torch.tensor([[0, 1], [2, 2]])
     mean, per_class = miou(confusion(label, label, 4))
@@ -39,6 +40,7 @@ def test_miou_all_correct_and_all_wrong():
     assert mean == 0.0 and per_class.tolist()[:2] == [0.0, 0.0] and np.isnan(per_class[2])
 
 
+@pytest.mark.a6
 def test_miou_hand_computed_with_ignore_and_absent_classes():
     label = torch.tensor([0, 0, 1, 1, 2, 255])
     pred = torch.tensor([0, 1, 1, 1, 0, 2])                       # the 2 on the ignored pixel must not count
@@ -55,6 +57,7 @@ def test_miou_hand_computed_with_ignore_and_absent_classes():
     assert math.isnan(miou(confusion(pred, torch.full_like(label, 255), 4))[0])
 
 
+@pytest.mark.a6
 def test_confusion_accumulates_and_validates():
     g = torch.Generator().manual_seed(0)
     label, pred = torch.randint(0, 5, (2, 30, 40), generator=g), torch.randint(0, 5, (2, 30, 40), generator=g)
@@ -169,7 +172,7 @@ def test_colour_rendered_label_is_rejected(tmp_path):
         evaluate.read_sample(samples[1])
 
 
-@pytest.mark.parametrize("name", list(evaluate.DATASETS))
+@pytest.mark.parametrize("name", ["voc21", "voc20", "context60", "context59", "cityscapes", "ade20k"])
 def test_make_synthetic_is_readable(tmp_path, name):
     evaluate.make_synthetic(name, tmp_path, num_images=2)
     samples = evaluate.dataset_samples(name, tmp_path)
@@ -238,7 +241,7 @@ def test_cli_interrupted_run_resumes_to_the_same_result(tmp_path, fast_args, cap
         m.setattr(evaluate, "segment", interrupt_third)
         with pytest.raises(SystemExit) as exc:
             evaluate.main(args + ["--out", str(part)])
-    assert exc.value.code == 2 and "resumes" in capsys.readouterr().err
+    assert exc.value.code == 130 and "resumes" in capsys.readouterr().err                # Ctrl-C: 130
     assert json.loads(part.read_text())["modes"]["single"]["images_done"] == 2
     evaluate.main(args + ["--out", str(part)])
     a, b = (json.loads(p.read_text())["modes"]["single"] for p in (full, part))
@@ -274,3 +277,125 @@ def test_cli_checkpoint_single_vs_pretrained(tmp_path, fast_args):
     without = json.loads((tmp_path / "b.json").read_text())["modes"]
     assert with_ckpt["pretrained"]["confusion"] == without["single"]["confusion"]  # base weights, text shared
     assert with_ckpt["single"]["confusion"] != without["single"]["confusion"]      # the student's image tower
+
+
+# --------------------------------------------------------------------------------------------------------------
+# the paper's protocol: per-backbone settings, protocols, slide modes, precision
+# --------------------------------------------------------------------------------------------------------------
+
+def test_settings_are_per_backbone_and_dataset():
+    clip, siglip = evaluate.settings_for("voc21", "clip-b16"), evaluate.settings_for("voc21", "siglip2-b16")
+    assert (clip["prob_thd"], clip["area_thd"], clip["logit_scale"]) == (0.1, 0.1, 65.0)      # the authors' OpenCLIP
+    assert (siglip["prob_thd"], siglip["area_thd"], siglip["logit_scale"]) == (0.0, 0.0, 65.0)
+    assert evaluate.settings_for("context60", "clip-b16")["prob_thd"] == 0.1
+    assert evaluate.settings_for("voc20", "clip-b16")["area_thd"] == 0.0                   # VOC21 only
+    assert evaluate.settings_for("cityscapes", "tiny")["short_side"] == 1024
+
+
+def test_cli_passes_settings_protocol_and_precision_to_segment(tmp_path, fast_args, monkeypatch):
+    data = evaluate.make_synthetic("voc21", tmp_path / "voc", num_images=1)
+    monkeypatch.setitem(evaluate.BACKBONE_SETTINGS, ("tiny", "voc21"), dict(prob_thd=0.1, area_thd=0.1))
+    seen, real = [], evaluate.segment
+    monkeypatch.setattr(evaluate, "segment", lambda *a, **k: seen.append((a, k)) or real(*a, **k))
+    args = ["--dataset", "voc21", "--root", str(data), "--modes", "single"] + fast_args
+    evaluate.main(args + ["--out", str(tmp_path / "a.json")])
+    (a, k), = seen
+    assert a[6] == 0.1 and k["area_thd"] == 0.1 and k["protocol"] == "paper" and k["amp"] is False
+    settings = json.loads((tmp_path / "a.json").read_text())["settings"]
+    assert settings["protocol"] == "paper" and settings["amp"] is False and settings["area_thd"] == 0.1
+    seen.clear()
+    evaluate.main(args + ["--protocol", "aligned", "--amp", "--area-thd", "0", "--out", str(tmp_path / "b.json")])
+    (a, k), = seen
+    assert k["area_thd"] == 0.0 and k["protocol"] == "aligned" and k["amp"] is True
+
+
+def test_parse_modes_feature_and_logit_averaging():
+    assert evaluate.parse_modes("slide24,slidelogit48,slidelogit") == [
+        ("slide24", "slide", 24), ("slidelogit48", "slidelogit", 48), ("slidelogit24", "slidelogit", 24)]
+    with pytest.raises(ValueError, match="unknown mode"):
+        evaluate.parse_modes("slidelogits4")
+
+
+@pytest.mark.parametrize("name", ["voc21", "cityscapes"])
+def test_both_protocols_on_the_synthetic_sets(tmp_path, fast_args, capsys, name):
+    """Report paper vs aligned for single / slide / slidelogit (random tiny weights: plumbing, not accuracy)."""
+    data = evaluate.make_synthetic(name, tmp_path / name, num_images=2)
+    res = {}
+    for protocol in evaluate.PROTOCOLS:
+        out = tmp_path / f"{protocol}.json"
+        evaluate.main(["--dataset", name, "--root", str(data), "--modes", "single,slide32,slidelogit32",
+                       "--protocol", protocol, "--out", str(out)] + fast_args)
+        res[protocol] = json.loads(out.read_text())["modes"]
+    capsys.readouterr()
+    with capsys.disabled():
+        print(f"\n{name} (synthetic, random tiny, 2 images) mIoU %: " + "; ".join(
+            f"{m} paper {100 * res['paper'][m]['miou']:.2f} / aligned {100 * res['aligned'][m]['miou']:.2f}"
+            for m in ("single", "slide32", "slidelogit32")))
+    for m in ("single", "slide32", "slidelogit32"):
+        for p in evaluate.PROTOCOLS:
+            assert res[p][m]["images_done"] == 2 and 0 <= res[p][m]["miou"] <= 1
+        assert np.sum(res["paper"][m]["confusion"]) == np.sum(res["aligned"][m]["confusion"])   # same pixels
+    settings = {p: json.loads((tmp_path / f"{p}.json").read_text())["settings"] for p in evaluate.PROTOCOLS}
+    assert settings["paper"]["protocol"] == "paper" and settings["aligned"]["protocol"] == "aligned"
+
+
+# --------------------------------------------------------------------------------------------------------------
+# hostile input: one error line and exit 2 (or a warning), never a traceback
+# --------------------------------------------------------------------------------------------------------------
+
+def test_label_values_outside_the_classes_are_counted_and_named(tmp_path, fast_args, capsys):
+    base = tmp_path / "voc" / "VOCdevkit" / "VOC2012"
+    for stem, value in (("a", 1), ("b", 40)):                       # b.png: 2000 pixels of a value VOC21 lacks
+        write_pair(base / "JPEGImages" / f"{stem}.jpg", base / "SegmentationClass" / f"{stem}.png",
+                   np.full((40, 50), value, np.uint8), palette=True)
+    (base / "ImageSets" / "Segmentation").mkdir(parents=True)
+    (base / "ImageSets" / "Segmentation" / "val.txt").write_text("a\nb\n")
+    root = tmp_path / "voc"
+    n, example = evaluate.out_of_range(np.array([0, 20, 21, 40, 255, 255], np.uint8), evaluate.lut_identity(21))
+    assert (n, example) == (2, 21)
+    assert evaluate.out_of_range(np.array([0, 150, 255], np.uint8), evaluate.lut_reduce_zero(150)) == (0, None)
+    out = tmp_path / "r.json"
+    evaluate.main(["--dataset", "voc21", "--root", str(root), "--out", str(out)] + fast_args)
+    err = capsys.readouterr().err
+    assert "warning" in err and "b.png" in err and "2000 pixel" in err and "a.png" not in err
+    assert json.loads(out.read_text())["modes"]["single"]["out_of_range_pixels"] == 2000
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--device", "cuda:99" if torch.cuda.is_available() else "cuda"], "GPU"),
+    (["--device", "bogus"], "unknown device"),
+    (["--batch-size", "0", "--modes", "slide"], "--batch-size"),
+    (["--modes", "slide4000"], "window"),
+    (["--workers", "-1"], "--workers"),
+    (["--prob-thd", "2"], "--prob-thd"),
+])
+def test_cli_bad_numbers_and_devices(tmp_path, fast_args, capsys, extra, message):
+    data = evaluate.make_synthetic("voc20", tmp_path / "voc", num_images=1)
+    with pytest.raises(SystemExit) as exc:
+        evaluate.main(["--dataset", "voc20", "--root", str(data), "--out", str(tmp_path / "r.json")]
+                      + fast_args + extra)
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and message in err and err.count("error:") == 1 and "Traceback" not in err
+    assert not (tmp_path / "r.json").exists()
+
+
+def test_cli_results_json_of_the_wrong_shape_is_refused(tmp_path, fast_args, capsys):
+    data = evaluate.make_synthetic("voc20", tmp_path / "voc", num_images=1)
+    out = tmp_path / "r.json"
+    out.write_text("[1, 2, 3]")
+    with pytest.raises(SystemExit) as exc:
+        evaluate.main(["--dataset", "voc20", "--root", str(data), "--out", str(out)] + fast_args)
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "not a results file" in err and "Traceback" not in err
+    assert out.read_text() == "[1, 2, 3]"                                             # nothing overwritten
+
+
+def test_ctrl_c_while_loading_exits_130(tmp_path, fast_args, capsys, monkeypatch):
+    data = evaluate.make_synthetic("voc20", tmp_path / "voc", num_images=1)
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(evaluate, "load_backbone", interrupted)
+    with pytest.raises(SystemExit) as exc:
+        evaluate.main(["--dataset", "voc20", "--root", str(data)] + fast_args)
+    assert exc.value.code == 130 and "interrupted" in capsys.readouterr().err
