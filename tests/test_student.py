@@ -1,5 +1,6 @@
 """Backbones, position-embedding resize (E3) and the dense heads, checked against independent formulations."""
 import os
+import re
 import subprocess
 import sys
 
@@ -305,3 +306,92 @@ def test_student_cli_prints_shapes():
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert "(1, 4, 6, 128)" in proc.stdout
+
+
+# ---------------------------------------------------------------- the authors' released checkpoints (issue 12)
+
+def save_authors_pth(state: dict, path) -> str:
+    """Fabricate the authors' released .pth: their wrapper's state dict, the open_clip keys prefixed 'model.'."""
+    torch.save({"model." + k: v for k, v in state.items()}, path)
+    return str(path)
+
+
+def save_authors_ckpt(state: dict, path) -> str:
+    """Fabricate the authors' Lightning .ckpt: 'segmentor.net.model.' keys plus training state that is ignored."""
+    torch.save({"state_dict": {"segmentor.net.model." + k: v for k, v in state.items()}, "epoch": 9,
+                "global_step": 123, "optimizer_states": [{"state": {}, "param_groups": [{"lr": 2e-5}]}]}, path)
+    return str(path)
+
+
+def _save_authors_formats(state: dict, folder) -> tuple[str, str]:
+    return save_authors_pth(state, folder / "spar.pth"), save_authors_ckpt(state, folder / "spar.ckpt")
+
+
+@pytest.mark.parametrize("fixture", ["clip_b16", "siglip2_b16"])
+def test_authors_checkpoints_load_exactly(request, tmp_path, fixture):
+    # fp16 (as released weights often are), and the .ckpt holds the negated weights: every load must change the
+    # model, so a load that did nothing cannot pass.  The fixture keeps the loaded (still random) weights.
+    bb = request.getfixturevalue(fixture)
+    state = bb.model.state_dict()
+    half = {k: v.half() for k, v in state.items()}
+    negated = {k: -v for k, v in half.items()}
+    files = (save_authors_pth(half, tmp_path / "spar.pth"), save_authors_ckpt(negated, tmp_path / "spar.ckpt"))
+    for path, saved in zip(files, (half, negated)):
+        assert load_checkpoint(bb, path) == {}
+        got = bb.model.state_dict()
+        assert list(got) == list(saved) and len(got) > 300                  # image AND text tower
+        for k, v in saved.items():
+            assert torch.equal(got[k], v.float()), k
+
+
+def test_authors_checkpoint_for_another_architecture_is_refused_in_one_sentence(tmp_path, clip_b16, siglip2_b16):
+    pth, ckpt = _save_authors_formats({k: v.half() for k, v in clip_b16.model.state_dict().items()}, tmp_path)
+    before = siglip2_b16.model.visual.trunk.pos_embed.clone()
+    for path, name in ((pth, r"authors' released \.pth"), (ckpt, r"authors' Lightning \.ckpt")):
+        with pytest.raises(BackboneError) as err:
+            load_checkpoint(siglip2_b16, path)
+        msg = str(err.value)
+        assert re.search(name + r".*does not fit siglip2-b16.*missing keys \(.*unexpected keys \(", msg), msg
+        assert "it looks like a clip-b16 file, pass --backbone clip-b16" in msg and "\n" not in msg
+    assert torch.equal(siglip2_b16.model.visual.trunk.pos_embed, before)
+    truncated = tmp_path / "truncated.pth"
+    truncated.write_bytes(open(pth, "rb").read(1 << 20))
+    with pytest.raises(BackboneError, match=r"cannot read checkpoint .*truncated") as err:
+        load_checkpoint(clip_b16, str(truncated))
+    assert "\n" not in str(err.value)
+
+
+def test_authors_checkpoint_is_strict_and_never_loaded_partially(tmp_path, tiny):
+    good = {k: v + 1 for k, v in tiny.model.state_dict().items()}
+    before = {k: v.clone() for k, v in tiny.model.state_dict().items()}
+    broken = dict(good)
+    del broken["visual.trunk.blocks.0.norm1.weight"]
+    broken["visual.trunk.pos_embed"] = torch.zeros(1, 65, 128)
+    pth = save_authors_pth(broken, tmp_path / "broken.pth")
+    with pytest.raises(BackboneError, match=r"1 missing keys \(visual.trunk.blocks.0.norm1.weight\); 1 with another "
+                                            r"shape \(file vs model: visual.trunk.pos_embed \(1, 65, 128\) vs"):
+        load_checkpoint(tiny, pth)
+    # a key of the wrapper that is not the model's is unexpected; a Lightning module's other entries are ignored
+    ckpt = tmp_path / "extra.ckpt"
+    extra = {"segmentor.net.model." + k: v for k, v in good.items()}
+    torch.save({"state_dict": {**extra, "teacher.model.x": torch.zeros(1)}}, ckpt)
+    assert load_checkpoint(load_backbone("tiny"), str(ckpt)) == {}
+    torch.save({"state_dict": {**extra, "segmentor.net.head.w": torch.zeros(1)}}, ckpt)
+    with pytest.raises(BackboneError, match=r"Lightning \.ckpt.*1 unexpected keys \(segmentor.net.head.w\)"):
+        load_checkpoint(tiny, str(ckpt))
+    torch.save({k: v for k, v in good.items()}, ckpt)
+    with pytest.raises(BackboneError, match=r"plain state dict without the authors' 'model\.' prefix.*--pretrained"):
+        load_checkpoint(tiny, str(ckpt))
+    for k, v in tiny.model.state_dict().items():                  # nothing of the refused files was assigned
+        assert torch.equal(v, before[k]), k
+    # and through load_backbone, like every CLI's --checkpoint
+    restored = load_backbone("tiny", pretrained=None, checkpoint=save_authors_ckpt(good, tmp_path / "good.ckpt"))
+    assert all(torch.equal(restored.model.state_dict()[k], v) for k, v in good.items())
+
+
+def test_tiny_weights_file_round_trip(tmp_path):
+    # the miniature experiment saves tiny's whole state dict and loads it with --pretrained PATH
+    weights = {k: v * 2 for k, v in load_backbone("tiny").model.state_dict().items()}
+    torch.save(weights, tmp_path / "tiny.pt")
+    loaded = load_backbone("tiny", pretrained=str(tmp_path / "tiny.pt")).model.state_dict()
+    assert all(torch.equal(loaded[k], v) for k, v in weights.items())
