@@ -69,8 +69,12 @@ class Region:
 
     def message(self) -> str:
         """The NotImplementedError text of the stub (the CI check looks for it)."""
-        where = f"see {self.ref} in the paper and assignments/a{self.n}.md" if self.ref else \
-            f"see assignments/a{self.n}.md"
+        if self.ref is None:
+            where = f"see assignments/a{self.n}.md"
+        elif self.ref.startswith("(E"):
+            where = f"see {self.ref} in the paper and assignments/a{self.n}.md"
+        else:
+            where = f"see {self.ref[1:-1]} of the paper and assignments/a{self.n}.md"
         return f"Assignment {self.n}: {self.what} -- {where}"
 
 
@@ -255,7 +259,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     try:
         if args.list:
-            for r in all_regions():
+            for r in sorted(all_regions(), key=lambda r: (r.n, r.k)):
                 print(f"{r.label:>5}  {r.path}:{r.begin + 1}-{r.end + 1}  {r.message()}")
             return
         if not args.out:
