@@ -46,8 +46,8 @@ import torch
 from files import DeviceError, WriteError, display_name, resolve_device, write_json
 from segment import (HERE, PROTOCOLS, SegmentError, cache_dir_arg, read_class_file, read_templates, segment,
                      text_embeddings, window_teacher)
-from student import BackboneError, add_backbone_args, load_backbone
-from teacher import TeacherError, precision_autocast
+from student import BackboneError, add_backbone_args, autocast, load_backbone
+from teacher import TeacherError
 
 IGNORE = 255
 
@@ -482,7 +482,7 @@ def evaluate_mode(backbone, samples, text, settings: dict, kind: str, stride: in
     amp = settings.get("amp", False)
     slide = kind in ("slide", "slidelogit")
     teacher = window_teacher(backbone, kind, text, stride, batch_size, amp) if slide else None
-    with torch.inference_mode(), precision_autocast(device, "auto" if amp else "fp32"):   # warm-up: kernels, cudnn
+    with torch.inference_mode(), autocast(device, "auto" if amp else "fp32"):   # warm-up: kernels, cudnn
         backbone.dense(backbone.normalize(torch.zeros(1, 3, backbone.window, backbone.window, device=device)))
     loader = torch.utils.data.DataLoader(SampleDataset(samples[done:]), batch_size=None, shuffle=False,
                                          num_workers=num_workers, pin_memory=device.type == "cuda")

@@ -54,8 +54,8 @@ import torch.nn.functional as F
 
 from files import (DeviceError, ImageError, WriteError, atomic_write, display_name, load_image, resolve_device,
                    save_torch)
-from student import Backbone, BackboneError, add_backbone_args, load_backbone, synchronize
-from teacher import Teacher, TeacherError, precision_autocast
+from student import Backbone, BackboneError, add_backbone_args, autocast, load_backbone, synchronize
+from teacher import Teacher, TeacherError
 
 MODES = ("single", "slide", "slidelogit")
 PROTOCOLS = ("paper", "aligned")
@@ -289,7 +289,7 @@ def dense_features(backbone: Backbone, x: torch.Tensor, mode: str = "single", st
     fp32 unless `amp` (then bf16/fp16 autocast on GPU; a given `teacher` keeps its own precision).
     """
     if mode == "single":
-        with torch.inference_mode(), precision_autocast(x.device, "auto" if amp else "fp32"):
+        with torch.inference_mode(), autocast(x.device, "auto" if amp else "fp32"):
             return backbone.dense(x).float()
     if mode == "slide":
         if teacher is None:

@@ -25,8 +25,6 @@ Run `python teacher.py --backbone tiny --image photo.jpg` to compare teacher and
 from __future__ import annotations
 
 import argparse
-import contextlib
-import inspect
 import math
 import sys
 import time
@@ -38,25 +36,12 @@ from tqdm import tqdm
 
 from files import DeviceError, ImageError, load_image, parse_size, resolve_device
 from stitch import Stitcher, sub_patch_factor, window_starts
-from student import (Backbone, BackboneError, add_backbone_args, autocast, load_backbone, pad_to_multiple,
-                     synchronize)
-
-PRECISIONS = ("auto", "fp32", "fp16", "bf16")
+from student import (PRECISIONS, Backbone, BackboneError, add_backbone_args, autocast, load_backbone,
+                     pad_to_multiple, synchronize)
 
 
 class TeacherError(ValueError):
     """Bad teacher settings (stride, window, batch size, precision). The message is one sentence."""
-
-
-def precision_autocast(device, precision: str = "auto"):
-    """The autocast context of a precision: fp32 -> none; auto/fp16/bf16 -> `student.autocast(device, precision)`."""
-    if precision not in PRECISIONS:
-        raise TeacherError(f"unknown precision '{precision}'; use one of {', '.join(PRECISIONS)}.")
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    if "precision" in inspect.signature(autocast).parameters:
-        return autocast(device, precision)
-    return autocast(device)            # older student.autocast: "auto" behaviour (bf16 if supported, else fp16)
 
 
 def fit_to_grid(backbone, x: torch.Tensor) -> torch.Tensor:
@@ -121,7 +106,8 @@ class Teacher(nn.Module):
             raise TeacherError(f"the stride must be between 1 and the {self.window} px window, got {stride}.")
         if batch_size is not None and batch_size < 1:
             raise TeacherError(f"the batch size must be at least 1 window, got {batch_size}.")
-        precision_autocast("cpu", precision)                                # validates the name
+        if precision not in PRECISIONS:
+            raise TeacherError(f"unknown precision '{precision}'; use one of {', '.join(PRECISIONS)}.")
         self.r = sub_patch_factor(stride, p)
 
     def windows(self, H: int, W: int) -> tuple[int, int, list[int], list[int]]:
@@ -160,7 +146,7 @@ class Teacher(nn.Module):
         for i in tqdm(starts, desc=f"teacher: {n} windows", unit="batch", disable=not self.progress, leave=False):
             b, y0, x0 = b_idx[i:i + batch], y_idx[i:i + batch], x_idx[i:i + batch]
             crops = crop_windows(x, b, y0, x0, K)                           # (n_b, 3, K, K)
-            with precision_autocast(device, self.precision):
+            with autocast(device, self.precision):
                 feats = self.backbone.dense(crops)                          # (n_b, k, k, C)
             if self.head is not None:
                 feats = self.head(feats.float())                            # (n_b, k, k, D), e.g. cosine logits
@@ -198,7 +184,7 @@ def main(argv=None):
           f"image {H}x{W}, grid {backbone.grid_size(H, W)}")
     print(f"stride {args.stride}: {teacher.num_windows(H, W)} windows, sub-patch factor r={teacher.r}")
 
-    with torch.inference_mode(), precision_autocast(device, args.precision):
+    with torch.inference_mode(), autocast(device, args.precision):
         backbone.dense(x)                                                   # warm-up
         synchronize(device)
         t0 = time.perf_counter()

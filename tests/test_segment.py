@@ -230,13 +230,13 @@ def test_segment_runs_fp32_unless_amp(tiny, tmp_path, monkeypatch):
     the teacher alike."""
     import teacher as teacher_mod
     asked = []
-    real = teacher_mod.precision_autocast
+    real = teacher_mod.autocast
 
     def spy(device, precision="auto"):
         asked.append(precision)
         return real(device, precision)
-    monkeypatch.setattr(teacher_mod, "precision_autocast", spy)
-    monkeypatch.setattr(segment, "precision_autocast", spy)
+    monkeypatch.setattr(teacher_mod, "autocast", spy)
+    monkeypatch.setattr(segment, "autocast", spy)
     text = segment.text_embeddings(tiny, [["a"], ["b"]], TEMPLATES, cache_dir=tmp_path)
     image = torch.rand(1, 3, 40, 40)
     for mode in ("single", "slide", "slidelogit"):

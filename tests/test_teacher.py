@@ -9,8 +9,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from student import load_backbone, pad_to_multiple
-from teacher import Teacher
+from student import Backbone, load_backbone, pad_to_multiple
+from teacher import Teacher, TeacherError
 from tests.reference import bilinear_resize, teacher_reference
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -153,3 +153,55 @@ def test_teacher_cli_reports_grid_windows_and_agreement(tmp_path):
     proc = subprocess.run([sys.executable, "teacher.py", "--backbone", "tiny", "--image", str(bad)], cwd=ROOT,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0 and "cannot read image" in proc.stderr and "Traceback" not in proc.stderr
+
+
+class FloorPatchMeanBackbone(PatchMeanBackbone):
+    """PatchMeanBackbone with OpenCLIP's grid rule, through the real `Backbone.grid_size` / `fit_to_grid`: the
+    floor grid, the last < p rows/columns cropped away."""
+    grid_rule = "floor"
+    grid_size = Backbone.grid_size
+    fit_to_grid = Backbone.fit_to_grid
+
+    def dense(self, x):
+        return F.avg_pool2d(self.fit_to_grid(x), 16).permute(0, 2, 3, 1)
+
+
+@pytest.mark.parametrize("H,W,stride", [(100, 150, 16), (77, 141, 32), (40, 70, 48)])
+def test_teacher_follows_a_floor_grid(H, W, stride):
+    """A floor-grid backbone: the windows cover the cropped image, the output is on the floor grid, and with
+    patch-aligned windows it equals the single pass exactly; the ceil-grid teacher differs in shape."""
+    bb = FloorPatchMeanBackbone()
+    x = torch.randn(1, 3, H, W, generator=torch.Generator().manual_seed(0))
+    out = Teacher(bb, stride=stride)(x)
+    assert out.shape == (1, H // 16, W // 16, 3)
+    assert torch.allclose(out, bb.dense(x), atol=1e-6)
+    assert Teacher(PatchMeanBackbone(), stride=stride)(x).shape[1:3] == (-(-H // 16), -(-W // 16))
+
+
+def test_teacher_precision_head_and_bad_settings(tiny):
+    x = tiny.normalize(torch.rand(1, 3, 150, 170, generator=torch.Generator().manual_seed(2)))
+    feats = Teacher(tiny, stride=48, precision="fp32")(x)
+    assert torch.equal(Teacher(tiny, stride=48, precision="fp16")(x), feats)          # CPU: always fp32
+    summed = Teacher(tiny, stride=48, head=lambda f: f.sum(-1, keepdim=True))(x)      # head before stitching
+    assert summed.shape == (1, 10, 11, 1) and torch.allclose(summed[..., 0], feats.sum(-1), atol=1e-4)
+    for kwargs, message in (({"precision": "fp8"}, "precision"), ({"stride": 0}, "stride"),
+                            ({"stride": 129}, "stride"), ({"batch_size": 0}, "batch size")):
+        with pytest.raises(TeacherError, match=message):
+            Teacher(tiny, **kwargs)
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--device", "cuda:99" if torch.cuda.is_available() else "cuda"], "GPU"),
+    (["--device", "bogus"], "unknown device"),
+    (["--stride", "0"], "stride"),
+    (["--stride", "1000"], "stride"),
+    (["--size", "abc"], "--size"),
+    (["--size", "0x0"], "--size"),
+    (["--batch-size", "-1"], "batch size"),
+])
+def test_teacher_cli_bad_arguments_one_line(capsys, extra, message):
+    from teacher import main
+    with pytest.raises(SystemExit) as exc:
+        main(["--backbone", "tiny", "--pretrained", "none"] + extra)
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and message in err and err.count("error:") == 1 and "Traceback" not in err
