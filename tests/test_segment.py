@@ -371,3 +371,61 @@ def test_cli_errors_are_one_sentence(tmp_path, template_file, capsys):
         segment.main([str(tiny_img), "--classes", "a", "--short-side", "0"] + base)
     assert exc.value.code == 2 and "smaller than one" in capsys.readouterr().err
     assert not os.path.exists(tmp_path / "x.png")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# hostile input: one error line and exit 2 BEFORE any work, or success
+# --------------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("extra, message", [
+    (["--out", "{tmp}/x.jpg"], "must end in .png"),
+    (["--out", "{tmp}/noext"], "must end in .png"),
+    (["--out", "{tmp}/afile/x.png"], "which is a file"),
+    (["--device", "cuda:99" if torch.cuda.is_available() else "cuda"], "GPU"),
+    (["--device", "bogus"], "unknown device"),
+    (["--short-side", "-5"], "--short-side"),
+    (["--batch-size", "0", "--mode", "slide"], "--batch-size"),
+    (["--classes", "cat, cat, dog"], "given for two classes"),
+    (["--classes", "cat; dog, Cat"], "given for two classes"),
+])
+def test_cli_bad_arguments_fail_before_any_work(tmp_path, template_file, capsys, monkeypatch, extra, message):
+    (tmp_path / "afile").write_text("a file, not a folder")
+    monkeypatch.setattr(segment, "load_backbone", lambda *a, **k: pytest.fail("loaded a model for bad input"))
+    args = [str(ROOT / "assets" / "coffee.jpg"), "--backbone", "tiny", "--templates", template_file,
+            "--text-cache", "none", "--classes", "a, b", "--out", str(tmp_path / "x.png")]
+    with pytest.raises(SystemExit) as exc:
+        segment.main(args + [e.format(tmp=tmp_path) for e in extra])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and message in err and err.count("error:") == 1 and "Traceback" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "templates.txt"]     # nothing written
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--short-side", "3"], "smaller than one 16 px patch"),               # would run at 3 x 3: 100 % one class
+    (["--mode", "slide", "--stride", "500"], "window"),                    # > K: pixels no window sees
+    (["--mode", "slidelogit", "--stride", "500"], "window"),
+])
+def test_cli_sizes_that_give_silently_wrong_results_are_refused(tmp_path, template_file, capsys, extra, message):
+    out = tmp_path / "x.png"
+    with pytest.raises(SystemExit) as exc:
+        segment.main([str(ROOT / "assets" / "coffee.jpg"), "--backbone", "tiny", "--templates", template_file,
+                      "--text-cache", "none", "--classes", "a, b", "--out", str(out)] + extra)
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and message in err and err.count("error:") == 1 and "Traceback" not in err
+    assert not out.exists()
+
+
+def test_cli_non_utf8_image_name_writes_mask_and_overlay(tmp_path, template_file, capsys):
+    name = os.fsdecode(b"caf\xe9 \xff.png")                                     # Latin-1 bytes, not UTF-8
+    img = tmp_path / name
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 60, 3), dtype=np.uint8)).save(img)
+    out = tmp_path / os.fsdecode(b"m\xe9.png")
+    segment.main([str(img), "--backbone", "tiny", "--templates", template_file, "--text-cache", "none",
+                  "--classes", "a, b", "--short-side", "0", "--mode", "slidelogit", "--stride", "32",
+                  "--out", str(out)])
+    stdout = capsys.readouterr().out
+    with Image.open(out) as mask:
+        assert mask.size == (60, 40) and mask.mode == "P"
+    assert segment.overlay_path(out).is_file()
+    assert "\ufffd" in stdout and "mode slidelogit, stride 32" in stdout
+    assert not [p for p in tmp_path.iterdir() if ".tmp." in p.name]                   # atomic: no leftovers
