@@ -269,3 +269,84 @@ def test_a6_miou_matches_a_loop():
     expected = np.nanmean(iou)
     assert mean == pytest.approx(expected), f"mean IoU over classes with a non-empty union: expected {expected}, " \
                                             f"got {mean}"
+
+
+# ---------------------------------------------------------------- assignment 5: the distillation step (E4)
+
+def _used_by_dense(backbone, x) -> set[str]:
+    """Reference for "the parameters the dense path uses": perturb each image-tower parameter alone and see
+    whether the dense features move (a loop over parameters, no autograd)."""
+    used = set()
+    with torch.no_grad():
+        base = backbone.dense(x)
+        for name, prm in backbone.image_tower().named_parameters():
+            saved = prm.detach().clone()
+            prm.add_(torch.randn_like(prm) * 0.1 + 0.1)
+            if not torch.equal(backbone.dense(x), base):
+                used.add(name)
+            prm.copy_(saved)
+    return used
+
+
+@pytest.fixture(scope="module")
+def used_by_dense(tiny):
+    return _used_by_dense(tiny, tiny.normalize(torch.rand(1, 3, 64, 96, generator=torch.Generator().manual_seed(0))))
+
+
+@pytest.mark.a5
+@pytest.mark.parametrize("parts,prefixes", [(["blk_-1", "blk_-2"], ("trunk.blocks.2.", "trunk.blocks.3.")),
+                                            (["blk_0"], ("trunk.blocks.0.",)),
+                                            (["all"], ("",))])
+def test_a5_select_trainable_unfreezes_exactly_what_is_named_and_used(tiny, used_by_dense, parts, prefixes):
+    import distill
+    used = used_by_dense
+    expected = {n for n, _ in tiny.image_tower().named_parameters() if n.startswith(prefixes) and n in used}
+    try:
+        names = distill.select_trainable(tiny, parts)
+        got = {n for n, p in tiny.image_tower().named_parameters() if p.requires_grad}
+        others = [n for n, p in tiny.model.named_parameters() if p.requires_grad and not n.startswith("visual.")]
+        leftover = [n for n, p in tiny.model.named_parameters() if p.grad is not None]
+    finally:
+        tiny.requires_grad_(False)
+        tiny.zero_grad(set_to_none=True)
+    assert set(names) == got, (f"select_trainable({parts}) must return the names (relative to image_tower()) of "
+                               f"exactly the parameters it left trainable; returned but frozen: "
+                               f"{sorted(set(names) - got)[:5]}, trainable but not returned: {sorted(got - set(names))[:5]}")
+    assert got == expected, (f"select_trainable({parts}): missing {sorted(expected - got)[:5]}, should stay frozen "
+                             f"{sorted(got - expected)[:5]} (a parameter the dense features never use gets no "
+                             f"gradient and must stay frozen)")
+    assert not others, f"the text tower must stay frozen, but these are trainable: {others[:5]}"
+    assert not leftover, f"select_trainable must not leave gradients behind: {leftover[:5]}"
+
+
+@pytest.mark.a5
+@pytest.mark.parametrize("H,W", [(128, 128), (96, 160)])
+def test_a5_image_loss_is_the_mse_of_raw_features(tiny, H, W):
+    # (E4): L = ||F_S - F_T||^2 / (h w C) with F_S the single pass on the stored uint8 image, checked with a loop
+    # over the elements, and its gradient must reach the trainable blocks.
+    import distill
+    g = torch.Generator().manual_seed(H + W)
+    img = torch.randint(0, 256, (3, H, W), dtype=torch.uint8, generator=g)
+    h, w = math.ceil(H / P), math.ceil(W / P)
+    target = torch.randn(h, w, tiny.dim, generator=g) * 0.1
+    with torch.no_grad():
+        feats = tiny.dense(tiny.normalize(img[None].float() / 255.0))[0].double().numpy()
+    t = target.double().numpy()
+    total = 0.0
+    for i in range(h):
+        for j in range(w):
+            total += float(((feats[i, j] - t[i, j]) ** 2).sum())
+    expected = total / (h * w * tiny.dim)
+    last = tiny.blocks[-1]
+    last.requires_grad_(True)
+    try:
+        loss = distill.image_loss(tiny, img, target, tiny, torch.device("cpu"), "fp32")
+        assert loss.dim() == 0, f"image_loss must return a scalar, got shape {tuple(loss.shape)}"
+        assert loss.item() == pytest.approx(expected, rel=1e-5), \
+            f"image_loss on a {H}x{W} image ({h}x{w} patches, C={tiny.dim}): expected MSE {expected:.6g}, got {loss.item():.6g}"
+        loss.backward()
+        missing = [n for n, p in last.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+        assert not missing, f"the loss must be differentiable w.r.t. the trainable blocks; no gradient for {missing[:3]}"
+    finally:
+        tiny.requires_grad_(False)
+        tiny.zero_grad(set_to_none=True)
