@@ -27,7 +27,6 @@ too (slowly; the large teachers are then extrapolated).
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import platform
 import statistics
@@ -37,6 +36,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from files import DeviceError, WriteError, atomic_write, check_writable, parse_size, resolve_device, write_json
 from student import BACKBONES, autocast, load_backbone_or_exit, synchronize
 from teacher import Teacher, default_batch_size
 
@@ -424,11 +424,28 @@ def cpu_name() -> str:
         return platform.processor() or platform.machine()
 
 
-def parse_sizes(text: str) -> list[tuple[int, int]]:
+def parse_sizes(text: str, flag: str = "--sizes") -> list[tuple[int, int]]:
+    """'512x512,1024x2048' -> [(512, 512), (1024, 2048)]; ValueError with one sentence otherwise."""
+    sizes = [parse_size(s, f"each size in {flag}") for s in text.split(",") if s.strip()]
+    if not sizes:
+        raise ValueError(f"{flag} wants HxW[,HxW...], got '{text}'.")
+    return sizes
+
+
+def parse_strides(text: str) -> list[int]:
+    """'128,48,24' -> [128, 48, 24], each a positive integer (<= K is checked once the backbone is known)."""
     try:
-        return [tuple(int(v) for v in s.lower().split("x")) for s in text.split(",") if s]
+        strides = [int(s) for s in text.split(",") if s.strip()]
     except ValueError:
-        raise SystemExit(f"error: --sizes/--train-size want HxW[,HxW...], got '{text}'")
+        raise ValueError(f"--strides wants positive integers like 128,48,24, got '{text}'.") from None
+    if not strides or min(strides) < 1:
+        raise ValueError(f"--strides wants positive integers like 128,48,24, got '{text}'.")
+    return strides
+
+
+def fail(msg: str):
+    print(f"error: {msg}", file=sys.stderr)
+    sys.exit(2)
 
 
 def build_parser(device_default: str) -> argparse.ArgumentParser:
@@ -476,19 +493,23 @@ def main(argv=None):
     dev_default = "cuda" if torch.cuda.is_available() else "cpu"
     device = build_parser(dev_default).parse_known_args(argv)[0].device
     args = build_parser(device).parse_args(argv)
-    d = DEFAULTS["cuda" if torch.device(args.device).type == "cuda" else "cpu"]
-    for k, v in d.items():
-        if getattr(args, k) is None:
-            setattr(args, k, v)
-    if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
-        print(f"error: --device {args.device} asked for, but torch sees no CUDA GPU here; use --device cpu.",
-              file=sys.stderr)
-        sys.exit(2)
+    try:
+        d = DEFAULTS["cuda" if resolve_device(args.device).type == "cuda" else "cpu"]
+        for k, v in d.items():
+            if getattr(args, k) is None:
+                setattr(args, k, v)
+        sizes, strides = parse_sizes(args.sizes), parse_strides(args.strides)
+        train_size = parse_sizes(args.train_size, "--train-size")[0]
+        for path in (args.json, args.markdown):
+            if path:
+                check_writable(path)                        # before the minutes of measuring, not after
+    except (DeviceError, ValueError, WriteError) as exc:
+        fail(str(exc))
     if args.threads:
         torch.set_num_threads(args.threads)
-    sizes, strides = parse_sizes(args.sizes), [int(s) for s in args.strides.split(",") if s]
-    train_size = parse_sizes(args.train_size)[0]
     backbone = load_backbone_or_exit(args)
+    if max(strides) > backbone.window and not args.no_teacher:
+        fail(f"--strides must be at most the {backbone.window} px window of {backbone.name}, got {max(strides)}.")
     ref = bare_trunk(backbone)
     dev = backbone.device
     cuda = dev.type == "cuda"
@@ -536,12 +557,13 @@ def report(rows, meta, args, seconds, final: bool) -> dict:
             ("" if final else " (INCOMPLETE: the run stopped here)") + "\n")
     if final:
         print("\n" + text, flush=True)
-    if args.markdown:
-        with open(args.markdown, "w") as f:
-            f.write(text)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(dict(meta=meta, rows=rows, targets=checks), f, indent=1)
+    try:
+        if args.markdown:
+            atomic_write(args.markdown, lambda f: f.write(text.encode()))
+        if args.json:
+            write_json(args.json, dict(meta=meta, rows=rows, targets=checks))
+    except WriteError as exc:
+        fail(str(exc))
     return dict(meta=meta, rows=rows, targets=checks)
 
 if __name__ == "__main__":

@@ -43,7 +43,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from files import DeviceError, WriteError, display_name, resolve_device, write_json
+from files import DeviceError, WriteError, check_writable, display_name, resolve_device, write_json
 from segment import (HERE, PROTOCOLS, SegmentError, cache_dir_arg, read_class_file, read_templates, segment,
                      text_embeddings, window_teacher)
 from student import BackboneError, add_backbone_args, autocast, load_backbone
@@ -628,6 +628,7 @@ def run(argv=None):
     try:
         device = resolve_device(args.device)
         check_numbers(args)
+        check_writable(Path(args.out) if args.out else default_out(args))          # before any work
         modes = parse_modes(args.modes)
         if args.max_images is not None and args.max_images < 1:
             raise ValueError(f"--max-images must be at least 1, got {args.max_images}.")
@@ -654,7 +655,7 @@ def run(argv=None):
         text = text_embeddings(backbone, classes, templates, cache_dir_arg(args.text_cache), progress=True)
         if args.dataset == "voc21":                 # line 1 of voc21.txt: 26 "stuff" synonyms for background
             text.names[0] = "background"
-    except (DatasetError, SegmentError, BackboneError, DeviceError, ValueError, OSError) as exc:
+    except (DatasetError, SegmentError, BackboneError, DeviceError, WriteError, ValueError, OSError) as exc:
         fail(str(exc))
 
     out = Path(args.out) if args.out else default_out(args)

@@ -145,9 +145,9 @@ def load_image(path: str, max_side: int | None = None) -> torch.Tensor:
 def atomic_write(path: str | os.PathLike, write) -> None:
     """Write through `write(fileobj)` to a temp file, fsync, then rename: readers see the old file or the new one."""
     path = os.fspath(path)
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     tmp = f"{path}{TEMP_MARK}{os.getpid()}"
     try:
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)       # inside: a file in the way is a WriteError
         with open(tmp, "wb") as f:
             write(f)
             f.flush()
@@ -160,12 +160,34 @@ def atomic_write(path: str | os.PathLike, write) -> None:
             raise WriteError(f"no space left on the device while writing '{path}'; free some space and run the "
                              f"same command again (finished work is kept).") from exc
         if isinstance(exc, OSError):
-            raise WriteError(f"cannot write '{path}' ({exc.strerror or exc}); check the output folder.") from exc
+            raise WriteError(f"cannot write '{display_name(path)}' ({_reason(exc)}); check the output folder.") from exc
         if isinstance(exc, RuntimeError):         # torch.save's zip writer reports a full disk this way, at close
             reason = str(exc).strip().splitlines()[-1][:160] if str(exc).strip() else "RuntimeError"
             raise WriteError(f"cannot write '{path}' ({reason}); check the free space and permissions of the "
                              f"output folder, then run the same command again (finished work is kept).") from exc
         raise
+
+
+def check_writable(path: str | os.PathLike) -> None:
+    """Fail early, in one sentence (WriteError), when `path` cannot be written: create its folder and a temp file
+    beside it, then remove the temp file.  CLIs call this before the work, not after it."""
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        raise WriteError(f"cannot write '{display_name(path)}': it is a folder; give a file name.")
+    probe = f"{path}{TEMP_MARK}{os.getpid()}"
+    try:
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        with open(probe, "wb"):
+            pass
+        os.remove(probe)
+    except OSError as exc:
+        raise WriteError(f"cannot write '{display_name(path)}' ({_reason(exc)}); check the output folder.") from exc
+
+
+def _reason(exc: OSError) -> str:
+    if exc.errno in (errno.EEXIST, errno.ENOTDIR):           # makedirs / open under a path that is a file
+        return "a file stands where a folder is needed"
+    return exc.strerror or str(exc)
 
 
 def write_json(path: str | os.PathLike, obj) -> None:

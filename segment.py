@@ -52,8 +52,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from files import (DeviceError, ImageError, WriteError, atomic_write, display_name, load_image, resolve_device,
-                   save_torch)
+from files import (DeviceError, ImageError, WriteError, atomic_write, check_writable, display_name, load_image,
+                   resolve_device, save_torch)
 from student import Backbone, BackboneError, add_backbone_args, autocast, load_backbone, synchronize
 from teacher import Teacher, TeacherError
 
@@ -518,23 +518,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def check_out(out: Path):
-    """Refuse an output the mask cannot be written to BEFORE any work: not .png, a folder, an unwritable place."""
+    """Refuse an output the mask cannot be written to BEFORE any work: not .png, or an unwritable place."""
     if out.suffix.lower() != ".png":
         raise SegmentError(f"--out '{display_name(out)}' must end in .png: the mask is a palette PNG whose pixel "
                            f"values are the class indices (a JPEG would blur them).")
-    if out.is_dir():
-        raise SegmentError(f"--out '{display_name(out)}' is a folder; give a file name ending in .png.")
-    existing = next(p for p in (out.parent, *out.parent.parents) if p.exists())
-    if not existing.is_dir():
-        raise SegmentError(f"--out '{display_name(out)}' is under '{display_name(existing)}', which is a file, not a "
-                           f"folder.")
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise SegmentError(f"cannot create the folder of --out '{display_name(out)}' "
-                           f"({exc.strerror or exc}).") from exc
-    if not os.access(out.parent, os.W_OK):
-        raise SegmentError(f"cannot write to the folder of --out '{display_name(out)}' (permission denied).")
+    check_writable(out)
+    check_writable(overlay_path(out))
 
 
 def check_args(args):
@@ -594,7 +583,7 @@ def main(argv=None):
         seg = segment(backbone, image, text, args.mode, args.stride, args.logit_scale, args.prob_thd,
                       args.short_side or None, args.long_side or None, batch_size=args.batch_size,
                       area_thd=args.area_thd, protocol=args.protocol, amp=args.amp)
-    except (SegmentError, BackboneError, ImageError, DeviceError, TeacherError) as exc:
+    except (SegmentError, BackboneError, ImageError, DeviceError, TeacherError, WriteError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
 

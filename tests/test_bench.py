@@ -85,3 +85,24 @@ def test_cpu_and_gpu_window_crops_are_identical():
     sliced, gathered = crop_windows(x, b, y0, x0, 32), gather_windows(x, b, y0, x0, 32)
     assert torch.equal(sliced, gathered) and sliced.shape == (4, 3, 32, 32)
     assert torch.equal(sliced[2], x[1, :, 38:70, 10:42])
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--sizes", "0x0"], "at least 1x1"),
+    (["--sizes", "abc"], "HxW"),
+    (["--train-size", "12"], "--train-size"),
+    (["--strides", "0"], "--strides"),
+    (["--strides", "24,x"], "--strides"),
+    (["--strides", "999"], "at most the 128 px window"),
+    (["--json", "/proc/spar-bench/x.json"], "cannot write"),
+    (["--markdown", "{tmp}"], "is a folder"),
+    (["--device", "bogus"], "unknown device"),
+    (["--device", "cuda:99" if torch.cuda.is_available() else "cuda"], "GPU"),
+])
+def test_cli_bad_arguments_one_line_exit_2(tmp_path, capsys, extra, message):
+    """Each bad argument: ONE `error:` line and exit 2 before any measuring (not exit 1, not a traceback)."""
+    with pytest.raises(SystemExit) as exc:
+        bench.main(["--device", "cpu", "--backbone", "tiny", "--sizes", "128x128", "--no-train"]
+                   + [e.format(tmp=tmp_path) for e in extra])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and message in err and err.count("error:") == 1 and "Traceback" not in err

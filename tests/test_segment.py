@@ -380,7 +380,7 @@ def test_cli_errors_are_one_sentence(tmp_path, template_file, capsys):
 @pytest.mark.parametrize("extra, message", [
     (["--out", "{tmp}/x.jpg"], "must end in .png"),
     (["--out", "{tmp}/noext"], "must end in .png"),
-    (["--out", "{tmp}/afile/x.png"], "which is a file"),
+    (["--out", "{tmp}/afile/x.png"], "a file stands where a folder is needed"),
     (["--device", "cuda:99" if torch.cuda.is_available() else "cuda"], "GPU"),
     (["--device", "bogus"], "unknown device"),
     (["--short-side", "-5"], "--short-side"),
