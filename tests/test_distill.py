@@ -278,10 +278,16 @@ def test_kill_leftovers_are_cleaned_and_a_broken_target_recomputed(distill_run, 
     with open(victim, "r+b") as f:                                        # a target cut short
         f.truncate(100)
     (out / "targets" / "x.pt.tmp.999").write_bytes(b"partial")            # a writer killed mid-write
+    png = sorted(glob.glob(str(out / "augment" / "*.png")))[0]
+    good = open(png, "rb").read()
+    with open(png, "r+b") as f:                                            # a flipped byte inside the stored PNG
+        f.seek(len(good) // 2)
+        f.write(bytes([good[len(good) // 2] ^ 0xFF]))
     real_forward, calls = teacher.Teacher.forward, []
     monkeypatch.setattr(teacher.Teacher, "forward", lambda self, x: calls.append(1) or real_forward(self, x))
     run_distill(distill_images, out, "--resume")
-    assert len(calls) == 1                                                # only the broken one
+    assert len(calls) == 1                                                # only the broken target
+    assert open(png, "rb").read() == good                                 # the PNG was redone (same pixels)
     assert not (out / "targets" / "x.pt.tmp.999").exists()
     assert torch.load(victim, weights_only=True)["target"].dtype == torch.float16
 
@@ -307,13 +313,19 @@ def test_bad_images_are_skipped_and_odd_modes_converted(distill_images, tmp_path
     Image.new("L", (60, 40), 90).save(folder / "c_small_gray.png")       # smaller than the 128 px window
     (folder / "notes.txt").write_text("not an image")
     shutil.copy(folder / "4_rocket.png", folder / "z_heldout.png")       # the last by name is held out
+    odd = os.fsdecode(b"caf\xe9.png")                                    # not UTF-8: used, not a traceback
+    shutil.copy(folder / "0_astronaut.png", folder / odd)
+    os.symlink(folder / "gone.png", folder / "d_dangling.png")
+    os.symlink("d_loop.png", folder / "d_loop.png")                      # a link to itself
+    os.mkfifo(folder / "d_fifo.png")                                     # reading it would block for ever
     distill.main(BASE + ["--images", str(folder), "--out", str(tmp_path / "E"), "--epochs", "1", "--eval-sizes", "192"])
     err = capsys.readouterr().err
-    for bad in ("b_empty.png", "b_noise.jpg", "b_dot.png"):
+    for bad in ("b_empty.png", "b_noise.jpg", "b_dot.png", "d_dangling.png", "d_loop.png", "d_fifo.png"):
         assert f"skip: '{folder / bad}'" in err
+    assert "symbolic link" in err and "Traceback" not in err
     made = {json.load(open(p))["key"]["source"]: json.load(open(p))["size"]
             for p in glob.glob(str(tmp_path / "E" / "augment" / "*.json"))}
-    assert {os.path.basename(s) for s in made} >= {"c_16.png", "c_la.png", "c_small_gray.png"}
+    assert {os.path.basename(s) for s in made} >= {"c_16.png", "c_la.png", "c_small_gray.png", odd}
     assert min(made[str(folder / "c_small_gray.png")]) >= 128            # short side upscaled to the window (K)
 
 
@@ -328,18 +340,107 @@ def test_images_smaller_than_the_window_without_augmentation(tmp_path):
     assert tuple(target.shape) == (4, 7, 128)                             # ceil(60/16) x ceil(100/16), unpadded
 
 
-@pytest.mark.parametrize("case", ["empty", "missing", "one-image", "heldout-is-trained-on"])
+@pytest.mark.parametrize("case", ["empty", "missing", "one-image", "heldout-is-trained-on", "all-unreadable"])
 def test_unusable_image_folder_is_one_clear_error(tmp_path, capsys, case):
     folder = tmp_path / "imgs"
     if case != "missing":
         folder.mkdir()
     if case in ("one-image", "heldout-is-trained-on"):
         Image.new("RGB", (64, 64)).save(folder / "only.png")
+    if case == "all-unreadable":                                          # fails after the folder was made
+        for name in ("a.png", "b.png", "c.png"):
+            (folder / name).write_bytes(b"not an image")
     extra = ["--heldout", str(folder)] if case == "heldout-is-trained-on" else []
     with pytest.raises(SystemExit) as exc:
         distill.main(BASE + ["--images", str(folder), "--out", str(tmp_path / "G"), *extra])
     err = capsys.readouterr().err.strip()
+    if case == "all-unreadable":                                          # progress bars and skips, then the error
+        assert "Traceback" not in err and sum(line.startswith("error:") for line in err.splitlines()) == 1
+        err = err.splitlines()[-1]
     assert exc.value.code == 2 and err.startswith("error: ") and len(err.splitlines()) == 1
+    assert not (tmp_path / "G").exists()                                  # no empty run folder left behind
+
+
+CHANGED = [["--seed", "1"], ["--augment", "extended"], ["--aug-scale", "0.3"], ["--stride", "32"],
+           ["--pretrained", "other.pt"], ["--backbone", "clip-b16"], ["--batch-size", "1"], ["--precision", "bf16"],
+           ["--target-dtype", "fp32"], ["--train", "blk_-1"], ["--shuffle"], ["--keep", "last"], ["--lr", "1e-4"]]
+
+
+@pytest.mark.parametrize("change", CHANGED, ids=[c[0] for c in CHANGED])
+def test_resume_with_a_changed_setting_is_refused_before_any_work(distill_run, distill_images, capsys, change):
+    out, _ = distill_run
+    files = {p: os.path.getmtime(p) for p in glob.glob(str(out / "**" / "*"), recursive=True)}
+    argv = BASE + ["--images", str(distill_images), "--out", str(out), "--epochs", str(EPOCHS), "--resume"]
+    if change[0] == "--backbone":
+        argv = argv[2:]                                                   # BASE starts with --backbone tiny
+    with pytest.raises(SystemExit) as exc:
+        distill.main(argv + change)
+    err = capsys.readouterr().err.strip()
+    assert exc.value.code == 2 and err.startswith("error: cannot resume") and len(err.splitlines()) == 1
+    assert files == {p: os.path.getmtime(p) for p in glob.glob(str(out / "**" / "*"), recursive=True)}
+
+
+def test_a_checkpoint_write_error_is_one_error_line(distill_run, distill_images, tmp_path, monkeypatch, capsys):
+    ref, _ = distill_run
+    out = tmp_path / "H"
+    copy_caches(ref, out)
+    real_save = torch.save
+
+    def zip_writer_fails(obj, f, *a, **k):                               # torch.save's way to report a full disk
+        if "student.pt.tmp" in str(getattr(f, "name", "")):
+            raise RuntimeError("[enforce fail at inline_container.cc:603] . unexpected pos 64 vs 0")
+        return real_save(obj, f, *a, **k)
+    monkeypatch.setattr(torch, "save", zip_writer_fails)
+    with pytest.raises(SystemExit) as exc:
+        run_distill(distill_images, out)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exc.value.code == 2 and err[-1].startswith("error: cannot write") and "student.pt" in err[-1]
+    assert not any(line.startswith("error:") for line in err[:-1]) and "Traceback" not in "".join(err)
+    assert not glob.glob(str(out / "*.tmp.*")) and not (out / "student.pt").exists()
+
+
+def test_a_second_run_on_the_same_folder_is_refused(distill_images, tmp_path, capsys):
+    import fcntl
+    out = tmp_path / "I"
+    out.mkdir()
+    with open(out / ".lock", "a") as held:                                # the first run, still going
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(SystemExit) as exc:
+            run_distill(distill_images, out)
+    err = capsys.readouterr().err.strip()
+    assert exc.value.code == 2 and "another distill.py run" in err and len(err.splitlines()) == 1
+    assert out.is_dir()                                                   # not ours: kept
+    with open(out / ".lock", "a") as f:                                   # released when main() returned
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+
+BAD = {"out-in-proc": ["--out", "/proc/distill-x"], "out-under-a-file": ["--out", "{tmp}/file/x"],
+       "out-is-a-file": ["--out", "{tmp}/file"], "lr-nan": ["--lr", "nan"], "lr-inf": ["--lr", "inf"],
+       "workers": ["--workers", "-1"], "teacher-batch": ["--teacher-batch", "-1"], "batch-0": ["--batch-size", "0"],
+       "weight-decay": ["--weight-decay", "-1"], "train-unknown": ["--train", "blk_-1,head"],
+       "train-range": ["--train", "blk_-7"], "stride-above-window": ["--stride", "200"],
+       "train-blocks-and-train": ["--train-blocks", "2", "--train", "blk_-1"]}
+
+
+@pytest.mark.parametrize("case", BAD)
+def test_bad_flags_and_output_folders_are_one_error_line(distill_images, tmp_path, capsys, case):
+    (tmp_path / "file").write_text("a regular file")
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in BAD[case]]
+    if "--out" not in argv:
+        argv += ["--out", str(tmp_path / "J")]
+    with pytest.raises(SystemExit) as exc:
+        distill.main(BASE + ["--images", str(distill_images), "--epochs", "1", *argv])
+    err = capsys.readouterr().err.strip()
+    assert exc.value.code == 2 and err.startswith("error: ") and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "J").exists() and (tmp_path / "file").is_file()
+
+
+def test_cli_bad_number_exits_2_without_traceback(tmp_path):
+    cmd = [sys.executable, os.path.join(ROOT, "distill.py"), *BASE, "--out", str(tmp_path / "K"), "--lr", "nan"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=dict(os.environ, HF_HUB_OFFLINE="1"), capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 2 and proc.stderr.strip() == "error: --lr must be a finite number > 0, not nan."
+    assert not (tmp_path / "K").exists()
 
 
 def test_help_names_the_paper_flags(capsys):
