@@ -989,6 +989,8 @@ def run(args) -> dict | None:
 
 def run_stages(args, run_dir: str, t0: float) -> dict | None:
     torch.manual_seed(args.seed)
+    if args.precision != "fp32" and not args.device.startswith("cuda") and is_main():
+        log(f"note: --precision {args.precision} has no effect on {args.device}; it computes in fp32.")
     try:
         backbone = student.load_backbone(args.backbone, args.pretrained, args.device)
         teacher = Teacher(backbone, stride=args.stride, batch_size=args.teacher_batch, precision=args.precision)

@@ -127,7 +127,8 @@ def bilinear_reference(img: np.ndarray, W: int, H: int) -> np.ndarray:
             M[i, i0] += 1 - w
             M[i, i1] += w
         return M
-    out = np.einsum("yh,hwc,xw->yxc", matrix(img.shape[0], H), img.astype(np.float64), matrix(img.shape[1], W))
+    out = np.einsum("yh,hwc,xw->yxc", matrix(img.shape[0], H), img.astype(np.float64), matrix(img.shape[1], W),
+                    optimize=True)
     return np.clip(np.rint(out), 0, 255).astype(np.uint8)
 
 
