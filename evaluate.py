@@ -670,14 +670,14 @@ def run(argv=None):
                  f"give another --out or remove it.")
         if old.get("settings") == settings:
             record["modes"] = old.get("modes", {})
-            print(f"resuming from {out}")
+            print(f"resuming from {display_name(out)}")
         elif old:
-            print(f"note: {out} holds results for other settings; starting over (it will be overwritten).")
+            print(f"note: {display_name(out)} holds results for other settings; starting over (it will be overwritten).")
     save = lambda: write_json(out, record)                            # noqa: E731  atomic (files.py)
     workers = args.workers if args.workers is not None else (2 if backbone.device.type == "cuda" else 0)
 
     print(f"{spec.title}: {len(samples)} images, backbone {args.backbone}"
-          + (f" + {args.checkpoint}" if args.checkpoint else "")
+          + (f" + {display_name(args.checkpoint)}" if args.checkpoint else "")
           + f", logit scale {settings['logit_scale']:g}, prob_thd {settings['prob_thd']:g}, "
             f"area_thd {settings['area_thd']:g}, short side {settings['short_side']}, long side "
             f"{settings['long_side']}, protocol {args.protocol}, {'amp' if args.amp else 'fp32'}")
@@ -702,12 +702,12 @@ def run(argv=None):
         save()
     except WriteError as exc:
         fail(str(exc))
-    print(f"saved {out}")
+    print(f"saved {display_name(out)}")
     if len(results) > 1:
         plot = out.with_suffix(".png")
         speed_accuracy_plot(results, plot, f"{spec.title}, {args.backbone}"
                             + (" + student" if args.checkpoint else "") + f", {len(samples)} images")
-        print(f"saved {plot}")
+        print(f"saved {display_name(plot)}")
 
 
 if __name__ == "__main__":
