@@ -49,11 +49,11 @@ DEFAULTS = {
                   contrast=[0.2, 0.35]),
     # pretraining of tiny at 128^2 only (image + text tower)
     "pretrain": dict(steps=1000, batch=32, lr=2e-3, weight_decay=0.05, templates=4, logit_scale=20.0,
-                     pos_init="default", pos_rms=0.5, seed=0),
+                     pos_init="sincos", pos_rms=0.5, seed=0),
     # evaluation sets (held out: their own seeds)
     "eval": dict(native_count=64, large_size="512x1024", large_count=32, stride=24),
     # distillation through distill.py, the paper's recipe scaled to K = 128
-    "distill": dict(images=128, size="512x1024", epochs=10, lr=2e-5, train="blk_-1,blk_-2", aug_scale=0.25,
+    "distill": dict(images=128, size="256x512", epochs=10, lr=2e-5, train="blk_-1,blk_-2", aug_scale=0.25,
                     augment="paper", batch_size=2, stride=24, extra=""),
 }
 SEEDS = dict(native=101, large=102, distill=103, pretrain=104)       # one stream per set, never shared
@@ -196,7 +196,8 @@ def pretrain(out_path: Path, cfg: dict, world: dict, device: str = "cpu") -> dic
     T = len(templates)
     params = [p for p in bb.model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg["lr"], weight_decay=cfg["weight_decay"])
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg["lr"], total_steps=cfg["steps"], pct_start=0.1)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg["lr"], total_steps=cfg["steps"],
+                                                pct_start=max(0.1, 3 / cfg["steps"]))
     gen = torch.Generator().manual_seed(cfg["seed"])
     t0, losses = time.time(), []
     from tqdm import tqdm
@@ -401,7 +402,8 @@ def main(argv=None):
     p.add_argument("--device", default="cpu")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="change one knob of DEFAULTS, e.g. distill.lr=1e-3 (repeatable)")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads, here and in the evaluate.py / distill.py runs (default: torch's; "
+                   "on a machine shared with other jobs 1 is often several times faster than 2)")
     p.add_argument("--until", choices=("teacher", "spar"), default="spar",
                    help="teacher: stop before distillation (world, pretraining, pre-trained numbers only)")
     a = p.parse_args(argv)
@@ -410,8 +412,9 @@ def main(argv=None):
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
-    if a.threads:
+    if a.threads:                          # also for the evaluate.py / distill.py it runs
         torch.set_num_threads(a.threads)
+        os.environ["OMP_NUM_THREADS"] = str(a.threads)
     try:
         res = experiment(Path(a.out), cfg, a.device, a.until)
     except MiniatureError as exc:
