@@ -154,8 +154,10 @@ def write_world(out: str | os.PathLike, H: int, W: int, count: int, seed: int, c
             buf = io.BytesIO()
             Image.fromarray(arr).save(buf, format="PNG", compress_level=1)
             atomic_write(out / sub / f"{i:05d}.png", lambda f, b=buf.getvalue(): f.write(b))
-    for stale in [p for sub in ("images", "labels") for p in (out / sub).glob("*.png") if p.stem.isdigit() and int(p.stem) >= count]:
-        stale.unlink()
+    for sub in ("images", "labels"):
+        for stale in (out / sub).glob("*.png"):
+            if stale.stem.isdigit() and int(stale.stem) >= count:
+                stale.unlink()
     write_json(meta, key)                                   # written last: its presence means "done"
     return out
 
