@@ -419,7 +419,8 @@ def main(argv=None):
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="change one knob of DEFAULTS, e.g. distill.lr=1e-3 (repeatable)")
     p.add_argument("--threads", type=int, default=None,
-                   help="torch threads, here and in the evaluate.py / distill.py runs (default: torch's; on a machine shared with other jobs 1 is often several times faster than 2)")
+                   help="torch threads, here and in the evaluate.py / distill.py runs (default: torch's; "
+                        "on a machine shared with other jobs 1 is often several times faster than 2)")
     p.add_argument("--until", choices=("teacher", "spar"), default="spar",
                    help="teacher: stop before distillation (world, pretraining, pre-trained numbers only)")
     a = p.parse_args(argv)
