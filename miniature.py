@@ -347,7 +347,7 @@ def experiment(out: Path, cfg: dict, device: str = "cpu", until: str = "spar") -
         save()
     gap = res["teacher"] - res["single"]
     res["gap_closed"] = (res["spar"] - res["single"]) / gap if gap > 0 else float("nan")
-    res["seconds"] = round(time.time() - t0, 1)
+    res["seconds"] = round(res.get("seconds", 0.0) + time.time() - t0, 1)      # summed over resumed runs
     save()
     plot(res, out / "results.png")
     return res
