@@ -359,6 +359,9 @@ def make_synthetic(name: str, root, num_images: int = 3, seed: int = 0) -> Path:
     """Write a small fake `name` dataset under `root` in the layout its reader expects (random coloured boxes,
     odd sizes, raw on-disk label conventions: VOC palette PNGs with 255 borders, Context/ADE 0 = background,
     Cityscapes labelTrainIds and labelIds).  Returns `root`."""
+    if name == "miniature":                                  # the toy world itself, a few small scenes
+        from miniature import write_world
+        return write_world(root, 128, 256, num_images, seed)
     from PIL import Image
 
     rng = np.random.default_rng(seed)
