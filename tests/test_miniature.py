@@ -62,6 +62,7 @@ def test_world_labels_match_pixels_and_are_seeded(tmp_path):
     assert img.shape == (3, 64, 96) and lab.shape == (64, 96)
     ref = miniature.render_scene(miniature.scene_rng(5, 1), 64, 96, cfg)
     assert np.array_equal(img.permute(1, 2, 0).numpy(), ref[0]) and np.array_equal(lab.numpy(), ref[1])
+    assert len(evaluate.dataset_samples("miniature", evaluate.make_synthetic("miniature", tmp_path / "s", 2))) == 2
 
 
 def test_pretraining_is_deterministic_and_loads_as_tiny_weights(tmp_path):
