@@ -14,7 +14,6 @@ import subprocess
 import sys
 
 import numpy as np
-import pytest
 import torch
 from PIL import Image
 
@@ -29,15 +28,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 TOY = ["pretrain.steps=6", "pretrain.batch=4", "eval.native_count=3", "eval.large_count=2",
        "eval.large_size=128x256", "eval.stride=64", "distill.images=6", "distill.size=128x256",
        "distill.epochs=3", "distill.lr=1e-4", "distill.train=all", "distill.stride=64"]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from 2 threads on a shared 2-core machine; restored afterwards."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 def test_world_labels_match_pixels_and_are_seeded(tmp_path):
