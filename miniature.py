@@ -426,9 +426,9 @@ def main(argv=None):
     a = p.parse_args(argv)
     try:
         cfg = apply_sets(DEFAULTS, a.set)
-        from files import DeviceError, resolve_device
-        resolve_device(a.device)
-    except (ValueError, DeviceError) as exc:
+        from files import resolve_device
+        resolve_device(a.device)                           # a DeviceError is a ValueError
+    except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
     if a.threads:                          # also for the evaluate.py / distill.py it runs
