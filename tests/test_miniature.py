@@ -75,7 +75,7 @@ def test_miniature_end_to_end_slow(tmp_path):
     cmd = [sys.executable, os.path.join(ROOT, "miniature.py"), "--out", str(out), "--threads", "1"]
     cmd += [x for s in TOY for x in ("--set", s)]
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path)     # from any folder
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads((out / "results.json").read_text())
     for key in ("native", "single", "teacher", "spar"):
