@@ -556,6 +556,7 @@ def train_parameters(backbone, parts: list[str]) -> list[torch.nn.Parameter]:
 def select_trainable(backbone, parts: list[str]) -> list[str]:
     """Unfreeze the parts of --train (the final trunk norm and the pooling head only if named); names relative to
     image_tower()."""
+    # ASSIGNMENT 5 BEGIN: unfreeze the named parts the dense features use, and nothing else (E4)
     tower = backbone.image_tower()
     tower.requires_grad_(False)
     for prm in train_parameters(backbone, parts):
@@ -571,6 +572,7 @@ def select_trainable(backbone, parts: list[str]) -> list[str]:
         elif prm.requires_grad:
             names.append(name)
         prm.grad = None
+    # ASSIGNMENT 5 END
     if not names:
         raise DistillError(f"--train {','.join(parts)} names no parameter that the dense features use; name "
                            f"blocks, e.g. blk_-1,blk_-2.")
@@ -593,11 +595,13 @@ LOSS_SYNC_EVERY = 20          # read the loss back to the host (a GPU sync) only
 
 def image_loss(model, img, target, backbone, device, precision: str) -> torch.Tensor:
     """One image: (E3) single pass, (E4) MSE on raw features against its cached (E1-E2) target."""
+    # ASSIGNMENT 5 BEGIN: the loss of one image, MSE on raw features (E4)
     x = backbone.normalize(img.to(device, non_blocking=True)[None].float() / 255.0)
     target = target.to(device, non_blocking=True)[None].float()
     with autocast(device, precision):
         feats = model(x)                                              # (1, h, w, C)
     return F.mse_loss(feats.float(), target)                          # (E4): mean over h * w * C
+    # ASSIGNMENT 5 END
 
 
 def train_step(model, optimizer, scaler, batch: list, backbone, device, precision: str) -> torch.Tensor:

@@ -198,6 +198,7 @@ def tiny():
     return student.load_backbone("tiny", pretrained=None, device="cpu")
 
 
+@pytest.mark.a5
 def test_batch_of_two_is_the_mean_of_two_single_image_gradients(tiny):
     names = distill.select_trainable(tiny, ["blk_-1", "blk_-2"])
     params = dict(tiny.image_tower().named_parameters())
