@@ -268,7 +268,7 @@ def main(argv=None):
     except HandoutError as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
-    stubbed = ", ".join(r.label for r in chosen)
+    stubbed = ", ".join(r.label for r in sorted(chosen, key=lambda r: (r.n, r.k)))
     print(f"wrote the handout to {Path(args.out).resolve()} ({len(chosen)} regions stubbed: {stubbed})")
     print(f"  cd {args.out} && python -m pytest -m a1 -q      # check assignment 1; sheets in assignments/")
 
