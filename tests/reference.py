@@ -46,22 +46,27 @@ def _cubic(t: float, A: float = -0.75) -> float:
 
 def bicubic_resize(a: np.ndarray, out_h: int, out_w: int) -> np.ndarray:
     """Bicubic resize of an (H, W, C) array, align_corners=False, no antialias, border taps clamped."""
+    H, W, _ = a.shape
+    return _bicubic(a, out_h, out_w, out_h / H, out_w / W)
+
+
+def _bicubic(a: np.ndarray, out_h: int, out_w: int, scale_h: float, scale_w: float) -> np.ndarray:
+    """Output pixel (i, j) samples the input at ((i + 0.5) / scale_h - 0.5, (j + 0.5) / scale_w - 0.5)."""
     H, W, C = a.shape
 
-    def taps(i, n_in, n_out):
-        src = (i + 0.5) * n_in / n_out - 0.5          # NOT clamped for bicubic (PyTorch convention)
+    def taps(i, n_in, scale):
+        src = (i + 0.5) / scale - 0.5                 # NOT clamped for bicubic (PyTorch convention)
         base = math.floor(src)
         t = src - base
         return [(min(max(base + k, 0), n_in - 1), _cubic(k - t)) for k in (-1, 0, 1, 2)]
 
     out = np.zeros((out_h, out_w, C), dtype=np.float64)
     for i in range(out_h):
-        ty = taps(i, H, out_h)
+        ty = taps(i, H, scale_h)
         for j in range(out_w):
-            tx = taps(j, W, out_w)
             acc = np.zeros(C)
             for yy, wy in ty:
-                for xx, wx in tx:
+                for xx, wx in taps(j, W, scale_w):
                     acc += wy * wx * a[yy, xx]
             out[i, j] = acc
     return out
@@ -125,25 +130,8 @@ def bicubic_resize_by_scale(a: np.ndarray, scale_h: float, scale_w: float) -> np
     """Bicubic resize of an (H, W, C) array by a scale FACTOR, as `F.interpolate(scale_factor=...)` does it:
     output size floor(in * scale), and output pixel i samples the input at (i + 0.5) / scale - 0.5 (the scale,
     not in/out, sets the coordinates).  align_corners=False, no antialias, border taps clamped."""
-    H, W, C = a.shape
-    out_h, out_w = int(math.floor(H * scale_h)), int(math.floor(W * scale_w))
-
-    def taps(i, n_in, scale):
-        src = (i + 0.5) / scale - 0.5
-        base = math.floor(src)
-        t = src - base
-        return [(min(max(base + k, 0), n_in - 1), _cubic(k - t)) for k in (-1, 0, 1, 2)]
-
-    out = np.zeros((out_h, out_w, C), dtype=np.float64)
-    for i in range(out_h):
-        ty = taps(i, H, scale_h)
-        for j in range(out_w):
-            acc = np.zeros(C)
-            for yy, wy in ty:
-                for xx, wx in taps(j, W, scale_w):
-                    acc += wy * wx * a[yy, xx]
-            out[i, j] = acc
-    return out
+    H, W, _ = a.shape
+    return _bicubic(a, int(math.floor(H * scale_h)), int(math.floor(W * scale_w)), scale_h, scale_w)
 
 
 def openclip_authors_dense(visual, x):
