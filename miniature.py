@@ -51,9 +51,10 @@ DEFAULTS = {
     # the world: what a scene looks like (sizes in px, densities per 128 x 128 area)
     "world": dict(radius=[40, 60], density=[0.7, 2.0], border=3, noise=0.06, tint=0.05, fill_spread=0.0,
                   contrast=[0.2, 0.35]),
-    # pretraining of tiny at 128^2 only (image + text tower)
+    # pretraining of tiny at 128^2 only (image + text tower); big_frac > 0 makes a fraction of the steps use
+    # big_size^2 scenes (same pixels per step: fewer scenes), position embeddings resized by (E3) as at test time
     "pretrain": dict(steps=1000, batch=32, lr=2e-3, weight_decay=0.05, templates=4, logit_scale=20.0,
-                     pos_init="sincos", pos_rms=0.5, seed=0),
+                     pos_init="sincos", pos_rms=0.5, seed=0, big_size=256, big_frac=0.0),
     # evaluation sets (held out: their own seeds)
     "eval": dict(native_count=64, large_size="512x1024", large_count=32, stride=24),
     # distillation through distill.py, the paper's recipe scaled to K = 128
@@ -183,8 +184,17 @@ def class_vectors(backbone, tokens: torch.Tensor, T: int, pick: torch.Tensor) ->
     return F.normalize(emb.mean(1), dim=-1)
 
 
+def step_size(step: int, cfg: dict) -> tuple[int, int]:
+    """(side, scenes) of pretraining step `step`: 128^2 x batch, or big_size^2 on an evenly spread big_frac of the
+    steps, with as many scenes as keep the pixels per step (and so the cost, roughly) the same."""
+    if int((step + 1) * cfg["big_frac"]) > int(step * cfg["big_frac"]):
+        return cfg["big_size"], max(1, round(cfg["batch"] * (128 / cfg["big_size"]) ** 2))
+    return 128, cfg["batch"]
+
+
 def pretrain(out_path: Path, cfg: dict, world: dict, device: str = "cpu") -> dict:
-    """Train every weight of `tiny` on 128^2 scenes; per-pixel CE on logit_scale * cos(F(i), t_c). Deterministic."""
+    """Train every weight of `tiny` on 128^2 scenes (and big_size^2 on a big_frac of the steps, which leaves the
+    model less bound to its native size); per-pixel CE on logit_scale * cos(F(i), t_c). Deterministic."""
     from segment import read_templates
     from student import load_backbone
     from files import save_torch
@@ -209,16 +219,18 @@ def pretrain(out_path: Path, cfg: dict, world: dict, device: str = "cpu") -> dic
     gen = torch.Generator().manual_seed(cfg["seed"])
     t0, losses = time.time(), []
     from tqdm import tqdm
-    for step in tqdm(range(cfg["steps"]), desc="2/5 pretrain tiny at 128^2", unit="step", leave=False):
-        batch = [render_scene(scene_rng(SEEDS["pretrain"] + 1000 * cfg["seed"], step * cfg["batch"] + j), 128, 128,
-                              world) for j in range(cfg["batch"])]
+    sizes = "128^2" + (f" (+ {cfg['big_size']}^2 on {cfg['big_frac']:.0%} of the steps)" if cfg["big_frac"] else "")
+    for step in tqdm(range(cfg["steps"]), desc=f"2/5 pretrain tiny at {sizes}", unit="step", leave=False):
+        side, n = step_size(step, cfg)
+        batch = [render_scene(scene_rng(SEEDS["pretrain"] + 1000 * cfg["seed"], step * cfg["batch"] + j), side, side,
+                              world) for j in range(n)]
         x = torch.from_numpy(np.stack([b[0] for b in batch])).permute(0, 3, 1, 2).float().div_(255).to(device)
         y = torch.from_numpy(np.stack([b[1] for b in batch])).long().to(device)
         pick = torch.randperm(T, generator=gen)[:cfg["templates"]].to(device)
         text = class_vectors(bb, tokens, T, pick)                               # (K, C)
-        feats = F.normalize(bb.dense(bb.normalize(x)), dim=-1)                  # (B, 8, 8, C)
+        feats = F.normalize(bb.dense(bb.normalize(x)), dim=-1)                  # (B, side/16, side/16, C)
         logits = cfg["logit_scale"] * torch.einsum("bhwc,kc->bkhw", feats, text)
-        logits = F.interpolate(logits, size=(128, 128), mode="bilinear", align_corners=False)
+        logits = F.interpolate(logits, size=(side, side), mode="bilinear", align_corners=False)
         loss = F.cross_entropy(logits, y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -304,7 +316,8 @@ def experiment(out: Path, cfg: dict, device: str = "cpu", until: str = "spar") -
 
     weights, wkey = out / "tiny.pt", {"world": W, "pretrain": P}     # a stable name for the README's commands
     if not weights.is_file() or read_json(out / "tiny.json") != wkey:
-        print(f"2/5 pretrain tiny at 128^2 ({P['steps']} steps of {P['batch']})", flush=True)
+        print(f"2/5 pretrain tiny at 128^2 ({P['steps']} steps of {P['batch']}"
+              + (f"; {P['big_size']}^2 on {P['big_frac']:.0%} of them" if P["big_frac"] else "") + ")", flush=True)
         res["pretraining"] = pretrain(weights, P, W, device)
         write_json(out / "tiny.json", wkey)
         save()

@@ -69,6 +69,16 @@ def test_pretraining_is_deterministic_and_loads_as_tiny_weights(tmp_path):
     assert torch.equal(bb.model.text.token_embedding.weight, rnd.model.text.token_embedding.weight)  # frozen
 
 
+def test_multi_size_pretraining_spreads_big_steps_and_keeps_pixels_per_step(tmp_path):
+    cfg = dict(miniature.DEFAULTS["pretrain"], batch=32)
+    assert {miniature.step_size(s, cfg) for s in range(100)} == {(128, 32)}, "default: 128^2 only"
+    cfg.update(big_size=256, big_frac=0.25)
+    sizes = [miniature.step_size(s, cfg) for s in range(100)]
+    assert sizes.count((256, 8)) == 25 and sizes[:4] == [(128, 32)] * 3 + [(256, 8)]   # evenly spread, same pixels
+    cfg.update(steps=4, batch=2, big_size=160, big_frac=0.5)    # big steps run through (E3) and train
+    assert np.isfinite(miniature.pretrain(tmp_path / "m.pt", cfg, miniature.DEFAULTS["world"])["final_loss"])
+
+
 def test_miniature_end_to_end_slow(tmp_path):
     """SLOW: world -> pretrain -> evaluate.py -> distill.py -> evaluate.py, at toy sizes, then a resumed rerun."""
     out = tmp_path / "mini"
