@@ -7,7 +7,8 @@ A toy world stands in for natural images, and `tiny` (4 blocks, width 128, p = 1
                object tells its class, so a token must gather it from the object's border -- locally;
   2. pretrain  `tiny` at its native 128 x 128 ONLY (image AND text tower: cosine between dense features and the
                text embeddings of the class names, per-pixel cross-entropy), saved as a weights file that every CLI
-               loads with `--backbone tiny --pretrained PATH`;
+               loads with `--backbone tiny --pretrained PATH` (`--set pretrain.big_frac=F` trains a fraction F
+               of the steps at big_size^2 instead: the README's multi-size tries M1-M4);
   3. evaluate  `evaluate.py --dataset miniature`: native 128^2 scenes, and held-out large 512 x 1024 scenes in one
                pass (E3) and through the sliding-window teacher (E1-E2);
   4. distill   `distill.py`, unchanged: the paper's recipe scaled to K = 128 (E4), on unlabelled scenes;
