@@ -24,6 +24,7 @@ depend on weight values) at six sizes and five strides; on CPU the `tiny` backbo
 whole run takes a few minutes.  `python bench.py --backbone siglip2-b16 --sizes 512x512,1024x2048` works on CPU
 too (slowly; the large teachers are then extrapolated).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -40,25 +41,41 @@ from files import DeviceError, WriteError, atomic_write, check_writable, parse_s
 from student import BACKBONES, autocast, load_backbone_or_exit, synchronize
 from teacher import Teacher, default_batch_size
 
-GiB = 2 ** 30
-MiB = 2 ** 20
+GiB = 2**30
+MiB = 2**20
 
 # Per-device defaults: the GPU run is the issue's full grid; the CPU run finishes in a few minutes on 2 cores.
 DEFAULTS = {
-    "cuda": dict(backbone="siglip2-b16", sizes="1024x2048,512x512,1024x1024,2048x2048,2048x4096,4096x4096",
-                 strides="512,256,128,48,24", train_size="1024x2048", warmup=3, reps=10, budget=2.0,
-                 max_call=120.0),
-    "cpu": dict(backbone="tiny", sizes="1024x2048,512x512,1024x1024", strides="128,48,24", train_size="512x1024",
-                warmup=1, reps=5, budget=20.0, max_call=60.0),
+    "cuda": dict(
+        backbone="siglip2-b16",
+        sizes="1024x2048,512x512,1024x1024,2048x2048,2048x4096,4096x4096",
+        strides="512,256,128,48,24",
+        train_size="1024x2048",
+        warmup=3,
+        reps=10,
+        budget=2.0,
+        max_call=120.0,
+    ),
+    "cpu": dict(
+        backbone="tiny",
+        sizes="1024x2048,512x512,1024x1024",
+        strides="128,48,24",
+        train_size="512x1024",
+        warmup=1,
+        reps=5,
+        budget=20.0,
+        max_call=60.0,
+    ),
 }
 TARGETS = dict(single=1.15, teacher=1.15, speedup=90.0, train=1.3, mem_gib=4.0)
-SPEEDUP_SIZE = (1024, 2048)          # the paper's speed claim is for one 1024 x 2048 image
+SPEEDUP_SIZE = (1024, 2048)  # the paper's speed claim is for one 1024 x 2048 image
 MEM_SIZE = (4096, 4096)
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Timing and memory
 # ----------------------------------------------------------------------------------------------------------------
+
 
 def measure(fns, device, warmup: int, reps: int, budget: float) -> list[dict]:
     """Time several callables round-robin (A B C A B C ...), so that load from other processes hits all alike.
@@ -78,10 +95,17 @@ def measure(fns, device, warmup: int, reps: int, budget: float) -> list[dict]:
                 _timed(f, device, peaks, i)
         n = max(1, min(reps, int(budget / max(sum(first), 1e-6))))
         more = [[_timed(f, device, peaks, i) for i, f in enumerate(fns)] for _ in range(n - (warmup == 0))]
-        rounds = (rounds if warmup == 0 else []) + more                # --warmup 0: the first round counts too
+        rounds = (rounds if warmup == 0 else []) + more  # --warmup 0: the first round counts too
     cuda = torch.device(device).type == "cuda"
-    return [dict(seconds=statistics.median(r[i] for r in rounds), times=[r[i] for r in rounds], reps=len(rounds),
-                 peak_bytes=peaks[i] if cuda else None) for i in range(len(fns))]
+    return [
+        dict(
+            seconds=statistics.median(r[i] for r in rounds),
+            times=[r[i] for r in rounds],
+            reps=len(rounds),
+            peak_bytes=peaks[i] if cuda else None,
+        )
+        for i in range(len(fns))
+    ]
 
 
 def _timed(fn, device, peaks, i) -> float:
@@ -112,6 +136,7 @@ def param_bytes(module) -> int:
 # The bare references
 # ----------------------------------------------------------------------------------------------------------------
 
+
 def bare_trunk(backbone):
     """A fresh timm VisionTransformer of the backbone's trunk config, dynamic image size, same weights; or None.
 
@@ -120,15 +145,18 @@ def bare_trunk(backbone):
     if BACKBONES[backbone.name].kind != "siglip":
         return None
     import timm
+
     if backbone.name == "tiny":
         from student import _register_tiny_timm_model
+
         _register_tiny_timm_model()
         arch = "spar_tiny_siglip"
     else:
         import open_clip
+
         arch = open_clip.get_model_config(BACKBONES[backbone.name].openclip_name)["vision_cfg"]["timm_model_name"]
     ref = timm.create_model(arch, pretrained=False, num_classes=0, global_pool="map", dynamic_img_size=True)
-    ref.load_state_dict(backbone.trunk.state_dict())      # same weights: only the code path differs
+    ref.load_state_dict(backbone.trunk.state_dict())  # same weights: only the code path differs
     return ref.eval().requires_grad_(False).to(backbone.device)
 
 
@@ -145,22 +173,37 @@ def agreement(backbone, ref, H: int, W: int) -> float:
 # The measurements
 # ----------------------------------------------------------------------------------------------------------------
 
+
 def row(what, size, ours, ref, windows=None, target=None, extrapolated=False, note="", flops=None):
     """One table row; `ours` / `ref` are measure() dicts (or {'seconds': s} for extrapolated values)."""
     if ours and ref:
         ratio = paired_ratio(ours, ref) if "times" in ours and "times" in ref else ours["seconds"] / ref["seconds"]
     else:
         ratio = None
-    r = dict(what=what, size=f"{size[0]}x{size[1]}", windows=windows,
-             ours_s=ours["seconds"] if ours else None, ref_s=ref["seconds"] if ref else None, ratio=ratio,
-             target=target, ours_peak_bytes=(ours or {}).get("peak_bytes"),
-             ref_peak_bytes=(ref or {}).get("peak_bytes"), reps=(ours or {}).get("reps"),
-             extrapolated=extrapolated, note=note,
-             ours_times=(ours or {}).get("times"), ref_times=(ref or {}).get("times"), flops=flops,
-             ours_tflops=tflops(flops, ours["seconds"] if ours else None))
+    r = dict(
+        what=what,
+        size=f"{size[0]}x{size[1]}",
+        windows=windows,
+        ours_s=ours["seconds"] if ours else None,
+        ref_s=ref["seconds"] if ref else None,
+        ratio=ratio,
+        target=target,
+        ours_peak_bytes=(ours or {}).get("peak_bytes"),
+        ref_peak_bytes=(ref or {}).get("peak_bytes"),
+        reps=(ours or {}).get("reps"),
+        extrapolated=extrapolated,
+        note=note,
+        ours_times=(ours or {}).get("times"),
+        ref_times=(ref or {}).get("times"),
+        flops=flops,
+        ours_tflops=tflops(flops, ours["seconds"] if ours else None),
+    )
     mark = "~" if extrapolated else " "
-    print(f"  {what:<42} {r['size']:>10} {fmt_time(r['ours_s']):>10} {fmt_time(r['ref_s']):>10} "
-          f"{'' if ratio is None else f'{mark}{ratio:.2f}x'}", flush=True)
+    print(
+        f"  {what:<42} {r['size']:>10} {fmt_time(r['ours_s']):>10} {fmt_time(r['ref_s']):>10} "
+        f"{'' if ratio is None else f'{mark}{ratio:.2f}x'}",
+        flush=True,
+    )
     return r
 
 
@@ -174,10 +217,13 @@ def dense_flops(backbone, H: int, W: int, batch: int = 1) -> tuple[int, int] | N
         return None
     trunk, C = backbone.trunk, backbone.dim
     N = math.prod(backbone.grid_size(H, W))
-    lin = lambda m: sum(x.weight.numel() for x in m.modules() if isinstance(x, torch.nn.Linear))
-    body = 2 * N * lin(trunk.blocks) + 4 * N * N * C * len(trunk.blocks) + 2 * N * C * 3 * backbone.patch_size ** 2
+
+    def lin(m):
+        return sum(x.weight.numel() for x in m.modules() if isinstance(x, torch.nn.Linear))
+
+    body = 2 * N * lin(trunk.blocks) + 4 * N * N * C * len(trunk.blocks) + 2 * N * C * 3 * backbone.patch_size**2
     pool = trunk.attn_pool
-    head = 2 * N * (C * C + lin(pool.proj) + lin(pool.mlp))         # value half of kv, proj, mlp
+    head = 2 * N * (C * C + lin(pool.proj) + lin(pool.mlp))  # value half of kv, proj, mlp
     return batch * body, batch * head
 
 
@@ -201,6 +247,7 @@ def bench_single(backbone, ref, sizes, args) -> tuple[list, dict]:
             def run():
                 with torch.inference_mode(), autocast(dev):
                     f(x)
+
             return run
 
         fns = [call(backbone.dense)]
@@ -212,11 +259,21 @@ def bench_single(backbone, ref, sizes, args) -> tuple[list, dict]:
             rows.append(row("single pass: dense (no bare ref.)", (H, W), res[0], None))
             continue
         body, head = dense_flops(backbone, H, W)
-        rows.append(row("single pass: dense vs bare timm", (H, W), res[0], res[-1], target=f"<= {TARGETS['single']}x",
-                        note=f"head adds {100 * head / body:.1f}% FLOPs", flops=body + head))
+        rows.append(
+            row(
+                "single pass: dense vs bare timm",
+                (H, W),
+                res[0],
+                res[-1],
+                target=f"<= {TARGETS['single']}x",
+                note=f"head adds {100 * head / body:.1f}% FLOPs",
+                flops=body + head,
+            )
+        )
         if not args.no_trunk:
-            rows.append(row("single pass: trunk vs bare timm", (H, W), res[1], res[-1], note="like for like",
-                            flops=body))
+            rows.append(
+                row("single pass: trunk vs bare timm", (H, W), res[1], res[-1], note="like for like", flops=body)
+            )
         del x
     return rows, dense_s
 
@@ -224,7 +281,7 @@ def bench_single(backbone, ref, sizes, args) -> tuple[list, dict]:
 def model_only(backbone, n: int, batch: int):
     """The teacher's model work without cropping and stitching: n windows as full batches + one tail batch."""
     K, dev = backbone.window, backbone.device
-    full = torch.randn(min(batch, n), 3, K, K, device=dev)   # pre-cropped windows; values do not change the time
+    full = torch.randn(min(batch, n), 3, K, K, device=dev)  # pre-cropped windows; values do not change the time
     tail = full[: n % batch] if n > batch else None
 
     def call():
@@ -233,6 +290,7 @@ def model_only(backbone, n: int, batch: int):
                 backbone.dense(full)
             if tail is not None and len(tail):
                 backbone.dense(tail)
+
     return call
 
 
@@ -240,51 +298,85 @@ def bench_teacher(backbone, sizes, strides, dense_s, args) -> list:
     """(2) teacher vs model-only at every size and stride, (3) speed-up of the single pass over stride 24."""
     dev, K, rows, batch = backbone.device, backbone.window, [], args.batch_size
     per_batch = measure([model_only(backbone, batch, batch)], dev, args.warmup, args.reps, args.budget)[0]["seconds"]
-    per_window = per_batch / batch                     # first estimate; refined by every measured model-only run
+    per_window = per_batch / batch  # first estimate; refined by every measured model-only run
     print(f"  model time per window (batch {batch}): {per_window * 1e3:.2f} ms", flush=True)
-    overhead = {}                                                    # stride -> last measured teacher/model ratio
-    done_windows, done_seconds = 0, 0.0                              # all measured model-only runs together
+    overhead = {}  # stride -> last measured teacher/model ratio
+    done_windows, done_seconds = 0, 0.0  # all measured model-only runs together
     for s in strides:
         if s > K:
             print(f"note: stride {s} > window {K} would leave gaps between windows; skipped", file=sys.stderr)
             continue
-        for H, W in sorted(sizes, key=lambda hw: hw[0] * hw[1]):      # small first: the extrapolation uses them
+        for H, W in sorted(sizes, key=lambda hw: hw[0] * hw[1]):  # small first: the extrapolation uses them
             teacher = Teacher(backbone, stride=s, batch_size=batch)
             n = teacher.num_windows(H, W)
-            if done_windows >= batch:                                # more windows averaged: a steadier estimate
+            if done_windows >= batch:  # more windows averaged: a steadier estimate
                 per_window = done_seconds / done_windows
             est = per_window * math.ceil(n / batch) * batch
             fl = dense_flops(backbone, K, K, n)
             fl = None if fl is None else sum(fl)
-            if est > args.max_call:                                  # too long to run here: extrapolate
+            if est > args.max_call:  # too long to run here: extrapolate
                 ratio = overhead.get(s)
                 mo = dict(seconds=est)
                 te = dict(seconds=est * ratio) if ratio else None
-                note = (f"model-only = {n} windows x {per_window * 1e3:.1f} ms; " +
-                        (f"teacher = that x the s={s} overhead at a smaller size" if ratio else "teacher not run"))
-                rows.append(row(f"teacher s={s} vs model-only", (H, W), te, mo, windows=n, extrapolated=True,
-                                target=f"<= {TARGETS['teacher']}x", note=note, flops=fl))
+                note = f"model-only = {n} windows x {per_window * 1e3:.1f} ms; " + (
+                    f"teacher = that x the s={s} overhead at a smaller size" if ratio else "teacher not run"
+                )
+                rows.append(
+                    row(
+                        f"teacher s={s} vs model-only",
+                        (H, W),
+                        te,
+                        mo,
+                        windows=n,
+                        extrapolated=True,
+                        target=f"<= {TARGETS['teacher']}x",
+                        note=note,
+                        flops=fl,
+                    )
+                )
             else:
                 x = backbone.normalize(torch.rand(1, 3, H, W, device=dev))
-                te, mo = measure([lambda: teacher(x), model_only(backbone, n, batch)], dev, args.warmup, args.reps,
-                                 args.budget)
-                rows.append(row(f"teacher s={s} vs model-only", (H, W), te, mo, windows=n,
-                                target=f"<= {TARGETS['teacher']}x", note=f"batch {batch}", flops=fl))
+                te, mo = measure(
+                    [lambda: teacher(x), model_only(backbone, n, batch)], dev, args.warmup, args.reps, args.budget
+                )
+                rows.append(
+                    row(
+                        f"teacher s={s} vs model-only",
+                        (H, W),
+                        te,
+                        mo,
+                        windows=n,
+                        target=f"<= {TARGETS['teacher']}x",
+                        note=f"batch {batch}",
+                        flops=fl,
+                    )
+                )
                 overhead[s] = rows[-1]["ratio"]
                 done_windows, done_seconds = done_windows + n, done_seconds + mo["seconds"]
                 del x
             if s == 24 and (H, W) in dense_s and te:
-                rows.append(row("speed-up: teacher s=24 / single pass", (H, W), te, dict(seconds=dense_s[(H, W)][
-                    "seconds"]), windows=n, extrapolated=rows[-1]["extrapolated"],
-                    target=f">= {TARGETS['speedup']:g}x" if (H, W) == SPEEDUP_SIZE else None))
+                rows.append(
+                    row(
+                        "speed-up: teacher s=24 / single pass",
+                        (H, W),
+                        te,
+                        dict(seconds=dense_s[(H, W)]["seconds"]),
+                        windows=n,
+                        extrapolated=rows[-1]["extrapolated"],
+                        target=f">= {TARGETS['speedup']:g}x" if (H, W) == SPEEDUP_SIZE else None,
+                    )
+                )
     return rows
 
 
 def train_step(model_fwd, params, target, x, dev, optimizer: bool):
     """(E4) one distillation step: MSE to a fixed target, backward, AdamW (or, for the bare ref., fwd + bwd only)."""
     # fused AdamW on CUDA: one kernel for all parameters instead of a few per tensor
-    opt = torch.optim.AdamW(params, lr=2e-5, weight_decay=1e-4, fused=torch.device(dev).type == "cuda") \
-        if optimizer else None
+    opt = (
+        torch.optim.AdamW(params, lr=2e-5, weight_decay=1e-4, fused=torch.device(dev).type == "cuda")
+        if optimizer
+        else None
+    )
 
     def call():
         for p in params:
@@ -295,6 +387,7 @@ def train_step(model_fwd, params, target, x, dev, optimizer: bool):
         loss.backward()
         if opt is not None:
             opt.step()
+
     return call
 
 
@@ -322,15 +415,23 @@ def bench_train(backbone, ref, size, args) -> list:
         backbone.image_tower().requires_grad_(False)
         if ref is not None:
             ref.requires_grad_(False)
-        rows.append(row(f"train step ({mode}) vs bare fwd+bwd", size, res[0], res[1] if ref is not None else None,
-                        target=f"<= {TARGETS['train']}x",
-                        note=f"{sum(p.numel() for p in params) / 1e6:.1f}M trainable params"))
+        rows.append(
+            row(
+                f"train step ({mode}) vs bare fwd+bwd",
+                size,
+                res[0],
+                res[1] if ref is not None else None,
+                target=f"<= {TARGETS['train']}x",
+                note=f"{sum(p.numel() for p in params) / 1e6:.1f}M trainable params",
+            )
+        )
     return rows
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Verdicts and output
 # ----------------------------------------------------------------------------------------------------------------
+
 
 def verdicts(rows, meta) -> list:
     """Each issue target: the worst measured value and whether it is met (targets are defined for the GPU)."""
@@ -345,30 +446,56 @@ def verdicts(rows, meta) -> list:
 
     r = worst("single pass: dense")
     if r:
-        add(f"single-pass overhead <= {TARGETS['single']}x", r["ratio"], r["ratio"] <= TARGETS["single"],
-            f"worst at {r['size']}")
+        add(
+            f"single-pass overhead <= {TARGETS['single']}x",
+            r["ratio"],
+            r["ratio"] <= TARGETS["single"],
+            f"worst at {r['size']}",
+        )
     r = worst("teacher")
     if r:
-        paper = [x for x in rows if x["what"].startswith("teacher") and x["size"] == "%dx%d" % SPEEDUP_SIZE
-                 and x["ratio"] and not x["extrapolated"]]
+        paper = [
+            x
+            for x in rows
+            if x["what"].startswith("teacher")
+            and x["size"] == "%dx%d" % SPEEDUP_SIZE
+            and x["ratio"]
+            and not x["extrapolated"]
+        ]
         at_paper = f"; at 1024x2048 worst {max(x['ratio'] for x in paper):.2f}x" if paper else ""
-        add(f"teacher overhead <= {TARGETS['teacher']}x at every stride", r["ratio"],
-            r["ratio"] <= TARGETS["teacher"], f"worst: {r['what'].split(' vs')[0]} at {r['size']}{at_paper}")
+        add(
+            f"teacher overhead <= {TARGETS['teacher']}x at every stride",
+            r["ratio"],
+            r["ratio"] <= TARGETS["teacher"],
+            f"worst: {r['what'].split(' vs')[0]} at {r['size']}{at_paper}",
+        )
     rs = [r for r in rows if r["what"].startswith("speed-up") and r["size"] == "%dx%d" % SPEEDUP_SIZE]
     if rs and rs[0]["ratio"]:
-        add(f"speed-up over the s=24 teacher >= {TARGETS['speedup']:g}x at 1024x2048", rs[0]["ratio"],
-            rs[0]["ratio"] >= TARGETS["speedup"], "extrapolated" if rs[0]["extrapolated"] else "measured")
+        add(
+            f"speed-up over the s=24 teacher >= {TARGETS['speedup']:g}x at 1024x2048",
+            rs[0]["ratio"],
+            rs[0]["ratio"] >= TARGETS["speedup"],
+            "extrapolated" if rs[0]["extrapolated"] else "measured",
+        )
     r = worst("train step")
     if r:
-        add(f"training step <= {TARGETS['train']}x of bare fwd+bwd", r["ratio"], r["ratio"] <= TARGETS["train"],
-            f"worst: {r['what'].split(' vs')[0]}")
+        add(
+            f"training step <= {TARGETS['train']}x of bare fwd+bwd",
+            r["ratio"],
+            r["ratio"] <= TARGETS["train"],
+            f"worst: {r['what'].split(' vs')[0]}",
+        )
     rs = [r for r in rows if r["what"].startswith("single pass: dense") and r["size"] == "%dx%d" % MEM_SIZE]
     if rs and rs[0]["ours_peak_bytes"] is not None:
         total = meta["image_tower_bytes"] + 3 * MEM_SIZE[0] * MEM_SIZE[1] * 4 + rs[0]["ours_peak_bytes"]
-        add(f"single pass at 4096x4096 fits in {TARGETS['mem_gib']:g} GiB", total / GiB,
+        add(
+            f"single pass at 4096x4096 fits in {TARGETS['mem_gib']:g} GiB",
+            total / GiB,
             total / GiB <= TARGETS["mem_gib"],
             f"image-tower weights {meta['image_tower_bytes'] / GiB:.2f} + fp32 input "
-            f"{3 * MEM_SIZE[0] * MEM_SIZE[1] * 4 / GiB:.2f} + peak activations {rs[0]['ours_peak_bytes'] / GiB:.2f} GiB")
+            f"{3 * MEM_SIZE[0] * MEM_SIZE[1] * 4 / GiB:.2f} + peak activations "
+            f"{rs[0]['ours_peak_bytes'] / GiB:.2f} GiB",
+        )
     return out
 
 
@@ -390,28 +517,55 @@ def fmt_mem(b):
 
 
 def markdown(rows) -> str:
-    head = ["measurement", "size", "windows", "ours", "reference", "ratio", "target", "ours FLOP/s",
-            "peak MiB ours / ref", "reps", "note"]
+    head = [
+        "measurement",
+        "size",
+        "windows",
+        "ours",
+        "reference",
+        "ratio",
+        "target",
+        "ours FLOP/s",
+        "peak MiB ours / ref",
+        "reps",
+        "note",
+    ]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         mark = "~" if r["extrapolated"] else ""
-        ratio = "—" if r["ratio"] is None else f"{mark}{r['ratio']:.2f}x" if r["ratio"] < 10 else \
-            f"{mark}{r['ratio']:.0f}x"
-        lines.append("| " + " | ".join([
-            r["what"], r["size"], "" if r["windows"] is None else f"{r['windows']:,}",
-            (mark if r["ours_s"] else "") + fmt_time(r["ours_s"]), (mark if r["ref_s"] else "") + fmt_time(r["ref_s"]),
-            ratio, r["target"] or "", fmt_rate(r["ours_tflops"], mark),
-            f"{fmt_mem(r['ours_peak_bytes'])} / {fmt_mem(r['ref_peak_bytes'])}",
-            "" if r["reps"] is None else str(r["reps"]), r["note"]]) + " |")
+        ratio = (
+            "—" if r["ratio"] is None else f"{mark}{r['ratio']:.2f}x" if r["ratio"] < 10 else f"{mark}{r['ratio']:.0f}x"
+        )
+        lines.append(
+            "| "
+            + " | ".join(
+                [
+                    r["what"],
+                    r["size"],
+                    "" if r["windows"] is None else f"{r['windows']:,}",
+                    (mark if r["ours_s"] else "") + fmt_time(r["ours_s"]),
+                    (mark if r["ref_s"] else "") + fmt_time(r["ref_s"]),
+                    ratio,
+                    r["target"] or "",
+                    fmt_rate(r["ours_tflops"], mark),
+                    f"{fmt_mem(r['ours_peak_bytes'])} / {fmt_mem(r['ref_peak_bytes'])}",
+                    "" if r["reps"] is None else str(r["reps"]),
+                    r["note"],
+                ]
+            )
+            + " |"
+        )
     return "\n".join(lines)
 
 
 def describe(meta) -> str:
-    return (f"device: {meta['device_name']} | dtype: {meta['dtype']} | torch {meta['torch']} | timm {meta['timm']} | "
-            f"backbone {meta['backbone']} (pretrained={meta['pretrained']}, K={meta['window']}) | "
-            f"teacher batch {meta['batch']} | "
-            f"warm-up {meta['warmup']}, up to {meta['reps']} reps, median | threads {meta['threads']}" +
-            ("" if meta.get("sdpa") is None else f" | timm fused SDPA attention: {meta['sdpa']}"))
+    return (
+        f"device: {meta['device_name']} | dtype: {meta['dtype']} | torch {meta['torch']} | timm {meta['timm']} | "
+        f"backbone {meta['backbone']} (pretrained={meta['pretrained']}, K={meta['window']}) | "
+        f"teacher batch {meta['batch']} | "
+        f"warm-up {meta['warmup']}, up to {meta['reps']} reps, median | threads {meta['threads']}"
+        + ("" if meta.get("sdpa") is None else f" | timm fused SDPA attention: {meta['sdpa']}")
+    )
 
 
 def cpu_name() -> str:
@@ -453,34 +607,59 @@ def build_parser(device_default: str) -> argparse.ArgumentParser:
     cpu = DEFAULTS["cpu"]
     p = argparse.ArgumentParser(
         description="Speed and memory of the single pass (E3) vs the sliding-window teacher (E1-E2) and of one "
-                    "distillation step (E4), each against a bare reference, measured in one run. "
-                    f"CPU defaults: --backbone {cpu['backbone']} --sizes {cpu['sizes']} --strides {cpu['strides']} "
-                    f"--train-size {cpu['train_size']} --warmup {cpu['warmup']} --reps {cpu['reps']} "
-                    f"--budget {cpu['budget']:g} --max-call {cpu['max_call']:g} (a few minutes on 2 cores). GPU defaults: --backbone "
-                    f"{DEFAULTS['cuda']['backbone']} --sizes {DEFAULTS['cuda']['sizes']} --strides "
-                    f"{DEFAULTS['cuda']['strides']} --train-size {DEFAULTS['cuda']['train_size']} --warmup "
-                    f"{DEFAULTS['cuda']['warmup']} --reps {DEFAULTS['cuda']['reps']} --budget {DEFAULTS['cuda']['budget']:g} "
-                    f"--max-call {DEFAULTS['cuda']['max_call']:g}.")
+        "distillation step (E4), each against a bare reference, measured in one run. "
+        f"CPU defaults: --backbone {cpu['backbone']} --sizes {cpu['sizes']} --strides {cpu['strides']} "
+        f"--train-size {cpu['train_size']} --warmup {cpu['warmup']} --reps {cpu['reps']} "
+        f"--budget {cpu['budget']:g} --max-call {cpu['max_call']:g} (a few minutes on 2 cores). "
+        f"GPU defaults: --backbone "
+        f"{DEFAULTS['cuda']['backbone']} --sizes {DEFAULTS['cuda']['sizes']} --strides "
+        f"{DEFAULTS['cuda']['strides']} --train-size {DEFAULTS['cuda']['train_size']} --warmup "
+        f"{DEFAULTS['cuda']['warmup']} --reps {DEFAULTS['cuda']['reps']} --budget {DEFAULTS['cuda']['budget']:g} "
+        f"--max-call {DEFAULTS['cuda']['max_call']:g}."
+    )
     p.add_argument("--device", default=device_default)
     p.add_argument("--backbone", default=None, help=f"one of {', '.join(BACKBONES)} (default: per device, above)")
-    p.add_argument("--pretrained", default="none",
-                   help="'none' (random weights; default, speed does not depend on them), 'default' or a file")
+    p.add_argument(
+        "--pretrained",
+        default="none",
+        help="'none' (random weights; default, speed does not depend on them), 'default' or a file",
+    )
     p.add_argument("--sizes", default=None, help="comma-separated HxW image sizes (default: per device)")
     p.add_argument("--strides", default=None, help="comma-separated teacher strides, each <= K (default: per device)")
     p.add_argument("--train-size", default=None, help="HxW of the training-step image (default: per device)")
-    p.add_argument("--batch-size", type=int, default=None, help="teacher windows per forward (default: "
-                                                                "teacher.default_batch_size, from free memory)")
-    p.add_argument("--warmup", type=int, default=None, help="warm-up rounds per measurement; 0: the first round is timed too (default: per device)")
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        help="teacher windows per forward (default: teacher.default_batch_size, from free memory)",
+    )
+    p.add_argument(
+        "--warmup",
+        type=int,
+        default=None,
+        help="warm-up rounds per measurement; 0: the first round is timed too (default: per device)",
+    )
     p.add_argument("--reps", type=int, default=None, help="timed repetitions, median reported (default: per device)")
-    p.add_argument("--budget", type=float, default=None,
-                   help=f"seconds of timed repetitions per measurement; a call longer than this runs once "
-                        f"(default: {d['budget']:g})")
-    p.add_argument("--max-call", type=float, default=None,
-                   help="teacher calls estimated longer than this many seconds are extrapolated, not run "
-                        "(default: per device)")
-    p.add_argument("--threads", type=int, default=None,
-                   help="CPU threads for torch (default: torch's own choice). On a machine shared with other jobs "
-                        "use 1: a 2-thread forward waits for the slower thread and ran 12x slower here under load")
+    p.add_argument(
+        "--budget",
+        type=float,
+        default=None,
+        help=f"seconds of timed repetitions per measurement; a call longer than this runs once "
+        f"(default: {d['budget']:g})",
+    )
+    p.add_argument(
+        "--max-call",
+        type=float,
+        default=None,
+        help="teacher calls estimated longer than this many seconds are extrapolated, not run (default: per device)",
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="CPU threads for torch (default: torch's own choice). On a machine shared with other jobs "
+        "use 1: a 2-thread forward waits for the slower thread and ran 12x slower here under load",
+    )
     p.add_argument("--no-teacher", action="store_true", help="skip (2) and (3)")
     p.add_argument("--no-train", action="store_true", help="skip (4)")
     p.add_argument("--no-trunk", action="store_true", help="skip the trunk-only single-pass rows")
@@ -502,7 +681,7 @@ def main(argv=None):
         train_size = parse_sizes(args.train_size, "--train-size")[0]
         for path in (args.json, args.markdown):
             if path:
-                check_writable(path)                        # before the minutes of measuring, not after
+                check_writable(path)  # before the minutes of measuring, not after
     except (DeviceError, ValueError, WriteError) as exc:
         fail(str(exc))
     if args.threads:
@@ -513,27 +692,40 @@ def main(argv=None):
     ref = bare_trunk(backbone)
     dev = backbone.device
     cuda = dev.type == "cuda"
-    args.batch_size = args.batch_size or default_batch_size(backbone, dev)     # once: free memory changes later
-    meta = dict(backbone=backbone.name, pretrained=str(args.pretrained), window=backbone.window, device=str(dev),
-                device_name=torch.cuda.get_device_name(dev) if cuda else cpu_name(),
-                dtype=("bf16" if torch.cuda.is_bf16_supported() else "fp16") + " autocast" if cuda else "fp32",
-                torch=torch.__version__, timm=__import__("timm").__version__, python=platform.python_version(),
-                batch=args.batch_size, warmup=args.warmup, reps=args.reps,
-                threads=torch.get_num_threads(), image_tower_bytes=param_bytes(backbone.image_tower()),
-                sdpa=getattr(backbone.blocks[0].attn, "fused_attn", None) if ref is not None else None,
-                argv=sys.argv[1:] if argv is None else list(argv))
+    args.batch_size = args.batch_size or default_batch_size(backbone, dev)  # once: free memory changes later
+    meta = dict(
+        backbone=backbone.name,
+        pretrained=str(args.pretrained),
+        window=backbone.window,
+        device=str(dev),
+        device_name=torch.cuda.get_device_name(dev) if cuda else cpu_name(),
+        dtype=("bf16" if torch.cuda.is_bf16_supported() else "fp16") + " autocast" if cuda else "fp32",
+        torch=torch.__version__,
+        timm=__import__("timm").__version__,
+        python=platform.python_version(),
+        batch=args.batch_size,
+        warmup=args.warmup,
+        reps=args.reps,
+        threads=torch.get_num_threads(),
+        image_tower_bytes=param_bytes(backbone.image_tower()),
+        sdpa=getattr(backbone.blocks[0].attn, "fused_attn", None) if ref is not None else None,
+        argv=sys.argv[1:] if argv is None else list(argv),
+    )
     print(describe(meta), flush=True)
     if ref is not None:
         K = backbone.window
         meta["agreement_native"] = agreement(backbone, ref, K, K)
         meta["agreement_2x"] = agreement(backbone, ref, K, 2 * K)
-        print(f"check: our trunk vs bare timm forward_features, rel. max diff {meta['agreement_native']:.1e} at "
-              f"{K}x{K} (native), {meta['agreement_2x']:.1e} at {K}x{2 * K} (timm resizes the position embeddings "
-              f"with antialiased bicubic, we use plain bicubic as the paper)", flush=True)
+        print(
+            f"check: our trunk vs bare timm forward_features, rel. max diff {meta['agreement_native']:.1e} at "
+            f"{K}x{K} (native), {meta['agreement_2x']:.1e} at {K}x{2 * K} (timm resizes the position embeddings "
+            f"with antialiased bicubic, we use plain bicubic as the paper)",
+            flush=True,
+        )
 
     t0 = time.perf_counter()
     rows, dense_s = bench_single(backbone, ref, sizes, args)
-    report(rows, meta, args, time.perf_counter() - t0, final=False)      # partial files, in case the run is cut
+    report(rows, meta, args, time.perf_counter() - t0, final=False)  # partial files, in case the run is cut
     if not args.no_teacher:
         rows += bench_teacher(backbone, sizes, strides, dense_s, args)
         report(rows, meta, args, time.perf_counter() - t0, final=False)
@@ -551,10 +743,19 @@ def report(rows, meta, args, seconds, final: bool) -> dict:
     scope = "" if on_target else " (defined for siglip2-b16 on a GPU; informational here)"
     lines = [f"targets{scope}:"] + [
         f"  {c['target']}: {c['value']:.2f}{'x' if 'GiB' not in c['target'] else ' GiB'} -> "
-        f"{'met' if c['met'] else 'NOT met'} ({c['detail']})" for c in checks]
-    text = (describe(meta) + "\n\n" + table + "\n\n" + "\n".join(lines) +
-            f"\n\nbenchmark wall time {seconds:.0f} s; `~` = extrapolated, not run" +
-            ("" if final else " (INCOMPLETE: the run stopped here)") + "\n")
+        f"{'met' if c['met'] else 'NOT met'} ({c['detail']})"
+        for c in checks
+    ]
+    text = (
+        describe(meta)
+        + "\n\n"
+        + table
+        + "\n\n"
+        + "\n".join(lines)
+        + f"\n\nbenchmark wall time {seconds:.0f} s; `~` = extrapolated, not run"
+        + ("" if final else " (INCOMPLETE: the run stopped here)")
+        + "\n"
+    )
     if final:
         print("\n" + text, flush=True)
     try:
@@ -565,6 +766,7 @@ def report(rows, meta, args, seconds, final: bool) -> dict:
     except WriteError as exc:
         fail(str(exc))
     return dict(meta=meta, rows=rows, targets=checks)
+
 
 if __name__ == "__main__":
     main()

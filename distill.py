@@ -22,6 +22,7 @@ to regress the teacher's raw features:
 Without `--images`, the photos bundled in assets/ are used (4 to train, 2 held out), so that
 `python distill.py --backbone tiny` runs offline in seconds on an idle 2-core CPU.  See `python distill.py --help`.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -53,17 +54,22 @@ from teacher import Teacher, TeacherError, grid_size
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ASSETS = os.path.join(HERE, "assets")
-ASSET_HELDOUT = ("chelsea.jpg", "rocket.jpg")         # held out of the bundled six (see assets/README.md)
+ASSET_HELDOUT = ("chelsea.jpg", "rocket.jpg")  # held out of the bundled six (see assets/README.md)
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
-MAX_ASPECT = 10.0             # longer / shorter side; beyond it the short-side upscale would explode the image
+MAX_ASPECT = 10.0  # longer / shorter side; beyond it the short-side upscale would explode the image
 
 # The authors' augmentation: fit (long, short) * r, r ~ U(r_min, 1); short side >= 512 ("crop": our earlier variant).
-AUGMENT = {"paper": dict(fit=(2048, 1024), r_min=0.5), "extended": dict(fit=(2560, 2560), r_min=0.2),
-           "crop": dict(fit=(2048, 1024), r_min=0.5)}
+AUGMENT = {
+    "paper": dict(fit=(2048, 1024), r_min=0.5),
+    "extended": dict(fit=(2560, 2560), r_min=0.2),
+    "crop": dict(fit=(2048, 1024), r_min=0.5),
+}
 MIN_SIDE = 512
-TRAIN_PARTS = "blk_N, qkv_N, mlp_N (N may be negative: blk_-1 is the last block), attn_pool_kv, posembed, patchembed, all"
-EVAL_LONG_SIDES = (1024, 3072)                        # held-out report: inside / beyond the paper's training sizes
-TINY_SCALE = 0.25             # tiny backbone: K = 128 = 512 / 4, so every pixel size of the recipe is scaled by 1/4
+TRAIN_PARTS = (
+    "blk_N, qkv_N, mlp_N (N may be negative: blk_-1 is the last block), attn_pool_kv, posembed, patchembed, all"
+)
+EVAL_LONG_SIDES = (1024, 3072)  # held-out report: inside / beyond the paper's training sizes
+TINY_SCALE = 0.25  # tiny backbone: K = 128 = 512 / 4, so every pixel size of the recipe is scaled by 1/4
 
 
 class DistillError(RuntimeError):
@@ -77,6 +83,7 @@ class ImageSkip(Exception):
 # ----------------------------------------------------------------------------------------------------------------
 # Small utilities: logging, atomic writes, distributed helpers
 # ----------------------------------------------------------------------------------------------------------------
+
 
 def log(msg: str):
     """One line to stderr that does not break the tqdm bars; prefixed with the rank under torchrun."""
@@ -132,7 +139,7 @@ def file_sha1(path: str) -> str | None:
 
 def seeded_rng(*parts) -> random.Random:
     """An RNG that depends only on its parts (e.g. seed and file name), not on the order images are processed."""
-    digest = hashlib.sha1(os.fsencode("/".join(str(p) for p in parts))).digest()     # any file name, even non-UTF-8
+    digest = hashlib.sha1(os.fsencode("/".join(str(p) for p in parts))).digest()  # any file name, even non-UTF-8
     return random.Random(int.from_bytes(digest[:8], "little"))
 
 
@@ -140,9 +147,10 @@ def seeded_rng(*parts) -> random.Random:
 # Images: careful reading, the augmentation recipe (stage 1)
 # ----------------------------------------------------------------------------------------------------------------
 
+
 def natural_key(name: str) -> list:
     """Sort key that orders the numbers inside names by value: sa_2.jpg before sa_10.jpg (SA-1B ids)."""
-    return [int(tok) if i % 2 else tok for i, tok in enumerate(re.split(r"(\d+)", name))]    # odd: the digit runs
+    return [int(tok) if i % 2 else tok for i, tok in enumerate(re.split(r"(\d+)", name))]  # odd: the digit runs
 
 
 def list_images(folder: str) -> list[str]:
@@ -156,8 +164,9 @@ def list_images(folder: str) -> list[str]:
             if f.lower().endswith(IMAGE_EXTS) and not f.startswith(".") and regular_file(os.path.join(root, f)):
                 found.append(os.path.relpath(os.path.join(root, f), folder))
     if not found:
-        raise DistillError(f"no images ({', '.join(IMAGE_EXTS)}) found in '{folder}'; point --images at a folder "
-                           f"of photos.")
+        raise DistillError(
+            f"no images ({', '.join(IMAGE_EXTS)}) found in '{folder}'; point --images at a folder of photos."
+        )
     return sorted(found, key=lambda f: (natural_key(f), f))
 
 
@@ -170,7 +179,7 @@ def regular_file(path: str) -> bool:
     except FileNotFoundError:
         reason = "a symbolic link to nothing (its target does not exist)"
     except OSError as exc:
-        reason = exc.strerror or type(exc).__name__          # e.g. "Too many levels of symbolic links" (a loop)
+        reason = exc.strerror or type(exc).__name__  # e.g. "Too many levels of symbolic links" (a loop)
     log(f"skip: '{path}': {reason}.")
     return False
 
@@ -222,21 +231,22 @@ def make_recipe(rng: random.Random, W: int, H: int, mode: str, scale: float, pat
     r = rng.uniform(cfg["r_min"], 1.0)
     fit_long, fit_short = int(cfg["fit"][0] * scale * r), int(cfg["fit"][1] * scale * r)
     f = min(fit_long / max(W, H), fit_short / min(W, H))
-    W1, H1 = int(W * f + 0.5), int(H * f + 0.5)                        # step 1 (rounding half up, as the authors)
+    W1, H1 = int(W * f + 0.5), int(H * f + 0.5)  # step 1 (rounding half up, as the authors)
     stretch = crop = None
-    if min(W1, H1) < m:                                                # step 2: upscale, never crop
+    if min(W1, H1) < m:  # step 2: upscale, never crop
         s = m / min(W1, H1)
         stretch = [max(int(W1 * s), m) // patch * patch, max(int(H1 * s), m) // patch * patch]
-    elif rng.random() < 0.5:                                           # step 3: the full image
+    elif rng.random() < 0.5:  # step 3: the full image
         stretch = [W1 // patch * patch, H1 // patch * patch]
-    else:                                                              # step 4: a crop, sides in [0.4 side, side]
+    else:  # step 4: a crop, sides in [0.4 side, side]
         ch = max(rng.randint(2 * H1 // 5, H1), m) // patch * patch
         cw = max(rng.randint(2 * W1 // 5, W1), m) // patch * patch
         y, x = rng.randint(0, H1 - ch), rng.randint(0, W1 - cw)
         crop = [x, y, cw, ch]
     final = stretch if stretch else crop[2:]
-    return dict(augment=mode, r=r, resize=[W1, H1], stretch=stretch, crop=crop, final=list(final),
-                flip=rng.random() < 0.5)                                # step 5
+    return dict(
+        augment=mode, r=r, resize=[W1, H1], stretch=stretch, crop=crop, final=list(final), flip=rng.random() < 0.5
+    )  # step 5
 
 
 def crop_recipe(rng: random.Random, W: int, H: int, scale: float, patch: int) -> dict:
@@ -246,22 +256,21 @@ def crop_recipe(rng: random.Random, W: int, H: int, scale: float, patch: int) ->
     cfg, m = AUGMENT["crop"], min_side(scale, patch)
     r = rng.uniform(cfg["r_min"], 1.0)
     fit_long, fit_short = cfg["fit"][0] * r * scale, cfg["fit"][1] * r * scale
-    f = min(fit_long / max(W, H), fit_short / min(W, H))               # mmcv-style keep-ratio "fit"
+    f = min(fit_long / max(W, H), fit_short / min(W, H))  # mmcv-style keep-ratio "fit"
     W1, H1 = max(1, round(W * f)), max(1, round(H * f))
     crop = None
-    if rng.random() >= 0.5:                                            # p = 0.5: random crop, sides >= min side
+    if rng.random() >= 0.5:  # p = 0.5: random crop, sides >= min side
         cw = min(W1, max(m, round(rng.uniform(0.4 * W1, W1))))
         ch = min(H1, max(m, round(rng.uniform(0.4 * H1, H1))))
         crop = [rng.randint(0, W1 - cw), rng.randint(0, H1 - ch), cw, ch]
     W2, H2 = (crop[2], crop[3]) if crop else (W1, H1)
     upscale = None
-    if min(W2, H2) < m:                                                # short side -> min side, keeping the ratio
+    if min(W2, H2) < m:  # short side -> min side, keeping the ratio
         s = m / min(W2, H2)
         upscale = [max(m, round(W2 * s)), max(m, round(H2 * s))]
         W2, H2 = upscale
     final = [max(patch, W2 // patch * patch), max(patch, H2 // patch * patch)]
-    return dict(augment="crop", r=r, resize=[W1, H1], crop=crop, upscale=upscale, final=final,
-                flip=rng.random() < 0.5)
+    return dict(augment="crop", r=r, resize=[W1, H1], crop=crop, upscale=upscale, final=final, flip=rng.random() < 0.5)
 
 
 def resize_bilinear(x: torch.Tensor, size: list[int]) -> torch.Tensor:
@@ -278,16 +287,16 @@ def apply_recipe(im: Image.Image, rc: dict) -> Image.Image:
     """Replay a recipe from `make_recipe` (or `eval_recipe`) on an RGB image."""
     if rc["augment"] in ("crop", "eval"):
         return apply_pil_recipe(im, rc)
-    x = torch.from_numpy(np.array(im, dtype=np.uint8)).permute(2, 0, 1)       # (3, H, W)
+    x = torch.from_numpy(np.array(im, dtype=np.uint8)).permute(2, 0, 1)  # (3, H, W)
     if rc["resize"]:
-        x = resize_bilinear(x, rc["resize"])                                  # step 1
+        x = resize_bilinear(x, rc["resize"])  # step 1
     if rc["stretch"]:
-        x = resize_bilinear(x, rc["stretch"])                                 # steps 2-3
+        x = resize_bilinear(x, rc["stretch"])  # steps 2-3
     if rc["crop"]:
         cx, cy, cw, ch = rc["crop"]
-        x = x[:, cy:cy + ch, cx:cx + cw]                                      # step 4
+        x = x[:, cy : cy + ch, cx : cx + cw]  # step 4
     if rc["flip"]:
-        x = x.flip(-1)                                                        # step 5
+        x = x.flip(-1)  # step 5
     return Image.fromarray(x.permute(1, 2, 0).contiguous().numpy())
 
 
@@ -317,32 +326,38 @@ def eval_recipe(W: int, H: int, long_side: int, patch: int) -> dict:
 # Jobs: which image goes where
 # ----------------------------------------------------------------------------------------------------------------
 
+
 def item_id(rel: str, suffix: str = "") -> str:
     stem = "".join(c if c.isalnum() or c in "-_" else "_" for c in os.path.splitext(os.path.basename(rel))[0])
-    return f"{stem[:40]}-{hashlib.sha1(os.fsencode(rel)).hexdigest()[:8]}{suffix}"     # fsencode: any file name
+    return f"{stem[:40]}-{hashlib.sha1(os.fsencode(rel)).hexdigest()[:8]}{suffix}"  # fsencode: any file name
 
 
 def split_images(args) -> tuple[str, list[str], str, list[str]]:
     """(train folder, train files, held-out folder, held-out files), files relative to their folder."""
-    if args.images is None:                                          # the bundled photos, fixed split
+    if args.images is None:  # the bundled photos, fixed split
         files = list_images(ASSETS)
         return ASSETS, [f for f in files if f not in ASSET_HELDOUT], ASSETS, [f for f in files if f in ASSET_HELDOUT]
     files = list_images(args.images)
     if args.heldout:
         train, held_dir, held = files, args.heldout, list_images(args.heldout)
-        both = {os.path.realpath(os.path.join(args.images, f)) for f in train} & \
-            {os.path.realpath(os.path.join(args.heldout, f)) for f in held}
+        both = {os.path.realpath(os.path.join(args.images, f)) for f in train} & {
+            os.path.realpath(os.path.join(args.heldout, f)) for f in held
+        }
         if both:
-            raise DistillError(f"{len(both)} file(s) are both in --images and --heldout (e.g. '{sorted(both)[0]}'); "
-                               f"held-out images must not be trained on.")
+            raise DistillError(
+                f"{len(both)} file(s) are both in --images and --heldout (e.g. '{sorted(both)[0]}'); "
+                f"held-out images must not be trained on."
+            )
     else:
         if len(files) < 2:
-            raise DistillError(f"'{args.images}' holds {len(files)} image; distillation needs at least 2 (one is "
-                               f"held out for the report), or pass --heldout DIR.")
+            raise DistillError(
+                f"'{args.images}' holds {len(files)} image; distillation needs at least 2 (one is "
+                f"held out for the report), or pass --heldout DIR."
+            )
         n = max(1, min(args.num_heldout, len(files) - 1))
-        train, held_dir, held = files[:-n], args.images, files[-n:]      # the last n by name are held out
+        train, held_dir, held = files[:-n], args.images, files[-n:]  # the last n by name are held out
     if args.max_images:
-        train = train[:args.max_images]
+        train = train[: args.max_images]
     return args.images, train, held_dir, held
 
 
@@ -352,8 +367,14 @@ def make_jobs(args, patch: int) -> list[dict]:
     jobs = []
     for rel in train:
         src = os.path.join(train_dir, rel)
-        key = dict(source=os.path.abspath(src), bytes=os.path.getsize(src), augment=args.augment,
-                   scale=args.aug_scale, seed=args.seed, patch=patch)
+        key = dict(
+            source=os.path.abspath(src),
+            bytes=os.path.getsize(src),
+            augment=args.augment,
+            scale=args.aug_scale,
+            seed=args.seed,
+            patch=patch,
+        )
         jobs.append(dict(id=item_id(rel), kind="train", src=src, rel=rel, key=key))
     for rel in held:
         src = os.path.join(held_dir, rel)
@@ -371,6 +392,7 @@ def job_dir(run: str, job: dict) -> str:
 # Stage 1: augment once, store the pixels
 # ----------------------------------------------------------------------------------------------------------------
 
+
 def stage_augment(jobs: list[dict], run: str, args, patch: int) -> list[dict]:
     """Write <id>.png + <id>.json for every job (this rank's share); returns the items usable by every rank."""
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
@@ -382,7 +404,7 @@ def stage_augment(jobs: list[dict], run: str, args, patch: int) -> list[dict]:
         if meta and meta.get("key") == job["key"]:
             if file_sha1(os.path.join(run, meta["image"])) == meta.get("sha1"):
                 done += 1
-                continue                                               # finished in an earlier run
+                continue  # finished in an earlier run
             log(f"redo: '{meta['image']}' is missing or corrupt (its sha1 differs from the one recorded).")
         try:
             im = read_image(job["src"], min_side=patch)
@@ -397,19 +419,29 @@ def stage_augment(jobs: list[dict], run: str, args, patch: int) -> list[dict]:
             recipe = eval_recipe(W, H, job["long"], patch)
         out = apply_recipe(im, recipe)
         buf = io.BytesIO()
-        out.save(buf, format="PNG", compress_level=1)                 # lossless: teacher and student see these pixels
+        out.save(buf, format="PNG", compress_level=1)  # lossless: teacher and student see these pixels
         png = buf.getvalue()
         rel_png = os.path.join(os.path.basename(job_dir(run, job)), job["id"] + ".png")
         atomic_write(os.path.join(run, rel_png), lambda f: f.write(png))
-        write_json(meta_path, dict(id=job["id"], kind=job["kind"], key=job["key"], recipe=recipe, image=rel_png,
-                                   size=[out.height, out.width], sha1=hashlib.sha1(png).hexdigest(),
-                                   source_size=[H, W]))                # written last: its presence means "done"
+        write_json(
+            meta_path,
+            dict(
+                id=job["id"],
+                kind=job["kind"],
+                key=job["key"],
+                recipe=recipe,
+                image=rel_png,
+                size=[out.height, out.width],
+                sha1=hashlib.sha1(png).hexdigest(),
+                source_size=[H, W],
+            ),
+        )  # written last: its presence means "done"
         made += 1
     if skipped or done:
         log(f"stage 1: {made} image(s) prepared, {done} already done in an earlier run, {skipped} skipped")
     barrier()
     items = []
-    for job in jobs:                                                   # every rank reads every rank's results
+    for job in jobs:  # every rank reads every rank's results
         meta = read_json(os.path.join(job_dir(run, job), job["id"] + ".json"))
         if meta and meta.get("key") == job["key"]:
             items.append(meta)
@@ -420,13 +452,20 @@ def stage_augment(jobs: list[dict], run: str, args, patch: int) -> list[dict]:
 # Stage 2: cached teacher targets (E1-E2)
 # ----------------------------------------------------------------------------------------------------------------
 
+
 def target_path(run: str, item: dict) -> str:
     return os.path.join(run, "targets", item["id"] + ".pt")
 
 
 def teacher_key(backbone, args) -> dict:
-    return dict(backbone=backbone.name, pretrained=str(args.pretrained), window=backbone.window, stride=args.stride,
-                precision=args.precision, target_dtype=args.target_dtype)
+    return dict(
+        backbone=backbone.name,
+        pretrained=str(args.pretrained),
+        window=backbone.window,
+        stride=args.stride,
+        precision=args.precision,
+        target_dtype=args.target_dtype,
+    )
 
 
 def target_valid(path: str, item: dict, key: dict, backbone) -> bool:
@@ -436,10 +475,12 @@ def target_valid(path: str, item: dict, key: dict, backbone) -> bool:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         H, W = item["size"]
-        meta = {k: v for k, v in obj["meta"].items() if k != "rank"}      # rank: who wrote it (for the record)
-        return (meta == dict(key, image_sha1=item["sha1"]) and
-                tuple(obj["target"].shape) == (*grid_size(backbone, H, W), backbone.dim))
-    except Exception:                                                  # truncated / foreign file: recompute it
+        meta = {k: v for k, v in obj["meta"].items() if k != "rank"}  # rank: who wrote it (for the record)
+        return meta == dict(key, image_sha1=item["sha1"]) and tuple(obj["target"].shape) == (
+            *grid_size(backbone, H, W),
+            backbone.dim,
+        )
+    except Exception:  # truncated / foreign file: recompute it
         log(f"recomputing '{path}': the cached file is unreadable or stale.")
         return False
 
@@ -450,13 +491,13 @@ def compute_target(teacher: Teacher, backbone, item: dict, run: str, device, dty
     except OSError as exc:
         raise ImageSkip(f"its stored image '{item['image']}' is unreadable ({exc}); delete it to redo it") from exc
     x = backbone.normalize(img[None].to(device).float() / 255.0)
-    target = teacher(x)[0].float()                                     # (h, w, C): (E1) windows, (E2) stitched
+    target = teacher(x)[0].float()  # (h, w, C): (E1) windows, (E2) stitched
     if not torch.isfinite(target).all():
         raise ImageSkip("the teacher's features are not finite")
     if dtype == "fp32":
         return target
-    half = target.half()                                               # 12 MB instead of 24 at 1024 x 2048
-    return half if torch.isfinite(half).all() else target              # fp16 unless it would overflow
+    half = target.half()  # 12 MB instead of 24 at 1024 x 2048
+    return half if torch.isfinite(half).all() else target  # fp16 unless it would overflow
 
 
 def stage_teacher(items: list[dict], run: str, backbone, teacher: Teacher, args) -> list[dict]:
@@ -488,6 +529,7 @@ def stage_teacher(items: list[dict], run: str, backbone, teacher: Teacher, args)
 # Stage 3: the regression (E4)
 # ----------------------------------------------------------------------------------------------------------------
 
+
 class CachedPairs(torch.utils.data.Dataset):
     """(augmented image as uint8, cached teacher target) pairs, read from the run folder."""
 
@@ -503,8 +545,10 @@ class CachedPairs(torch.utils.data.Dataset):
             img = image_tensor(os.path.join(self.run, item["image"]))
             target = torch.load(target_path(self.run, item), map_location="cpu", weights_only=True)["target"]
         except Exception as exc:
-            raise DistillError(f"the cached image or target of '{item['id']}' vanished or is corrupt; run the same "
-                               f"command again with --resume (it is recomputed, training continues).") from exc
+            raise DistillError(
+                f"the cached image or target of '{item['id']}' vanished or is corrupt; run the same "
+                f"command again with --resume (it is recomputed, training continues)."
+            ) from exc
         return img, target
 
 
@@ -520,7 +564,7 @@ def parse_train(spec: str) -> list[str]:
 def train_parameters(backbone, parts: list[str]) -> list[torch.nn.Parameter]:
     """The parameters each --train part names (the authors' vocabulary), for SigLIP-style and OpenCLIP towers."""
     tower = backbone.image_tower()
-    trunk = getattr(tower, "trunk", tower)             # SigLIP / tiny: the timm trunk; OpenCLIP: the tower itself
+    trunk = getattr(tower, "trunk", tower)  # SigLIP / tiny: the timm trunk; OpenCLIP: the tower itself
     blocks = list(backbone.blocks)
     chosen = []
     for part in parts:
@@ -533,22 +577,26 @@ def train_parameters(backbone, parts: list[str]) -> list[torch.nn.Parameter]:
         elif part == "attn_pool_kv":
             pool = getattr(trunk, "attn_pool", None)
             if pool is None or not hasattr(pool, "kv"):
-                raise DistillError(f"--train attn_pool_kv: {backbone.name} has no attention-pooling head (it pools "
-                                   f"with a CLS token); name other parts ({TRAIN_PARTS}).")
+                raise DistillError(
+                    f"--train attn_pool_kv: {backbone.name} has no attention-pooling head (it pools "
+                    f"with a CLS token); name other parts ({TRAIN_PARTS})."
+                )
             chosen += pool.kv.parameters()
         else:
             kind, n = part.split("_")
             if not -len(blocks) <= int(n) < len(blocks):
-                raise DistillError(f"--train {part}: {backbone.name} has {len(blocks)} blocks, numbered 0.."
-                                   f"{len(blocks) - 1} or -1..-{len(blocks)} from the end.")
+                raise DistillError(
+                    f"--train {part}: {backbone.name} has {len(blocks)} blocks, numbered 0.."
+                    f"{len(blocks) - 1} or -1..-{len(blocks)} from the end."
+                )
             blk = blocks[int(n)]
             if kind == "blk":
                 chosen += blk.parameters()
             elif kind == "mlp":
                 chosen += blk.mlp.parameters()
-            elif hasattr(blk.attn, "qkv"):                 # timm: one fused Linear
+            elif hasattr(blk.attn, "qkv"):  # timm: one fused Linear
                 chosen += blk.attn.qkv.parameters()
-            else:                                          # nn.MultiheadAttention (OpenCLIP)
+            else:  # nn.MultiheadAttention (OpenCLIP)
                 chosen += [p for p in (blk.attn.in_proj_weight, blk.attn.in_proj_bias) if p is not None]
     return chosen
 
@@ -574,8 +622,10 @@ def select_trainable(backbone, parts: list[str]) -> list[str]:
         prm.grad = None
     # ASSIGNMENT 5 END
     if not names:
-        raise DistillError(f"--train {','.join(parts)} names no parameter that the dense features use; name "
-                           f"blocks, e.g. blk_-1,blk_-2.")
+        raise DistillError(
+            f"--train {','.join(parts)} names no parameter that the dense features use; name "
+            f"blocks, e.g. blk_-1,blk_-2."
+        )
     return names
 
 
@@ -587,10 +637,10 @@ def epoch_order(n: int, batch: int, seed: int, epoch: int, shuffle: bool, world:
         order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100003 + epoch)).tolist()
     total = math.ceil(n / batch) * batch
     order = (order * math.ceil(total / n))[:total]
-    return order[rank::world]            # step k of every rank together: order[k * batch:(k + 1) * batch]
+    return order[rank::world]  # step k of every rank together: order[k * batch:(k + 1) * batch]
 
 
-LOSS_SYNC_EVERY = 20          # read the loss back to the host (a GPU sync) only every N steps
+LOSS_SYNC_EVERY = 20  # read the loss back to the host (a GPU sync) only every N steps
 
 
 def image_loss(model, img, target, backbone, device, precision: str) -> torch.Tensor:
@@ -599,8 +649,8 @@ def image_loss(model, img, target, backbone, device, precision: str) -> torch.Te
     x = backbone.normalize(img.to(device, non_blocking=True)[None].float() / 255.0)
     target = target.to(device, non_blocking=True)[None].float()
     with autocast(device, precision):
-        feats = model(x)                                              # (1, h, w, C)
-    return F.mse_loss(feats.float(), target)                          # (E4): mean over h * w * C
+        feats = model(x)  # (1, h, w, C)
+    return F.mse_loss(feats.float(), target)  # (E4): mean over h * w * C
     # ASSIGNMENT 5 END
 
 
@@ -613,7 +663,7 @@ def train_step(model, optimizer, scaler, batch: list, backbone, device, precisio
     optimizer.zero_grad(set_to_none=True)
     total = torch.zeros((), dtype=torch.float64, device=device)
     for i, (img, target) in enumerate(batch):
-        syncs = i == len(batch) - 1 or not hasattr(model, "no_sync")   # DDP: one all-reduce, after the last image
+        syncs = i == len(batch) - 1 or not hasattr(model, "no_sync")  # DDP: one all-reduce, after the last image
         with contextlib.nullcontext() if syncs else model.no_sync():
             loss = image_loss(model, img, target, backbone, device, precision)
             scaler.scale(loss / len(batch)).backward()
@@ -626,12 +676,25 @@ def train_step(model, optimizer, scaler, batch: list, backbone, device, precisio
 def run_settings(args) -> dict:
     """What a run must keep constant to be resumed (all that changes targets, augmentation or training; not
     --epochs): written to OUT/settings.json before any work and checked there by --resume."""
-    return dict(backbone=args.backbone, pretrained=str(args.pretrained), stride=args.stride, train=args.train,
-                lr=args.lr, weight_decay=args.weight_decay, batch_size=args.batch_size, precision=args.precision,
-                target_dtype=args.target_dtype, augment=args.augment, aug_scale=args.aug_scale, seed=args.seed,
-                shuffle=args.shuffle, keep=args.keep, max_images=args.max_images,
-                images=os.path.abspath(args.images) if args.images else "assets",
-                world_size=dist.get_world_size() if dist.is_initialized() else 1)
+    return dict(
+        backbone=args.backbone,
+        pretrained=str(args.pretrained),
+        stride=args.stride,
+        train=args.train,
+        lr=args.lr,
+        weight_decay=args.weight_decay,
+        batch_size=args.batch_size,
+        precision=args.precision,
+        target_dtype=args.target_dtype,
+        augment=args.augment,
+        aug_scale=args.aug_scale,
+        seed=args.seed,
+        shuffle=args.shuffle,
+        keep=args.keep,
+        max_images=args.max_images,
+        images=os.path.abspath(args.images) if args.images else "assets",
+        world_size=dist.get_world_size() if dist.is_initialized() else 1,
+    )
 
 
 def save_state(run, backbone, names, optimizer, scaler, state, settings, with_student: bool = True):
@@ -639,16 +702,33 @@ def save_state(run, backbone, names, optimizer, scaler, state, settings, with_st
     position): a kill between the two makes --resume redo that step, which rewrites the same student.pt."""
     tower = backbone.image_tower()
     if with_student:
-        save_torch(os.path.join(run, "student.pt"), dict(
-            format=student.CHECKPOINT_FORMAT, backbone=backbone.name,
-            settings=dict(settings, epochs_done=state["epoch"], step_in_epoch=state["step"],
-                          train_loss=state["kept"]["loss"] if state["kept"] else None),
-            image_tower={k: v.detach().cpu() for k, v in tower.state_dict().items()}))
+        save_torch(
+            os.path.join(run, "student.pt"),
+            dict(
+                format=student.CHECKPOINT_FORMAT,
+                backbone=backbone.name,
+                settings=dict(
+                    settings,
+                    epochs_done=state["epoch"],
+                    step_in_epoch=state["step"],
+                    train_loss=state["kept"]["loss"] if state["kept"] else None,
+                ),
+                image_tower={k: v.detach().cpu() for k, v in tower.state_dict().items()},
+            ),
+        )
     params = dict(tower.named_parameters())
-    save_torch(os.path.join(run, "resume.pt"), dict(
-        format="spar-resume", settings=settings, trainable=names, state=state,
-        params={n: params[n].detach().cpu() for n in names},
-        optimizer=optimizer.state_dict(), scaler=scaler.state_dict()))
+    save_torch(
+        os.path.join(run, "resume.pt"),
+        dict(
+            format="spar-resume",
+            settings=settings,
+            trainable=names,
+            state=state,
+            params={n: params[n].detach().cpu() for n in names},
+            optimizer=optimizer.state_dict(),
+            scaler=scaler.state_dict(),
+        ),
+    )
 
 
 def load_state(run, backbone, names, optimizer, scaler, settings) -> dict:
@@ -657,14 +737,18 @@ def load_state(run, backbone, names, optimizer, scaler, settings) -> dict:
     try:
         ck = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise DistillError(f"cannot read '{path}' ({type(exc).__name__}); the run cannot be resumed, start it "
-                           f"again without --resume (the caches are kept).") from exc
+        raise DistillError(
+            f"cannot read '{path}' ({type(exc).__name__}); the run cannot be resumed, start it "
+            f"again without --resume (the caches are kept)."
+        ) from exc
     old = {k: v for k, v in ck["settings"].items()}
     diff = [k for k in settings if old.get(k) != settings[k]]
     if diff:
         k = diff[0]
-        raise DistillError(f"cannot resume: '{run}' was trained with {k}={old.get(k)!r}, now {settings[k]!r}; "
-                           f"use the same settings (only --epochs may change) or a new --out.")
+        raise DistillError(
+            f"cannot resume: '{run}' was trained with {k}={old.get(k)!r}, now {settings[k]!r}; "
+            f"use the same settings (only --epochs may change) or a new --out."
+        )
     if ck["trainable"] != names:
         raise DistillError(f"cannot resume: '{path}' trained other parameters than these; use a new --out.")
     params = dict(backbone.image_tower().named_parameters())
@@ -684,8 +768,9 @@ def stage_train(items: list[dict], run: str, backbone, args) -> dict:
     names = select_trainable(backbone, parse_train(args.train))
     params = dict(backbone.image_tower().named_parameters())
     # fused=True on GPU: one kernel updates every parameter (matters for --train all, 93M parameters)
-    optimizer = torch.optim.AdamW([params[n] for n in names], lr=args.lr, weight_decay=args.weight_decay,
-                                  fused=device.type == "cuda")
+    optimizer = torch.optim.AdamW(
+        [params[n] for n in names], lr=args.lr, weight_decay=args.weight_decay, fused=device.type == "cuda"
+    )
     # loss scaling for fp16 only (the paper's GradScaler); bf16 and fp32 need none, and on CPU autocast is off
     scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and args.precision == "fp16")
     state = dict(epoch=0, step=0, loss_sum=0.0, loss_n=0, history=[], kept=None)
@@ -699,24 +784,38 @@ def stage_train(items: list[dict], run: str, backbone, args) -> dict:
     model = backbone
     if world > 1:
         model = torch.nn.parallel.DistributedDataParallel(
-            backbone, device_ids=[device.index] if device.type == "cuda" else None)
+            backbone, device_ids=[device.index] if device.type == "cuda" else None
+        )
     data = CachedPairs(items, run)
-    per_rank = args.batch_size // world                              # images per process and step (divides: checked)
+    per_rank = args.batch_size // world  # images per process and step (divides: checked)
     steps = math.ceil(len(items) / args.batch_size)
     n_trainable = sum(params[n].numel() for n in names)
     if is_main() and state["epoch"] < args.epochs:
-        log(f"stage 3: {len(items)} training image(s), {world} process(es), global batch {args.batch_size} "
+        log(
+            f"stage 3: {len(items)} training image(s), {world} process(es), global batch {args.batch_size} "
             f"({per_rank} per process), {steps} step(s)/epoch, {n_trainable / 1e6:.2f}M trainable parameters "
-            f"(--train {args.train})")
+            f"(--train {args.train})"
+        )
     for epoch in range(state["epoch"], args.epochs):
         order = epoch_order(len(items), args.batch_size, args.seed, epoch, args.shuffle, world, rank)
-        loader = torch.utils.data.DataLoader(data, batch_size=per_rank, sampler=order[state["step"] * per_rank:],
-                                             collate_fn=list, num_workers=args.workers,
-                                             pin_memory=device.type == "cuda")
-        bar = tqdm(loader, total=steps, initial=state["step"], desc=f"3/4 train epoch {epoch + 1}/{args.epochs}",
-                   unit="step", disable=not is_main())
+        loader = torch.utils.data.DataLoader(
+            data,
+            batch_size=per_rank,
+            sampler=order[state["step"] * per_rank :],
+            collate_fn=list,
+            num_workers=args.workers,
+            pin_memory=device.type == "cuda",
+        )
+        bar = tqdm(
+            loader,
+            total=steps,
+            initial=state["step"],
+            desc=f"3/4 train epoch {epoch + 1}/{args.epochs}",
+            unit="step",
+            disable=not is_main(),
+        )
         base = state["loss_sum"]
-        running = torch.zeros((), dtype=torch.float64, device=device)     # summed on the device: no sync per step
+        running = torch.zeros((), dtype=torch.float64, device=device)  # summed on the device: no sync per step
         for batch in bar:
             running += train_step(model, optimizer, scaler, batch, backbone, device, args.precision)
             state["step"] += 1
@@ -734,17 +833,23 @@ def stage_train(items: list[dict], run: str, backbone, args) -> dict:
         loss = (mean[0] / max(mean[1], 1)).item()
         state["history"].append(dict(epoch=epoch + 1, loss=loss))
         keep = args.keep == "last" or state["kept"] is None or loss < state["kept"]["loss"]
-        if keep:                                           # the paper keeps the epoch of lowest mean training loss
+        if keep:  # the paper keeps the epoch of lowest mean training loss
             state["kept"] = dict(epoch=epoch + 1, loss=loss)
         state.update(epoch=epoch + 1, step=0, loss_sum=0.0, loss_n=0)
         if is_main():
-            save_state(run, backbone, names, optimizer, scaler, state, settings, keep)   # atomically, every epoch
-            log(f"epoch {epoch + 1}: mean loss {loss:.5g}; " + (f"checkpoint '{student_path}'" if keep else
-                f"'{student_path}' keeps epoch {state['kept']['epoch']} (lower loss)"))
+            save_state(run, backbone, names, optimizer, scaler, state, settings, keep)  # atomically, every epoch
+            log(
+                f"epoch {epoch + 1}: mean loss {loss:.5g}; "
+                + (
+                    f"checkpoint '{student_path}'"
+                    if keep
+                    else f"'{student_path}' keeps epoch {state['kept']['epoch']} (lower loss)"
+                )
+            )
         barrier()
-    if is_main() and not os.path.isfile(student_path):               # --epochs 0: the pre-trained weights
+    if is_main() and not os.path.isfile(student_path):  # --epochs 0: the pre-trained weights
         save_state(run, backbone, names, optimizer, scaler, state, settings)
-    if is_main() and state["kept"] and state["kept"]["epoch"] != state["epoch"]:    # report the kept weights
+    if is_main() and state["kept"] and state["kept"]["epoch"] != state["epoch"]:  # report the kept weights
         kept = torch.load(student_path, map_location="cpu", weights_only=True)["image_tower"]
         backbone.image_tower().load_state_dict(kept)
     backbone.requires_grad_(False)
@@ -754,6 +859,7 @@ def stage_train(items: list[dict], run: str, backbone, args) -> dict:
 # ----------------------------------------------------------------------------------------------------------------
 # Stage 4: held-out report
 # ----------------------------------------------------------------------------------------------------------------
+
 
 @torch.no_grad()
 def evaluate(backbone, items: list[dict], run: str, device, label: str, precision: str = "fp32") -> dict:
@@ -774,25 +880,42 @@ def evaluate(backbone, items: list[dict], run: str, device, label: str, precisio
     return out
 
 
-def report(before: dict, after: dict, train_items: list[dict], state: dict, run: str, settings: dict,
-           wall: float) -> dict:
+def report(
+    before: dict, after: dict, train_items: list[dict], state: dict, run: str, settings: dict, wall: float
+) -> dict:
     longs = [max(it["size"]) for it in train_items]
     lo, hi = min(longs), max(longs)
     rows = []
     for L in sorted(before):
-        rows.append(dict(long_side=L, images=before[L]["images"], seen_in_training=bool(lo <= L <= hi),
-                         before=dict(mse=before[L]["mse"], cos=before[L]["cos"]),
-                         after=dict(mse=after[L]["mse"], cos=after[L]["cos"])))
+        rows.append(
+            dict(
+                long_side=L,
+                images=before[L]["images"],
+                seen_in_training=bool(lo <= L <= hi),
+                before=dict(mse=before[L]["mse"], cos=before[L]["cos"]),
+                after=dict(mse=after[L]["mse"], cos=after[L]["cos"]),
+            )
+        )
     kept = state["kept"]["epoch"] if state["kept"] else 0
     print(f"\nheld-out student vs teacher (training long sides {lo}-{hi} px; after = the kept epoch {kept})")
-    print(f"{'long side':>9} {'images':>6} {'in training?':>13} | {'MSE before':>10} {'MSE after':>10} | "
-          f"{'cos before':>10} {'cos after':>10}")
+    print(
+        f"{'long side':>9} {'images':>6} {'in training?':>13} | {'MSE before':>10} {'MSE after':>10} | "
+        f"{'cos before':>10} {'cos after':>10}"
+    )
     for r in rows:
         seen = "yes" if r["seen_in_training"] else "no (unseen)"
-        print(f"{r['long_side']:>9} {r['images']:>6} {seen:>13} | {r['before']['mse']:>10.5g} "
-              f"{r['after']['mse']:>10.5g} | {r['before']['cos']:>10.4f} {r['after']['cos']:>10.4f}")
-    metrics = dict(heldout=rows, train_loss=state["history"], kept_epoch=kept, train_long_sides=[lo, hi],
-                   settings=settings, wall_time_s=round(wall, 1))
+        print(
+            f"{r['long_side']:>9} {r['images']:>6} {seen:>13} | {r['before']['mse']:>10.5g} "
+            f"{r['after']['mse']:>10.5g} | {r['before']['cos']:>10.4f} {r['after']['cos']:>10.4f}"
+        )
+    metrics = dict(
+        heldout=rows,
+        train_loss=state["history"],
+        kept_epoch=kept,
+        train_long_sides=[lo, hi],
+        settings=settings,
+        wall_time_s=round(wall, 1),
+    )
     write_json(os.path.join(run, "metrics.json"), metrics)
     print(f"saved {os.path.join(run, 'metrics.json')}")
     return metrics
@@ -802,62 +925,121 @@ def report(before: dict, after: dict, train_items: list[dict], state: dict, run:
 # Command line
 # ----------------------------------------------------------------------------------------------------------------
 
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description="SPAR self-distillation (Sec. 3, Fig. 2): train the single-pass student (E3) to regress the "
-                    "sliding-window teacher (E1-E2) with the MSE of (E4).  Stages: 1 augment, 2 cache teacher "
-                    "targets, 3 train, 4 held-out report; each resumes without redoing finished work.  The "
-                    "defaults are the authors' protocol.",
+        "sliding-window teacher (E1-E2) with the MSE of (E4).  Stages: 1 augment, 2 cache teacher "
+        "targets, 3 train, 4 held-out report; each resumes without redoing finished work.  The "
+        "defaults are the authors' protocol.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="examples:\n  python distill.py --backbone tiny                      # offline demo, bundled photos\n"
-               "  python distill.py --backbone siglip2-b16 --images DIR --out runs/sa1b --max-images 25000\n"
-               "  torchrun --nproc_per_node=2 distill.py --backbone siglip2-b16 --images DIR --out runs/sa1b")
+        "  python distill.py --backbone siglip2-b16 --images DIR --out runs/sa1b --max-images 25000\n"
+        "  torchrun --nproc_per_node=2 distill.py --backbone siglip2-b16 --images DIR --out runs/sa1b",
+    )
     student.add_backbone_args(parser, default="siglip2-b16")
-    parser.add_argument("--images", default=None, help="folder of training photos, searched recursively, used in "
-                        "file-name order with numbers by value (default: the 6 bundled photos in assets/, 4 train "
-                        "+ 2 held out)")
-    parser.add_argument("--heldout", default=None, help="folder of held-out photos for the report (default: the "
-                        "last --num-heldout files of --images, by name, are held out)")
+    parser.add_argument(
+        "--images",
+        default=None,
+        help="folder of training photos, searched recursively, used in "
+        "file-name order with numbers by value (default: the 6 bundled photos in assets/, 4 train "
+        "+ 2 held out)",
+    )
+    parser.add_argument(
+        "--heldout",
+        default=None,
+        help="folder of held-out photos for the report (default: the "
+        "last --num-heldout files of --images, by name, are held out)",
+    )
     parser.add_argument("--num-heldout", type=int, default=2, help="images held out of --images (default: %(default)s)")
     parser.add_argument("--out", default=None, help="run folder (default: runs/distill-BACKBONE)")
     parser.add_argument("--stride", type=int, default=24, help="teacher window stride s in px (default and paper: 24)")
-    parser.add_argument("--train", default=None, help=f"comma-separated parts to train: {TRAIN_PARTS} "
-                        "(default and paper: blk_-1,blk_-2, the last two blocks)")
-    parser.add_argument("--train-blocks", default=None, help="deprecated: N = --train blk_-1,...,blk_-N; all = "
-                        "--train all")
+    parser.add_argument(
+        "--train",
+        default=None,
+        help=f"comma-separated parts to train: {TRAIN_PARTS} (default and paper: blk_-1,blk_-2, the last two blocks)",
+    )
+    parser.add_argument(
+        "--train-blocks", default=None, help="deprecated: N = --train blk_-1,...,blk_-N; all = --train all"
+    )
     parser.add_argument("--epochs", type=int, default=10, help="epochs (default and paper: 10)")
-    parser.add_argument("--batch-size", type=int, default=2, help="GLOBAL batch: each of the W processes "
-                        "accumulates gradients over batch/W images per step (default and paper: 2 = 2 GPUs x 1)")
-    parser.add_argument("--lr", type=float, default=2e-5,
-                        help="AdamW learning rate, constant (default and paper: 2e-5)")
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        default=2,
+        help="GLOBAL batch: each of the W processes "
+        "accumulates gradients over batch/W images per step (default and paper: 2 = 2 GPUs x 1)",
+    )
+    parser.add_argument(
+        "--lr", type=float, default=2e-5, help="AdamW learning rate, constant (default and paper: 2e-5)"
+    )
     parser.add_argument("--weight-decay", type=float, default=1e-4, help="AdamW weight decay (default and paper: 1e-4)")
-    parser.add_argument("--precision", choices=("fp16", "bf16", "fp32"), default=None, help="autocast of training, "
-                        "teacher targets and report (default: fp16 + GradScaler on GPU, the paper; fp32 on CPU)")
-    parser.add_argument("--target-dtype", choices=("fp16", "fp32"), default="fp16", help="how the teacher targets "
-                        "are cached (default: fp16, 12 MB per 1024x2048 image; fp32 doubles it)")
-    parser.add_argument("--max-images", type=int, default=None, help="use only the first N training images "
-                        "(default: all; paper: the first 25K of SA-1B)")
-    parser.add_argument("--augment", choices=("paper", "extended", "crop", "none"), default="paper",
-                        help="paper (default): the authors' recipe, fit (2048r,1024r), r~U(.5,1), full image "
-                             "stretched to multiples of 16 or a crop, flip; extended: fit (2560r,2560r), r~U(.2,1); "
-                             "crop: our earlier crop-based variant; none: the images as they are")
-    parser.add_argument("--aug-scale", type=float, default=None, help="multiply every pixel size of the "
-                        f"augmentation and of --eval-sizes by this (default: 1, or {TINY_SCALE} = 128/512 for tiny)")
-    parser.add_argument("--eval-sizes", default=None, help="comma-separated long sides (px) of the held-out "
-                        f"report (default: {','.join(map(str, EVAL_LONG_SIDES))} times --aug-scale)")
+    parser.add_argument(
+        "--precision",
+        choices=("fp16", "bf16", "fp32"),
+        default=None,
+        help="autocast of training, "
+        "teacher targets and report (default: fp16 + GradScaler on GPU, the paper; fp32 on CPU)",
+    )
+    parser.add_argument(
+        "--target-dtype",
+        choices=("fp16", "fp32"),
+        default="fp16",
+        help="how the teacher targets are cached (default: fp16, 12 MB per 1024x2048 image; fp32 doubles it)",
+    )
+    parser.add_argument(
+        "--max-images",
+        type=int,
+        default=None,
+        help="use only the first N training images (default: all; paper: the first 25K of SA-1B)",
+    )
+    parser.add_argument(
+        "--augment",
+        choices=("paper", "extended", "crop", "none"),
+        default="paper",
+        help="paper (default): the authors' recipe, fit (2048r,1024r), r~U(.5,1), full image "
+        "stretched to multiples of 16 or a crop, flip; extended: fit (2560r,2560r), r~U(.2,1); "
+        "crop: our earlier crop-based variant; none: the images as they are",
+    )
+    parser.add_argument(
+        "--aug-scale",
+        type=float,
+        default=None,
+        help="multiply every pixel size of the "
+        f"augmentation and of --eval-sizes by this (default: 1, or {TINY_SCALE} = 128/512 for tiny)",
+    )
+    parser.add_argument(
+        "--eval-sizes",
+        default=None,
+        help="comma-separated long sides (px) of the held-out "
+        f"report (default: {','.join(map(str, EVAL_LONG_SIDES))} times --aug-scale)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="seeds the augmentation and --shuffle (default: 0)")
-    parser.add_argument("--shuffle", action="store_true", help="a new seeded image order every epoch (default "
-                        "and paper: file order)")
-    parser.add_argument("--keep", choices=("best", "last"), default="best", help="student.pt holds the epoch of "
-                        "lowest mean training loss (best: default and paper) or the last one")
-    parser.add_argument("--resume", action="store_true", help="continue the training run in --out from its "
-                        "last checkpoint (same weights, optimizer state and data order)")
-    parser.add_argument("--save-every", type=int, default=0, help="also checkpoint every N steps within an "
-                        "epoch (0: only at the end of each epoch)")
-    parser.add_argument("--teacher-batch", type=int, default=None, help="teacher windows per forward "
-                        "(default: auto)")
-    parser.add_argument("--workers", type=int, default=None, help="data-loading processes (default: 4 on GPU, "
-                        "0 on CPU)")
+    parser.add_argument(
+        "--shuffle", action="store_true", help="a new seeded image order every epoch (default and paper: file order)"
+    )
+    parser.add_argument(
+        "--keep",
+        choices=("best", "last"),
+        default="best",
+        help="student.pt holds the epoch of lowest mean training loss (best: default and paper) or the last one",
+    )
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the training run in --out from its "
+        "last checkpoint (same weights, optimizer state and data order)",
+    )
+    parser.add_argument(
+        "--save-every",
+        type=int,
+        default=0,
+        help="also checkpoint every N steps within an epoch (0: only at the end of each epoch)",
+    )
+    parser.add_argument("--teacher-batch", type=int, default=None, help="teacher windows per forward (default: auto)")
+    parser.add_argument(
+        "--workers", type=int, default=None, help="data-loading processes (default: 4 on GPU, 0 on CPU)"
+    )
     return parser
 
 
@@ -865,14 +1047,23 @@ def resolve_args(args):
     """Fill the defaults that depend on the backbone, validate, and turn strings into numbers."""
     if args.aug_scale is None:
         args.aug_scale = TINY_SCALE if args.backbone == "tiny" else 1.0
-    for flag, value, least in (("--epochs", args.epochs, 0), ("--stride", args.stride, 1), ("--save-every",
-                               args.save_every, 0), ("--batch-size", args.batch_size, 1), ("--workers", args.workers,
-                               0), ("--teacher-batch", args.teacher_batch, 1), ("--max-images", args.max_images, 1)):
+    for flag, value, least in (
+        ("--epochs", args.epochs, 0),
+        ("--stride", args.stride, 1),
+        ("--save-every", args.save_every, 0),
+        ("--batch-size", args.batch_size, 1),
+        ("--workers", args.workers, 0),
+        ("--teacher-batch", args.teacher_batch, 1),
+        ("--max-images", args.max_images, 1),
+    ):
         if value is not None and value < least:
             raise DistillError(f"{flag} must be at least {least}, not {value}.")
-    for flag, value, rule in (("--lr", args.lr, "> 0"), ("--aug-scale", args.aug_scale, "> 0"),
-                              ("--weight-decay", args.weight_decay, ">= 0")):
-        if not (math.isfinite(value) and (value > 0 or rule == ">= 0" and value == 0)):     # nan and inf too
+    for flag, value, rule in (
+        ("--lr", args.lr, "> 0"),
+        ("--aug-scale", args.aug_scale, "> 0"),
+        ("--weight-decay", args.weight_decay, ">= 0"),
+    ):
+        if not (math.isfinite(value) and (value > 0 or rule == ">= 0" and value == 0)):  # nan and inf too
             raise DistillError(f"{flag} must be a finite number {rule}, not {value}.")
     if args.eval_sizes is None:
         args.eval_sizes = [int(round(L * args.aug_scale)) for L in EVAL_LONG_SIDES]
@@ -883,10 +1074,12 @@ def resolve_args(args):
             raise DistillError(f"--eval-sizes '{args.eval_sizes}' must be comma-separated integers, e.g. 1024,3072.")
     if len(args.eval_sizes) < 1 or min(args.eval_sizes) < 16:
         raise DistillError("--eval-sizes needs at least one long side of 16 px or more.")
-    if args.train_blocks is not None:                                  # the deprecated spelling
+    if args.train_blocks is not None:  # the deprecated spelling
         if args.train is not None or not (args.train_blocks == "all" or args.train_blocks.isdigit()):
-            raise DistillError("--train-blocks (deprecated) takes a number or 'all' and cannot be combined with "
-                               "--train; use --train, e.g. --train blk_-1,blk_-2.")
+            raise DistillError(
+                "--train-blocks (deprecated) takes a number or 'all' and cannot be combined with "
+                "--train; use --train, e.g. --train blk_-1,blk_-2."
+            )
         n = args.train_blocks
         args.train = "all" if n == "all" else ",".join(f"blk_-{i}" for i in range(1, int(n) + 1))
         log(f"warning: --train-blocks is deprecated; this is --train {args.train}.")
@@ -902,8 +1095,10 @@ def setup_device(args):
         raise DistillError(f"--device {args.device} was asked for but no CUDA GPU is available; pass --device cpu.")
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if args.batch_size % world:
-        raise DistillError(f"--batch-size {args.batch_size} is the global batch and does not divide by the {world} "
-                           f"processes; pass a multiple of {world}.")
+        raise DistillError(
+            f"--batch-size {args.batch_size} is the global batch and does not divide by the {world} "
+            f"processes; pass a multiple of {world}."
+        )
     if world > 1 and not dist.is_initialized():
         local = int(os.environ.get("LOCAL_RANK", "0"))
         if args.device.startswith("cuda"):
@@ -912,7 +1107,7 @@ def setup_device(args):
         dist.init_process_group("nccl" if args.device.startswith("cuda") else "gloo")
     if args.workers is None:
         args.workers = 4 if args.device.startswith("cuda") else 0
-    if args.precision is None:                       # the paper: fp16 autocast + GradScaler; CPU: fp32 (exact, fast)
+    if args.precision is None:  # the paper: fp16 autocast + GradScaler; CPU: fp32 (exact, fast)
         args.precision = "fp16" if args.device.startswith("cuda") else "fp32"
 
 
@@ -920,7 +1115,7 @@ def setup_device(args):
 # The run folder: created, locked and checked before any work (plumbing)
 # ----------------------------------------------------------------------------------------------------------------
 
-OURS = (".lock", "settings.json")              # what a run writes before any work: a folder holding only these is empty
+OURS = (".lock", "settings.json")  # what a run writes before any work: a folder holding only these is empty
 
 
 @contextlib.contextmanager
@@ -936,10 +1131,12 @@ def open_run_folder(run: str, settings: dict, resume: bool):
         raise DistillError(f"cannot create the run folder '{run}' ({why or exc}); pass another --out.") from None
     try:
         try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)          # released when this process ends, however
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # released when this process ends, however
         except OSError:
-            raise DistillError(f"another distill.py run is using '{run}' (it holds {run}/.lock); wait for it to "
-                               f"finish or pass another --out.") from None
+            raise DistillError(
+                f"another distill.py run is using '{run}' (it holds {run}/.lock); wait for it to "
+                f"finish or pass another --out."
+            ) from None
         check_settings(run, settings, resume)
         write_json(os.path.join(run, "settings.json"), settings)
         yield
@@ -954,14 +1151,18 @@ def open_run_folder(run: str, settings: dict, resume: bool):
 def check_settings(run: str, settings: dict, resume: bool):
     """Before any work: a finished or started training run is continued only with --resume and the same settings."""
     if os.path.isfile(os.path.join(run, "resume.pt")) and not resume:
-        raise DistillError(f"'{run}' already holds a training run; pass --resume to continue it, or a new "
-                           f"--out (delete {run}/resume.pt to retrain there with the cached targets).")
+        raise DistillError(
+            f"'{run}' already holds a training run; pass --resume to continue it, or a new "
+            f"--out (delete {run}/resume.pt to retrain there with the cached targets)."
+        )
     old = read_json(os.path.join(run, "settings.json"))
     if resume and isinstance(old, dict):
         for k in settings:
             if old.get(k) != settings[k]:
-                raise DistillError(f"cannot resume: '{run}' was run with {k}={old.get(k)!r}, now {settings[k]!r}; "
-                                   f"use the same settings (only --epochs may change) or a new --out.")
+                raise DistillError(
+                    f"cannot resume: '{run}' was run with {k}={old.get(k)!r}, now {settings[k]!r}; "
+                    f"use the same settings (only --epochs may change) or a new --out."
+                )
 
 
 def remove_if_empty(run: str):
@@ -972,7 +1173,7 @@ def remove_if_empty(run: str):
     for name in OURS:
         with contextlib.suppress(OSError):
             os.remove(os.path.join(run, name))
-    for root, _, _ in sorted(os.walk(run), key=lambda t: -len(t[0])):     # deepest first
+    for root, _, _ in sorted(os.walk(run), key=lambda t: -len(t[0])):  # deepest first
         with contextlib.suppress(OSError):
             os.rmdir(root)
 
@@ -980,6 +1181,7 @@ def remove_if_empty(run: str):
 # ----------------------------------------------------------------------------------------------------------------
 # The four stages
 # ----------------------------------------------------------------------------------------------------------------
+
 
 def run(args) -> dict | None:
     t0 = time.time()
@@ -1000,7 +1202,7 @@ def run_stages(args, run_dir: str, t0: float) -> dict | None:
         teacher = Teacher(backbone, stride=args.stride, batch_size=args.teacher_batch, precision=args.precision)
     except (BackboneError, TeacherError) as exc:
         raise DistillError(str(exc).rstrip(".") + ".") from exc
-    select_trainable(backbone, parse_train(args.train))                # a part this backbone lacks: before any work
+    select_trainable(backbone, parse_train(args.train))  # a part this backbone lacks: before any work
     backbone.requires_grad_(False)
     if is_main() and clean_temp_files(run_dir):
         log("removed temp files left by an interrupted run")
@@ -1011,8 +1213,9 @@ def run_stages(args, run_dir: str, t0: float) -> dict | None:
     train = [it for it in items if it["kind"] == "train"]
     held = [it for it in items if it["kind"] == "heldout"]
     if not train:
-        raise DistillError("no usable training images are left after skipping the unreadable ones (see the log "
-                           "above); check --images.")
+        raise DistillError(
+            "no usable training images are left after skipping the unreadable ones (see the log above); check --images."
+        )
     if not held and is_main():
         log("warning: no usable held-out image; the report is skipped.")
     # "before" = the pre-trained weights in a single pass; the caches make it cheap to recompute on every run.
@@ -1021,17 +1224,22 @@ def run_stages(args, run_dir: str, t0: float) -> dict | None:
     metrics = None
     if is_main() and held:
         after = evaluate(backbone, held, run_dir, args.device, "after", args.precision)
-        metrics = report(before, after, train, state, run_dir, dict(run_settings(args), train_images=len(train)),
-                         time.time() - t0)
+        metrics = report(
+            before, after, train, state, run_dir, dict(run_settings(args), train_images=len(train)), time.time() - t0
+        )
     if is_main():
-        print(printable(f"student checkpoint: {os.path.join(run_dir, 'student.pt')} (load it with "
-                        f"student.load_backbone('{backbone.name}', checkpoint=PATH)); {time.time() - t0:.1f} s in all"))
+        print(
+            printable(
+                f"student checkpoint: {os.path.join(run_dir, 'student.pt')} (load it with "
+                f"student.load_backbone('{backbone.name}', checkpoint=PATH)); {time.time() - t0:.1f} s in all"
+            )
+        )
     barrier()
     return metrics
 
 
 def _terminate(signum, frame):
-    raise KeyboardInterrupt                                            # unwind: temp files removed, caches kept
+    raise KeyboardInterrupt  # unwind: temp files removed, caches kept
 
 
 def main(argv=None):
@@ -1039,7 +1247,7 @@ def main(argv=None):
     args.out = args.out or os.path.join("runs", f"distill-{args.backbone}")
     try:
         old = signal.signal(signal.SIGTERM, _terminate)
-    except ValueError:                                                 # not the main thread (e.g. a notebook worker)
+    except ValueError:  # not the main thread (e.g. a notebook worker)
         old = None
     try:
         return run(args)
@@ -1047,8 +1255,12 @@ def main(argv=None):
         print(printable(f"error: {exc}"), file=sys.stderr)
         raise SystemExit(2)
     except KeyboardInterrupt:
-        print(printable(f"interrupted: finished work in '{args.out}' is kept; run the same command with --resume to "
-                        f"continue."), file=sys.stderr)
+        print(
+            printable(
+                f"interrupted: finished work in '{args.out}' is kept; run the same command with --resume to continue."
+            ),
+            file=sys.stderr,
+        )
         raise SystemExit(130)
     finally:
         if old is not None:

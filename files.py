@@ -5,17 +5,24 @@
 * `load_image`   -- the same as a (1, 3, H, W) float tensor in [0, 1], the input `Backbone.normalize` expects;
 * `atomic_write` -- write a temp file next to the target, fsync, rename: a kill or a full disk leaves the old file
                     or the new one, never half of one; `write_json` and `save_torch` use it;
-* `resolve_device`, `parse_size`, `display_name` -- the command-line checks every CLI shares (one-sentence errors).
+* `file_sha1`, `read_json`, `natural_key`, `list_images`, `clean_temp_files` -- hashes, small JSON records,
+                    numeric file order, image folders, and temp files left by a killed writer;
+* `lock` -- an exclusive `flock` on a folder, so that two runs never write the same outputs.
 
 `python files.py IMAGE` prints what `read_rgb` makes of an image file.
 """
+
 from __future__ import annotations
 
 import argparse
 import contextlib
 import errno
+import fcntl
+import hashlib
 import json
 import os
+import re
+import stat
 import sys
 import warnings
 
@@ -23,10 +30,12 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-TEMP_MARK = ".tmp."           # temp files are "<target>.tmp.<pid>"; a run may delete leftovers with this mark
+from cli import DeviceError, UserError, display_name, log, parse_size, resolve_device  # noqa: F401  TEMPORARY re-export during the layout move
+
+TEMP_MARK = ".tmp."  # temp files are "<target>.tmp.<pid>"; a run may delete leftovers with this mark
 
 
-class ImageError(ValueError):
+class ImageError(UserError):
     """An image file cannot be used. `reason` says why, `str()` is one sentence naming the file."""
 
     def __init__(self, path: str, reason: str):
@@ -34,57 +43,14 @@ class ImageError(ValueError):
         self.path, self.reason = path, reason
 
 
-class WriteError(RuntimeError):
+class WriteError(UserError):
     """A file could not be written (full disk, no permission, ...). The message is one sentence."""
-
-
-class DeviceError(ValueError):
-    """A --device that does not exist here. The message is one sentence."""
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Command-line values
-# ----------------------------------------------------------------------------------------------------------------
-
-def resolve_device(name: str) -> torch.device:
-    """'cpu', 'cuda', 'cuda:N' (or 'mps') -> torch.device, checked to exist here; DeviceError otherwise."""
-    try:
-        device = torch.device(name)
-    except (RuntimeError, ValueError, TypeError):
-        raise DeviceError(f"unknown device '{name}'; use cpu, cuda or cuda:N.") from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise DeviceError(f"--device {name} was asked for but no CUDA GPU is available here; use --device cpu.")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise DeviceError(f"--device {name}: there are only {torch.cuda.device_count()} CUDA GPU(s) here.")
-    elif device.type == "mps":
-        if not torch.backends.mps.is_available():
-            raise DeviceError(f"--device {name} was asked for but MPS is not available here; use --device cpu.")
-    elif device.type != "cpu":
-        raise DeviceError(f"device '{name}' is not supported; use cpu, cuda or cuda:N.")
-    return device
-
-
-def parse_size(text: str, what: str = "size") -> tuple[int, int]:
-    """'HxW' -> (H, W), both positive; ValueError with one sentence otherwise."""
-    parts = text.strip().lower().split("x")
-    if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
-        raise ValueError(f"{what} must be HxW with two positive integers, e.g. 512x1024; got '{text}'.")
-    H, W = (int(p) for p in parts)
-    if H < 1 or W < 1:
-        raise ValueError(f"{what} must be at least 1x1, got '{text}'.")
-    return H, W
-
-
-def display_name(path: str | os.PathLike) -> str:
-    """A file name that can always be printed or drawn: undecodable bytes (a non-UTF-8 name) become U+FFFD."""
-    name = os.fsdecode(path)
-    return name.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Images
 # ----------------------------------------------------------------------------------------------------------------
+
 
 def to_rgb8(im: Image.Image) -> Image.Image:
     """Any PIL mode -> 8-bit RGB: 16-bit and float images are rescaled (not clipped), alpha is put on white."""
@@ -94,7 +60,7 @@ def to_rgb8(im: Image.Image) -> Image.Image:
             arr = arr / 65535.0
         elif im.mode == "I":
             arr = arr / 255.0
-        elif arr.max() > 1.0:                                           # float image in an unknown range
+        elif arr.max() > 1.0:  # float image in an unknown range
             arr = (arr - arr.min()) / max(arr.max() - arr.min(), 1e-12)
         return Image.fromarray(np.clip(np.rint(arr * 255.0), 0, 255).astype(np.uint8), "L").convert("RGB")
     if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
@@ -109,11 +75,12 @@ def read_rgb(path: str) -> Image.Image:
     limit = Image.MAX_IMAGE_PIXELS
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)    # refused below, before decoding
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # refused below, before decoding
             with Image.open(path) as im:
                 if limit and im.width * im.height > limit:
-                    raise ImageError(path, f"its header claims {im.width}x{im.height} px, more than the "
-                                           f"{limit}-pixel safety limit")
+                    raise ImageError(
+                        path, f"its header claims {im.width}x{im.height} px, more than the {limit}-pixel safety limit"
+                    )
                 im.load()
                 im = ImageOps.exif_transpose(im) or im
                 return to_rgb8(im)
@@ -142,12 +109,13 @@ def load_image(path: str, max_side: int | None = None) -> torch.Tensor:
 # Atomic writes
 # ----------------------------------------------------------------------------------------------------------------
 
+
 def atomic_write(path: str | os.PathLike, write) -> None:
     """Write through `write(fileobj)` to a temp file, fsync, then rename: readers see the old file or the new one."""
     path = os.fspath(path)
     tmp = f"{path}{TEMP_MARK}{os.getpid()}"
     try:
-        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)       # inside: a file in the way is a WriteError
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)  # inside: a file in the way is a WriteError
         with open(tmp, "wb") as f:
             write(f)
             f.flush()
@@ -157,14 +125,18 @@ def atomic_write(path: str | os.PathLike, write) -> None:
         with contextlib.suppress(OSError):
             os.remove(tmp)
         if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise WriteError(f"no space left on the device while writing '{path}'; free some space and run the "
-                             f"same command again (finished work is kept).") from exc
+            raise WriteError(
+                f"no space left on the device while writing '{path}'; free some space and run the "
+                f"same command again (finished work is kept)."
+            ) from exc
         if isinstance(exc, OSError):
             raise WriteError(f"cannot write '{display_name(path)}' ({_reason(exc)}); check the output folder.") from exc
-        if isinstance(exc, RuntimeError):         # torch.save's zip writer reports a full disk this way, at close
+        if isinstance(exc, RuntimeError):  # torch.save's zip writer reports a full disk this way, at close
             reason = str(exc).strip().splitlines()[-1][:160] if str(exc).strip() else "RuntimeError"
-            raise WriteError(f"cannot write '{path}' ({reason}); check the free space and permissions of the "
-                             f"output folder, then run the same command again (finished work is kept).") from exc
+            raise WriteError(
+                f"cannot write '{path}' ({reason}); check the free space and permissions of the "
+                f"output folder, then run the same command again (finished work is kept)."
+            ) from exc
         raise
 
 
@@ -185,7 +157,7 @@ def check_writable(path: str | os.PathLike) -> None:
 
 
 def _reason(exc: OSError) -> str:
-    if exc.errno in (errno.EEXIST, errno.ENOTDIR):           # makedirs / open under a path that is a file
+    if exc.errno in (errno.EEXIST, errno.ENOTDIR):  # makedirs / open under a path that is a file
         return "a file stands where a folder is needed"
     return exc.strerror or str(exc)
 
@@ -198,6 +170,92 @@ def save_torch(path: str | os.PathLike, obj) -> None:
     atomic_write(path, lambda f: torch.save(obj, f))
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# Hashes, small JSON records, image folders, locks
+# ----------------------------------------------------------------------------------------------------------------
+
+IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+
+
+def file_sha1(path: str) -> str | None:
+    """sha1 of a file's bytes, None when it cannot be read (a stored PNG is verified before it is trusted)."""
+    digest = hashlib.sha1()
+    try:
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                digest.update(chunk)
+    except OSError:
+        return None
+    return digest.hexdigest()
+
+
+def read_json(path: str | os.PathLike):
+    """The JSON in `path`, or None when it is missing or not JSON."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def natural_key(name: str) -> list:
+    """Sort key that orders the numbers inside names by value: sa_2.jpg before sa_10.jpg (SA-1B ids)."""
+    return [int(tok) if i % 2 else tok for i, tok in enumerate(re.split(r"(\d+)", name))]  # odd: the digit runs
+
+
+def regular_file(path: str) -> bool:
+    """True for a readable regular file; a dangling link, a link loop, a pipe ... is logged as a skip."""
+    try:
+        if stat.S_ISREG(os.stat(path).st_mode):
+            return True
+        reason = "not a regular file"
+    except FileNotFoundError:
+        reason = "a symbolic link to nothing (its target does not exist)"
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__  # e.g. "Too many levels of symbolic links" (a loop)
+    log(f"skip: '{path}': {reason}.")
+    return False
+
+
+def list_images(folder: str, error=UserError) -> list[str]:
+    """Image files under `folder` (recursive, numbers in names sorted by value), as paths relative to it."""
+    if not os.path.isdir(folder):
+        raise error(f"image folder '{folder}' does not exist; pass --images DIR with your photos.")
+    found = []
+    for root, dirs, names in os.walk(folder):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        for f in names:
+            if f.lower().endswith(IMAGE_EXTS) and not f.startswith(".") and regular_file(os.path.join(root, f)):
+                found.append(os.path.relpath(os.path.join(root, f), folder))
+    if not found:
+        raise error(f"no images ({', '.join(IMAGE_EXTS)}) found in '{folder}'; point --images at a folder of photos.")
+    return sorted(found, key=lambda f: (natural_key(f), f))
+
+
+def clean_temp_files(folder: str) -> int:
+    """Remove temp files left by a killed `atomic_write` under `folder` (never a finished file)."""
+    n = 0
+    for root, _, names in os.walk(folder):
+        for name in names:
+            if TEMP_MARK in name:
+                with contextlib.suppress(OSError):
+                    os.remove(os.path.join(root, name))
+                    n += 1
+    return n
+
+
+def lock(folder: str, busy: str):
+    """An exclusive flock on folder/.lock, held while the returned file stays open (freed when the process ends,
+    even by kill -9); UserError(`busy`) when another process holds it."""
+    f = open(os.path.join(folder, ".lock"), "a")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.close()
+        raise UserError(busy) from None
+    return f
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description="Show what the project's image reader makes of image files.")
     parser.add_argument("images", nargs="+")
@@ -205,7 +263,7 @@ def main(argv=None):
     failed = 0
     for path in args.images:
         try:
-            rgb = read_rgb(path)                         # first: it refuses decompression bombs in one sentence
+            rgb = read_rgb(path)  # first: it refuses decompression bombs in one sentence
             with Image.open(path) as im:
                 mode = im.mode
             print(f"{display_name(path)}: {mode} -> RGB {rgb.width}x{rgb.height}")

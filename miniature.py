@@ -25,6 +25,7 @@ it, but distillation, within the budgets tried, does not close that gap in this 
 Every knob of the experiment (world, pretraining, distillation budget) is in `DEFAULTS`; `--set key=value`
 changes one, e.g. `--set distill.lr=1e-3` (the README's table of tries was made that way).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -50,24 +51,47 @@ SHAPES = ("disc", "square", "triangle", "plus")
 
 DEFAULTS = {
     # the world: what a scene looks like (sizes in px, densities per 128 x 128 area)
-    "world": dict(radius=[40, 60], density=[0.7, 2.0], border=3, noise=0.06, tint=0.05, fill_spread=0.0,
-                  contrast=[0.2, 0.35]),
+    "world": dict(
+        radius=[40, 60], density=[0.7, 2.0], border=3, noise=0.06, tint=0.05, fill_spread=0.0, contrast=[0.2, 0.35]
+    ),
     # pretraining of tiny at 128^2 only (image + text tower); big_frac > 0 makes a fraction of the steps use
     # big_size^2 scenes (same pixels per step: fewer scenes), position embeddings resized by (E3) as at test time
-    "pretrain": dict(steps=1000, batch=32, lr=2e-3, weight_decay=0.05, templates=4, logit_scale=20.0,
-                     pos_init="sincos", pos_rms=0.5, seed=0, big_size=256, big_frac=0.0),
+    "pretrain": dict(
+        steps=1000,
+        batch=32,
+        lr=2e-3,
+        weight_decay=0.05,
+        templates=4,
+        logit_scale=20.0,
+        pos_init="sincos",
+        pos_rms=0.5,
+        seed=0,
+        big_size=256,
+        big_frac=0.0,
+    ),
     # evaluation sets (held out: their own seeds)
     "eval": dict(native_count=64, large_size="512x1024", large_count=32, stride=24),
     # distillation through distill.py, the paper's recipe scaled to K = 128
-    "distill": dict(images=128, size="256x512", epochs=10, lr=2e-5, train="blk_-1,blk_-2", aug_scale=0.25,
-                    augment="paper", batch_size=2, stride=24, extra=""),
+    "distill": dict(
+        images=128,
+        size="256x512",
+        epochs=10,
+        lr=2e-5,
+        train="blk_-1,blk_-2",
+        aug_scale=0.25,
+        augment="paper",
+        batch_size=2,
+        stride=24,
+        extra="",
+    ),
 }
-SEEDS = dict(native=101, large=102, distill=103, pretrain=104)       # one stream per set, never shared
+SEEDS = dict(native=101, large=102, distill=103, pretrain=104)  # one stream per set, never shared
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # 1. The world
 # ----------------------------------------------------------------------------------------------------------------
+
 
 def shape_sdf(kind: str, u: np.ndarray, v: np.ndarray, R: float) -> np.ndarray:
     """Signed distance (px, > 0 inside) of a shape of circumradius ~R centred at 0, in rotated coordinates u, v."""
@@ -76,10 +100,10 @@ def shape_sdf(kind: str, u: np.ndarray, v: np.ndarray, R: float) -> np.ndarray:
     if kind == "square":
         a = 0.75 * R
         return np.minimum(a - np.abs(u), a - np.abs(v))
-    if kind == "triangle":                                  # equilateral: inradius R / 2, three half-planes
+    if kind == "triangle":  # equilateral: inradius R / 2, three half-planes
         d = [0.5 * R - (u * math.cos(t) + v * math.sin(t)) for t in (math.pi / 2, math.pi * 7 / 6, math.pi * 11 / 6)]
         return np.minimum(np.minimum(d[0], d[1]), d[2])
-    w = 0.38 * R                                            # plus: union of two bars
+    w = 0.38 * R  # plus: union of two bars
     return np.maximum(np.minimum(R - np.abs(u), w - np.abs(v)), np.minimum(w - np.abs(u), R - np.abs(v)))
 
 
@@ -98,7 +122,7 @@ def render_scene(rng: np.random.Generator, H: int, W: int, cfg: dict) -> tuple[n
     img = np.empty((H, W, 3), np.float32)
     img[:] = bg + rng.uniform(-cfg["tint"], cfg["tint"], 3)
     label = np.zeros((H, W), np.uint8)
-    target = rng.uniform(*cfg["density"]) * H * W / 128 ** 2
+    target = rng.uniform(*cfg["density"]) * H * W / 128**2
     n = int(target) + (rng.random() < target - int(target))
     placed: list[tuple[float, float, float]] = []
     for _ in range(30 * n):
@@ -107,7 +131,7 @@ def render_scene(rng: np.random.Generator, H: int, W: int, cfg: dict) -> tuple[n
         R = rng.uniform(*cfg["radius"])
         cy, cx = rng.uniform(0, H), rng.uniform(0, W)
         if any((cy - y) ** 2 + (cx - x) ** 2 < (1.08 * (R + r) + 2) ** 2 for y, x, r in placed):
-            continue                                        # no overlap (circumradius of the plus is ~1.07 R)
+            continue  # no overlap (circumradius of the plus is ~1.07 R)
         placed.append((cy, cx, R))
         y0, y1 = max(0, int(cy - 1.1 * R)), min(H, int(cy + 1.1 * R) + 1)
         x0, x1 = max(0, int(cx - 1.1 * R)), min(W, int(cx + 1.1 * R) + 1)
@@ -120,9 +144,11 @@ def render_scene(rng: np.random.Generator, H: int, W: int, cfg: dict) -> tuple[n
         sdf = shape_sdf(SHAPES[rng.integers(len(SHAPES))], u, v, R)
         inside = sdf > 0
         cls = rng.integers(4)
-        colour = np.where((sdf <= cfg["border"])[..., None], COLOURS[cls],
-                          fill + rng.uniform(-cfg["fill_spread"], cfg["fill_spread"])
-                          + rng.uniform(-cfg["tint"], cfg["tint"], 3))
+        colour = np.where(
+            (sdf <= cfg["border"])[..., None],
+            COLOURS[cls],
+            fill + rng.uniform(-cfg["fill_spread"], cfg["fill_spread"]) + rng.uniform(-cfg["tint"], cfg["tint"], 3),
+        )
         patch = img[y0:y1, x0:x1]
         patch[inside] = colour[inside]
         label[y0:y1, x0:x1][inside] = cls + 1
@@ -142,6 +168,7 @@ def write_world(out: str | os.PathLike, H: int, W: int, count: int, seed: int, c
     from PIL import Image
 
     from files import atomic_write, write_json
+
     cfg = cfg or DEFAULTS["world"]
     out = Path(out)
     for sub in ("images", "labels"):
@@ -149,7 +176,7 @@ def write_world(out: str | os.PathLike, H: int, W: int, count: int, seed: int, c
     key = dict(size=[H, W], count=count, seed=seed, world=cfg)
     meta = out / "world.json"
     if read_json(meta) == key:
-        return out                                          # finished earlier with the same settings
+        return out  # finished earlier with the same settings
     for i in range(count):
         image, label = render_scene(scene_rng(seed, i), H, W, cfg)
         for sub, arr in (("images", image), ("labels", label)):
@@ -160,13 +187,14 @@ def write_world(out: str | os.PathLike, H: int, W: int, count: int, seed: int, c
         for stale in (out / sub).glob("*.png"):
             if stale.stem.isdigit() and int(stale.stem) >= count:
                 stale.unlink()
-    write_json(meta, key)                                   # written last: its presence means "done"
+    write_json(meta, key)  # written last: its presence means "done"
     return out
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # 2. Pretraining tiny at 128^2 only: dense features against text embeddings of the class names
 # ----------------------------------------------------------------------------------------------------------------
+
 
 def sincos_pos_embed(h: int, w: int, dim: int) -> torch.Tensor:
     """2-D sin-cos position embeddings (MAE style), (h * w, dim), rms 1/sqrt(2) before scaling."""
@@ -196,40 +224,44 @@ def step_size(step: int, cfg: dict) -> tuple[int, int]:
 def pretrain(out_path: Path, cfg: dict, world: dict, device: str = "cpu") -> dict:
     """Train every weight of `tiny` on 128^2 scenes (and big_size^2 on a big_frac of the steps, which leaves the
     model less bound to its native size); per-pixel CE on logit_scale * cos(F(i), t_c). Deterministic."""
+    from files import save_torch
     from segment import read_templates
     from student import load_backbone
-    from files import save_torch
 
     torch.manual_seed(cfg["seed"])
     bb = load_backbone("tiny", pretrained=None, device=device)
     trunk = bb.trunk
-    if cfg["pos_init"] == "sincos":                  # a position-aware start (see the README's table of tries)
+    if cfg["pos_init"] == "sincos":  # a position-aware start (see the README's table of tries)
         pe = sincos_pos_embed(*bb.native_grid, bb.dim)
         trunk.pos_embed.data.copy_((pe * cfg["pos_rms"] / pe.pow(2).mean().sqrt())[None].to(device))
     bb.model.train().requires_grad_(True)
-    bb.model.text.token_embedding.requires_grad_(False)   # 49408 x 128 random word vectors suffice, and AdamW
-                                                          # over them would cost more than the image tower
+    bb.model.text.token_embedding.requires_grad_(False)  # 49408 x 128 random word vectors suffice, and AdamW
+    # over them would cost more than the image tower
     templates = read_templates()
     prompts = [t.format(c) for c in CLASSES for t in templates]
-    tokens = bb.tokenizer(prompts).to(device)                                   # (K * T, 77)
+    tokens = bb.tokenizer(prompts).to(device)  # (K * T, 77)
     T = len(templates)
     params = [p for p in bb.model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg["lr"], weight_decay=cfg["weight_decay"])
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg["lr"], total_steps=cfg["steps"],
-                                                pct_start=max(0.1, 3 / cfg["steps"]))
+    sched = torch.optim.lr_scheduler.OneCycleLR(
+        opt, max_lr=cfg["lr"], total_steps=cfg["steps"], pct_start=max(0.1, 3 / cfg["steps"])
+    )
     gen = torch.Generator().manual_seed(cfg["seed"])
     t0, losses = time.time(), []
     from tqdm import tqdm
+
     sizes = "128^2" + (f" (+ {cfg['big_size']}^2 on {cfg['big_frac']:.0%} of the steps)" if cfg["big_frac"] else "")
     for step in tqdm(range(cfg["steps"]), desc=f"2/5 pretrain tiny at {sizes}", unit="step", leave=False):
         side, n = step_size(step, cfg)
-        batch = [render_scene(scene_rng(SEEDS["pretrain"] + 1000 * cfg["seed"], step * cfg["batch"] + j), side, side,
-                              world) for j in range(n)]
+        batch = [
+            render_scene(scene_rng(SEEDS["pretrain"] + 1000 * cfg["seed"], step * cfg["batch"] + j), side, side, world)
+            for j in range(n)
+        ]
         x = torch.from_numpy(np.stack([b[0] for b in batch])).permute(0, 3, 1, 2).float().div_(255).to(device)
         y = torch.from_numpy(np.stack([b[1] for b in batch])).long().to(device)
-        pick = torch.randperm(T, generator=gen)[:cfg["templates"]].to(device)
-        text = class_vectors(bb, tokens, T, pick)                               # (K, C)
-        feats = F.normalize(bb.dense(bb.normalize(x)), dim=-1)                  # (B, side/16, side/16, C)
+        pick = torch.randperm(T, generator=gen)[: cfg["templates"]].to(device)
+        text = class_vectors(bb, tokens, T, pick)  # (K, C)
+        feats = F.normalize(bb.dense(bb.normalize(x)), dim=-1)  # (B, side/16, side/16, C)
         logits = cfg["logit_scale"] * torch.einsum("bhwc,kc->bkhw", feats, text)
         logits = F.interpolate(logits, size=(side, side), mode="bilinear", align_corners=False)
         loss = F.cross_entropy(logits, y)
@@ -247,11 +279,29 @@ def pretrain(out_path: Path, cfg: dict, world: dict, device: str = "cpu") -> dic
 # 3.-5. The experiment: evaluate.py and distill.py, unchanged, as a user would call them
 # ----------------------------------------------------------------------------------------------------------------
 
+
 def evaluate(root: Path, weights: Path, modes: str, out: Path, device: str, checkpoint: Path | None = None) -> dict:
     """`python evaluate.py --dataset miniature ...` in a subprocess; returns {mode: {miou, seconds_per_image}}."""
-    cmd = [sys.executable, str(HERE / "evaluate.py"), "--dataset", "miniature", "--root", str(root),
-           "--backbone", "tiny", "--pretrained", str(weights), "--device", device, "--modes", modes,
-           "--out", str(out), "--text-cache", "none"]
+    cmd = [
+        sys.executable,
+        str(HERE / "evaluate.py"),
+        "--dataset",
+        "miniature",
+        "--root",
+        str(root),
+        "--backbone",
+        "tiny",
+        "--pretrained",
+        str(weights),
+        "--device",
+        device,
+        "--modes",
+        modes,
+        "--out",
+        str(out),
+        "--text-cache",
+        "none",
+    ]
     if checkpoint:
         cmd += ["--checkpoint", str(checkpoint)]
     run_cmd(cmd)
@@ -260,20 +310,47 @@ def evaluate(root: Path, weights: Path, modes: str, out: Path, device: str, chec
 
 def run_cmd(cmd: list[str]):
     print("$ " + " ".join(cmd[1:]), flush=True)
-    proc = subprocess.run(cmd)                      # the caller's folder: relative --out paths stay valid
+    proc = subprocess.run(cmd)  # the caller's folder: relative --out paths stay valid
     if proc.returncode != 0:
-        raise MiniatureError(f"'{' '.join(cmd[1:3])} ...' failed with status {proc.returncode} (see above); "
-                             f"rerun the same command to resume.")
+        raise MiniatureError(
+            f"'{' '.join(cmd[1:3])} ...' failed with status {proc.returncode} (see above); "
+            f"rerun the same command to resume."
+        )
 
 
 def distill_cmd(d: dict, run: Path, images: Path, weights: Path, device: str) -> list[str]:
     """`distill.py` with the paper's recipe scaled to K = 128 by default (`--aug-scale 0.25`, lr 2e-5, the last two
     blocks, global batch 2, 10 epochs, stride 24); `DEFAULTS["distill"]` holds the budget."""
-    cmd = [sys.executable, str(HERE / "distill.py"), "--backbone", "tiny", "--pretrained", str(weights),
-           "--device", device, "--images", str(images), "--num-heldout", "2", "--out", str(run),
-           "--stride", str(d["stride"]), "--epochs", str(d["epochs"]), "--lr", str(d["lr"]),
-           "--aug-scale", str(d["aug_scale"]), "--augment", d["augment"], "--train", d["train"],
-           "--batch-size", str(d["batch_size"])]
+    cmd = [
+        sys.executable,
+        str(HERE / "distill.py"),
+        "--backbone",
+        "tiny",
+        "--pretrained",
+        str(weights),
+        "--device",
+        device,
+        "--images",
+        str(images),
+        "--num-heldout",
+        "2",
+        "--out",
+        str(run),
+        "--stride",
+        str(d["stride"]),
+        "--epochs",
+        str(d["epochs"]),
+        "--lr",
+        str(d["lr"]),
+        "--aug-scale",
+        str(d["aug_scale"]),
+        "--augment",
+        d["augment"],
+        "--train",
+        d["train"],
+        "--batch-size",
+        str(d["batch_size"]),
+    ]
     return cmd + (d["extra"].split() if d["extra"] else [])
 
 
@@ -301,6 +378,7 @@ def experiment(out: Path, cfg: dict, device: str = "cpu", until: str = "spar") -
     out.mkdir(parents=True, exist_ok=True)
     W, P, E, D = cfg["world"], cfg["pretrain"], cfg["eval"], cfg["distill"]
     from files import parse_size, write_json
+
     res_path = out / "results.json"
     res = read_json(res_path) or {}
     pre_key, dist_key = config_hash([W, P, E]), config_hash([W, P, E, D])
@@ -309,16 +387,20 @@ def experiment(out: Path, cfg: dict, device: str = "cpu", until: str = "spar") -
     if res.get("distill_key") != dist_key:
         res = {k: v for k, v in res.items() if not k.startswith(("spar", "student", "gap"))}
     res.update(config=cfg, pre_key=pre_key, distill_key=dist_key)
-    save = lambda: write_json(res_path, res)                                    # noqa: E731
+    save = lambda: write_json(res_path, res)  # noqa: E731
 
     print("1/5 world: held-out native and large scenes, unlabelled distillation scenes", flush=True)
     native = write_world(out / "world" / "native", 128, 128, E["native_count"], SEEDS["native"], W)
     large = write_world(out / "world" / "large", *parse_size(E["large_size"]), E["large_count"], SEEDS["large"], W)
 
-    weights, wkey = out / "tiny.pt", {"world": W, "pretrain": P}     # a stable name for the README's commands
+    weights, wkey = out / "tiny.pt", {"world": W, "pretrain": P}  # a stable name for the README's commands
     if not weights.is_file() or read_json(out / "tiny.json") != wkey:
-        print(f"2/5 pretrain tiny at 128^2 ({P['steps']} steps of {P['batch']}"
-              + (f"; {P['big_size']}^2 on {P['big_frac']:.0%} of them" if P["big_frac"] else "") + ")", flush=True)
+        print(
+            f"2/5 pretrain tiny at 128^2 ({P['steps']} steps of {P['batch']}"
+            + (f"; {P['big_size']}^2 on {P['big_frac']:.0%} of them" if P["big_frac"] else "")
+            + ")",
+            flush=True,
+        )
         res["pretraining"] = pretrain(weights, P, W, device)
         write_json(out / "tiny.json", wkey)
         save()
@@ -333,15 +415,20 @@ def experiment(out: Path, cfg: dict, device: str = "cpu", until: str = "spar") -
     teacher_mode = f"slide{E['stride']}"
     if "teacher" not in res:
         r = evaluate(large, weights, f"pretrained,{teacher_mode}", ev / "large.json", device)
-        res.update(single=100 * r["pretrained"]["miou"], single_s=r["pretrained"]["seconds_per_image"],
-                   teacher=100 * r[teacher_mode]["miou"], teacher_s=r[teacher_mode]["seconds_per_image"])
+        res.update(
+            single=100 * r["pretrained"]["miou"],
+            single_s=r["pretrained"]["seconds_per_image"],
+            teacher=100 * r[teacher_mode]["miou"],
+            teacher_s=r[teacher_mode]["seconds_per_image"],
+        )
         save()
     if until == "teacher":
         return res
 
     print("4/5 distill.py: the single-pass student regresses the sliding-window teacher (E4)", flush=True)
-    dist_set = write_world(out / "world" / f"distill-{D['size']}-{D['images']}", *parse_size(D["size"]),
-                           D["images"], SEEDS["distill"], W)
+    dist_set = write_world(
+        out / "world" / f"distill-{D['size']}-{D['images']}", *parse_size(D["size"]), D["images"], SEEDS["distill"], W
+    )
     run = out / f"distill-{dist_key}"
     ckpt = run / "student.pt"
     if not (run / "metrics.json").is_file():
@@ -358,7 +445,7 @@ def experiment(out: Path, cfg: dict, device: str = "cpu", until: str = "spar") -
         save()
     gap = res["teacher"] - res["single"]
     res["gap_closed"] = (res["spar"] - res["single"]) / gap if gap > 0 else float("nan")
-    res["seconds"] = round(res.get("seconds", 0.0) + time.time() - t0, 1)      # summed over resumed runs
+    res["seconds"] = round(res.get("seconds", 0.0) + time.time() - t0, 1)  # summed over resumed runs
     save()
     plot(res, out / "results.png")
     return res
@@ -367,10 +454,14 @@ def experiment(out: Path, cfg: dict, device: str = "cpu", until: str = "spar") -
 def plot(res: dict, path: Path):
     """Fig. 1 in miniature: seconds per image against mIoU on the large scenes (evaluate.py's plot)."""
     from evaluate import speed_accuracy_plot
-    pts = {"single pass (pre-trained)": dict(seconds_per_image=res["single_s"], miou=res["single"] / 100),
-           f"slide{res['config']['eval']['stride']} (teacher)": dict(seconds_per_image=res["teacher_s"],
-                                                                      miou=res["teacher"] / 100),
-           "single (SPAR)": dict(seconds_per_image=res["spar_s"], miou=res["spar"] / 100)}
+
+    pts = {
+        "single pass (pre-trained)": dict(seconds_per_image=res["single_s"], miou=res["single"] / 100),
+        f"slide{res['config']['eval']['stride']} (teacher)": dict(
+            seconds_per_image=res["teacher_s"], miou=res["teacher"] / 100
+        ),
+        "single (SPAR)": dict(seconds_per_image=res["spar_s"], miou=res["spar"] / 100),
+    }
     speed_accuracy_plot(pts, path, f"SPAR in miniature: tiny, {res['config']['eval']['large_size']} scenes")
 
 
@@ -391,8 +482,11 @@ def apply_sets(cfg: dict, sets: list[str]) -> dict:
         key, _, value = item.partition("=")
         section, _, name = key.partition(".")
         if section not in cfg or name not in cfg[section]:
-            raise ValueError(f"--set '{item}': unknown key '{key}'; known: "
-                             + ", ".join(f"{s}.{k}" for s in cfg for k in cfg[s]) + ".")
+            raise ValueError(
+                f"--set '{item}': unknown key '{key}'; known: "
+                + ", ".join(f"{s}.{k}" for s in cfg for k in cfg[s])
+                + "."
+            )
         try:
             cfg[section][name] = json.loads(value)
         except ValueError:
@@ -403,8 +497,11 @@ def apply_sets(cfg: dict, sets: list[str]) -> dict:
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["world"]:
-        p = argparse.ArgumentParser(prog="miniature.py world", description="Write a labelled set of toy scenes "
-                                    "(images/ and labels/), read by evaluate.py --dataset miniature.")
+        p = argparse.ArgumentParser(
+            prog="miniature.py world",
+            description="Write a labelled set of toy scenes "
+            "(images/ and labels/), read by evaluate.py --dataset miniature.",
+        )
         p.add_argument("--out", required=True)
         p.add_argument("--size", default="512x1024", help="HxW (default %(default)s)")
         p.add_argument("--count", type=int, default=32)
@@ -412,6 +509,7 @@ def main(argv=None):
         p.add_argument("--set", action="append", default=[], help="world.KEY=VALUE, e.g. world.fill_spread=0.1")
         a = p.parse_args(argv[1:])
         from files import parse_size
+
         try:
             H, W = parse_size(a.size)
             if a.count < 1:
@@ -423,26 +521,41 @@ def main(argv=None):
         write_world(a.out, H, W, a.count, a.seed, cfg)
         print(f"wrote {a.count} scenes of {H}x{W} to {a.out} (images/, labels/)")
         return
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--out", default="runs/miniature", help="run folder (default %(default)s); a rerun resumes")
     p.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N, for every stage")
-    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                   help="change one knob of DEFAULTS, e.g. distill.lr=1e-3 (repeatable)")
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch threads, here and in the evaluate.py / distill.py runs (default: torch's; "
-                        "on a machine shared with other jobs 1 is often several times faster than 2)")
-    p.add_argument("--until", choices=("teacher", "spar"), default="spar",
-                   help="teacher: stop before distillation (world, pretraining, pre-trained numbers only)")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="change one knob of DEFAULTS, e.g. distill.lr=1e-3 (repeatable)",
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch threads, here and in the evaluate.py / distill.py runs (default: torch's; "
+        "on a machine shared with other jobs 1 is often several times faster than 2)",
+    )
+    p.add_argument(
+        "--until",
+        choices=("teacher", "spar"),
+        default="spar",
+        help="teacher: stop before distillation (world, pretraining, pre-trained numbers only)",
+    )
     a = p.parse_args(argv)
     try:
         cfg = apply_sets(DEFAULTS, a.set)
         from files import resolve_device
-        resolve_device(a.device)                           # a DeviceError is a ValueError
+
+        resolve_device(a.device)  # a DeviceError is a ValueError
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
-    if a.threads:                          # also for the evaluate.py / distill.py it runs
+    if a.threads:  # also for the evaluate.py / distill.py it runs
         torch.set_num_threads(a.threads)
         os.environ["OMP_NUM_THREADS"] = str(a.threads)
     try:

@@ -16,6 +16,7 @@ skipped (an empty cell).  No (E1)-(E4) code lives here; this file is plumbing ar
 `--timing` instead measures seconds per image of the single pass and of the stride-24 teacher on random images
 of each dataset's typical evaluation size (random weights, so no download) and estimates the time of each split.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,19 +31,29 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 
 # Table 1 columns in the paper's order: (dataset, column title, root flag, val images).
-BENCHMARKS = [("voc21", "VOC21", "voc", 1449), ("voc20", "VOC20", "voc", 1449),
-              ("cityscapes", "CS", "cityscapes", 500), ("ade20k", "ADE", "ade", 2000),
-              ("context60", "C60", "context", 5105), ("context59", "C59", "context", 5105)]
+BENCHMARKS = [
+    ("voc21", "VOC21", "voc", 1449),
+    ("voc20", "VOC20", "voc", 1449),
+    ("cityscapes", "CS", "cityscapes", 500),
+    ("ade20k", "ADE", "ade", 2000),
+    ("context60", "C60", "context", 5105),
+    ("context59", "C59", "context", 5105),
+]
 
 # Table 1 rows: backbone -> (title, checkpoint flag).
-ROWS = {"siglip2-b16": ("SigLIP2 ViT-B/16", "siglip2_ckpt"), "clip-b16": ("OpenCLIP ViT-B/16 (MaskCLIP)", "maskclip_ckpt")}
+ROWS = {
+    "siglip2-b16": ("SigLIP2 ViT-B/16", "siglip2_ckpt"),
+    "clip-b16": ("OpenCLIP ViT-B/16 (MaskCLIP)", "maskclip_ckpt"),
+}
 
 # The paper's numbers (mIoU %, single pass).  For OpenCLIP the paper reports only the mean over the six.
 PAPER = {
-    ("siglip2-b16", "pretrained"): dict(voc21=36.1, voc20=71.3, cityscapes=23.5, ade20k=16.8, context60=24.5,
-                                        context59=26.1, mean=33.1),
-    ("siglip2-b16", "spar"): dict(voc21=47.3, voc20=81.5, cityscapes=38.4, ade20k=23.4, context60=33.8,
-                                  context59=37.2, mean=43.6),
+    ("siglip2-b16", "pretrained"): dict(
+        voc21=36.1, voc20=71.3, cityscapes=23.5, ade20k=16.8, context60=24.5, context59=26.1, mean=33.1
+    ),
+    ("siglip2-b16", "spar"): dict(
+        voc21=47.3, voc20=81.5, cityscapes=38.4, ade20k=23.4, context60=33.8, context59=37.2, mean=43.6
+    ),
     ("clip-b16", "pretrained"): dict(mean=27.7),
     ("clip-b16", "spar"): dict(mean=34.4),
 }
@@ -62,6 +73,7 @@ def fail(msg: str, code: int = 2):
 # Running evaluate.py, resumably
 # ----------------------------------------------------------------------------------------------------------------
 
+
 def _file_id(path: str | None):
     """A checkpoint's identity for 'already done': absolute path, size, modification time."""
     if not path:
@@ -72,9 +84,22 @@ def _file_id(path: str | None):
 
 def evaluate_command(args, backbone: str, dataset: str, root: str, ckpt: str | None, out: Path) -> list[str]:
     """The evaluate.py call of one (backbone, dataset): mode 'pretrained', plus 'single' (= SPAR) with a checkpoint."""
-    cmd = [sys.executable, str(HERE / "evaluate.py"), "--dataset", dataset, "--root", root, "--backbone", backbone,
-           "--pretrained", args.pretrained, "--modes", "pretrained,single" if ckpt else "pretrained",
-           "--out", str(out)]
+    cmd = [
+        sys.executable,
+        str(HERE / "evaluate.py"),
+        "--dataset",
+        dataset,
+        "--root",
+        root,
+        "--backbone",
+        backbone,
+        "--pretrained",
+        args.pretrained,
+        "--modes",
+        "pretrained,single" if ckpt else "pretrained",
+        "--out",
+        str(out),
+    ]
     if ckpt:
         cmd += ["--checkpoint", ckpt]
     for flag in ("device", "max_images", "short_side", "templates", "text_cache"):
@@ -96,13 +121,13 @@ def run_tee(cmd: list[str]) -> tuple[int, str]:
             sys.stderr.buffer.write(chunk)
             sys.stderr.flush()
             tail = (tail + chunk)[-8192:]
-    except KeyboardInterrupt:                     # Ctrl-C reached evaluate.py too: let it save, then stop
+    except KeyboardInterrupt:  # Ctrl-C reached evaluate.py too: let it save, then stop
         proc.wait()
         raise
     code = proc.wait()
     lines = [ln.strip() for ln in tail.decode(errors="replace").replace("\r", "\n").splitlines()]
     errors = [ln for ln in lines if ln.startswith("error:")]
-    last = errors[-1][len("error:"):].strip().rstrip(".") if errors else (lines[-1] if lines else "")
+    last = errors[-1][len("error:") :].strip().rstrip(".") if errors else (lines[-1] if lines else "")
     return code, last or f"exit status {code}"
 
 
@@ -111,8 +136,11 @@ def complete_modes(path: Path) -> dict:
     try:
         record = json.loads(path.read_text())
         total = record["settings"]["num_images"]
-        return {m: 100 * r["miou"] for m, r in record["modes"].items()
-                if r.get("images_done", 0) >= total and r.get("miou") is not None}
+        return {
+            m: 100 * r["miou"]
+            for m, r in record["modes"].items()
+            if r.get("images_done", 0) >= total and r.get("miou") is not None
+        }
     except (OSError, ValueError, KeyError, TypeError):
         return {}
 
@@ -123,7 +151,7 @@ def run_all(args, results: dict, errors: list[str]):
     from files import write_json
 
     out_dir = Path(args.out)
-    done_path = out_dir / "done.json"               # run key -> the command that finished it
+    done_path = out_dir / "done.json"  # run key -> the command that finished it
     try:
         done = json.loads(done_path.read_text())
     except (OSError, ValueError):
@@ -148,8 +176,9 @@ def run_all(args, results: dict, errors: list[str]):
             if done.get(key) == stamp and all(m in modes for m in wanted):
                 say(f"done already: {title} with {backbone} ({out})")
             else:
-                say(f"\n== {title} with {backbone}{' + ' + os.path.basename(ckpt) if ckpt else ''}: "
-                    f"{' '.join(cmd[1:])}")
+                say(
+                    f"\n== {title} with {backbone}{' + ' + os.path.basename(ckpt) if ckpt else ''}: {' '.join(cmd[1:])}"
+                )
                 code, last = run_tee(cmd)
                 if code == 130:
                     raise KeyboardInterrupt
@@ -169,6 +198,7 @@ def run_all(args, results: dict, errors: list[str]):
 # The table
 # ----------------------------------------------------------------------------------------------------------------
 
+
 def cell(ours: float | None, paper: float | None) -> str:
     """'ours (ours - paper)'; just 'ours' when the paper has no number; '' when we have none."""
     if ours is None:
@@ -179,33 +209,60 @@ def cell(ours: float | None, paper: float | None) -> str:
 def markdown_table(results: dict, backbones: list[str], notes: list[str]) -> str:
     """One table: per backbone and model, the paper's row and ours with the difference per cell."""
     head = ["backbone", "model", "source"] + [t for _, t, _, _ in BENCHMARKS] + ["mean"]
-    lines = ["# Table 1 from checkpoints (zero-shot segmentation, mIoU %)", "",
-             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines = [
+        "# Table 1 from checkpoints (zero-shot segmentation, mIoU %)",
+        "",
+        "| " + " | ".join(head) + " |",
+        "|" + "---|" * len(head),
+    ]
     for backbone in backbones:
         for model in ("pretrained", "spar"):
             paper = PAPER[(backbone, model)]
             ours = [results.get((backbone, model, d)) for d, _, _, _ in BENCHMARKS]
             mean = statistics.fmean(ours) if all(v is not None for v in ours) else None
             first = f"| {ROWS[backbone][0]} | {MODEL_TITLES[model]} | "
-            lines.append(first + "paper | " + " | ".join(f"{paper[d]:.1f}" if d in paper else ""
-                                                         for d, _, _, _ in BENCHMARKS) + f" | {paper['mean']:.1f} |")
-            lines.append(first + "ours (ours − paper) | " + " | ".join(
-                [cell(v, paper.get(d)) for v, (d, _, _, _) in zip(ours, BENCHMARKS)] + [cell(mean, paper["mean"])])
-                + " |")
-    lines += ["", "An empty 'ours' cell: not evaluated (dataset root or checkpoint not given, or the run failed; "
-              "see the log).  Mean: over the six benchmarks, only when all six were evaluated.  The paper reports "
-              "only the mean for OpenCLIP."]
+            lines.append(
+                first
+                + "paper | "
+                + " | ".join(f"{paper[d]:.1f}" if d in paper else "" for d, _, _, _ in BENCHMARKS)
+                + f" | {paper['mean']:.1f} |"
+            )
+            lines.append(
+                first
+                + "ours (ours − paper) | "
+                + " | ".join(
+                    [cell(v, paper.get(d)) for v, (d, _, _, _) in zip(ours, BENCHMARKS)] + [cell(mean, paper["mean"])]
+                )
+                + " |"
+            )
+    lines += [
+        "",
+        "An empty 'ours' cell: not evaluated (dataset root or checkpoint not given, or the run failed; "
+        "see the log).  Mean: over the six benchmarks, only when all six were evaluated.  The paper reports "
+        "only the mean for OpenCLIP.",
+    ]
     return "\n".join(lines + [f"- {n}" for n in notes]) + "\n"
 
 
 def table_notes(args) -> list[str]:
-    notes = [f"weights: --pretrained {args.pretrained}; SPAR checkpoints: "
-             + ", ".join(f"{ROWS[b][0]}: {os.path.basename(getattr(args, ROWS[b][1]) or '') or 'none'}"
-                         for b in args.backbones)]
+    notes = [
+        f"weights: --pretrained {args.pretrained}; SPAR checkpoints: "
+        + ", ".join(
+            f"{ROWS[b][0]}: {os.path.basename(getattr(args, ROWS[b][1]) or '') or 'none'}" for b in args.backbones
+        )
+    ]
     if args.max_images or args.short_side:
-        notes.append("NOT comparable with the paper: "
-                     + ", ".join(s for s in (f"first {args.max_images} images only" if args.max_images else "",
-                                             f"short side {args.short_side}" if args.short_side else "") if s))
+        notes.append(
+            "NOT comparable with the paper: "
+            + ", ".join(
+                s
+                for s in (
+                    f"first {args.max_images} images only" if args.max_images else "",
+                    f"short side {args.short_side}" if args.short_side else "",
+                )
+                if s
+            )
+        )
     if args.smoke_backbone:
         notes.append(f"smoke test: every row ran on the '{args.smoke_backbone}' backbone, not the paper's")
     return notes
@@ -224,6 +281,7 @@ QUICK_SIZES = [((96, 128), ["voc21", "voc20", "context60", "context59", "ade20k"
 def _seconds(fn, device, repeats: int) -> float:
     """Median wall time of `fn()` after one warm-up call (kernels, allocator, cudnn autotuning)."""
     from student import synchronize
+
     fn()
     synchronize(device)
     times = []
@@ -244,7 +302,7 @@ def time_backbone(name: str, args) -> list[dict]:
     backbone = load_backbone(name, None, args.device)
     device = backbone.device
     rows = []
-    for (H, W), datasets in (QUICK_SIZES if args.quick else TIMING_SIZES):
+    for (H, W), datasets in QUICK_SIZES if args.quick else TIMING_SIZES:
         x = backbone.normalize(torch.rand(1, 3, H, W, device=device))
         with torch.inference_mode(), autocast(device, args.precision):
             single = _seconds(lambda: backbone.dense(x), device, args.repeats)
@@ -255,44 +313,67 @@ def time_backbone(name: str, args) -> list[dict]:
             with torch.inference_mode():
                 slide = _seconds(lambda: teacher(x), device, 1)
             how = f"all {n} window{'s' if n > 1 else ''}"
-        else:                       # a batch of `limit` windows through the model, scaled to the window count
+        else:  # a batch of `limit` windows through the model, scaled to the window count
             K = backbone.window
             crops = backbone.normalize(torch.rand(limit, 3, K, K, device=device))
             with torch.inference_mode(), autocast(device, args.precision):
                 slide = _seconds(lambda: backbone.dense(crops), device, 1) * n / limit
             how = f"extrapolated from {limit} of {n} windows (model only, no stitching)"
-        rows.append(dict(backbone=name, size=[H, W], datasets=datasets, single_s=single, teacher_s=slide,
-                         windows=n, teacher_how=how))
+        rows.append(
+            dict(
+                backbone=name,
+                size=[H, W],
+                datasets=datasets,
+                single_s=single,
+                teacher_s=slide,
+                windows=n,
+                teacher_how=how,
+            )
+        )
     return rows
 
 
 def timing(args) -> int:
-    from files import WriteError, resolve_device, write_json
-
     import torch
+
+    from files import WriteError, resolve_device, write_json
 
     try:
         args.device = str(resolve_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu")))
     except ValueError as exc:
         fail(str(exc))
-    say(f"seconds per image, random weights, device {args.device}, precision {args.precision}, stride-24 teacher"
-        + (" (--quick: small images, not the evaluation sizes)" if args.quick else ""))
+    say(
+        f"seconds per image, random weights, device {args.device}, precision {args.precision}, stride-24 teacher"
+        + (" (--quick: small images, not the evaluation sizes)" if args.quick else "")
+    )
     rows = []
     for name in args.backbones:
         rows += time_backbone(args.smoke_backbone or name, args)
     split = {d: n for d, _, _, n in BENCHMARKS}
     say(f"\n{'backbone':<12} {'HxW':>10} {'single s':>9} {'teacher s':>10} {'ratio':>6}  teacher windows")
     for r in rows:
-        say(f"{r['backbone']:<12} {r['size'][0]:>4}x{r['size'][1]:<5} {r['single_s']:9.3f} {r['teacher_s']:10.2f} "
-            f"{r['teacher_s'] / r['single_s']:6.0f}  {r['teacher_how']}")
+        say(
+            f"{r['backbone']:<12} {r['size'][0]:>4}x{r['size'][1]:<5} {r['single_s']:9.3f} {r['teacher_s']:10.2f} "
+            f"{r['teacher_s'] / r['single_s']:6.0f}  {r['teacher_how']}"
+        )
     say(f"\n{'backbone':<12} {'dataset':<11} {'images':>6} {'single min':>11} {'teacher min':>12}")
     for r in rows:
         for d in r["datasets"]:
-            say(f"{r['backbone']:<12} {d:<11} {split[d]:>6} {split[d] * r['single_s'] / 60:11.1f} "
-                f"{split[d] * r['teacher_s'] / 60:12.1f}")
+            say(
+                f"{r['backbone']:<12} {d:<11} {split[d]:>6} {split[d] * r['single_s'] / 60:11.1f} "
+                f"{split[d] * r['teacher_s'] / 60:12.1f}"
+            )
     try:
-        write_json(Path(args.out) / "timing.json", {"device": args.device, "precision": args.precision,
-                                                    "quick": args.quick, "rows": rows, "split_images": split})
+        write_json(
+            Path(args.out) / "timing.json",
+            {
+                "device": args.device,
+                "precision": args.precision,
+                "quick": args.quick,
+                "rows": rows,
+                "split_images": split,
+            },
+        )
     except WriteError as exc:
         fail(str(exc))
     say(f"saved {Path(args.out) / 'timing.json'}")
@@ -301,38 +382,59 @@ def timing(args) -> int:
 
 # ----------------------------------------------------------------------------------------------------------------
 
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="The paper's Table 1 from checkpoints: evaluate the six benchmarks "
-                                            "(pre-trained single pass and SPAR, SigLIP2 and OpenCLIP/MaskCLIP) "
-                                            "with evaluate.py and write one Markdown table beside the paper's "
-                                            "numbers.  Resumable: run the same command again.")
+    p = argparse.ArgumentParser(
+        description="The paper's Table 1 from checkpoints: evaluate the six benchmarks "
+        "(pre-trained single pass and SPAR, SigLIP2 and OpenCLIP/MaskCLIP) "
+        "with evaluate.py and write one Markdown table beside the paper's "
+        "numbers.  Resumable: run the same command again."
+    )
     p.add_argument("--voc", help="VOC root (VOCdevkit/VOC2012 inside): VOC21 and VOC20")
     p.add_argument("--context", help="PASCAL Context root (VOCdevkit/VOC2010 inside): Context60 and Context59")
     p.add_argument("--cityscapes", help="Cityscapes root (leftImg8bit/, gtFine/ inside)")
     p.add_argument("--ade", help="ADE20K root (ADEChallengeData2016/ inside)")
     p.add_argument("--siglip2-ckpt", help="SPAR SigLIP2 checkpoint: the authors' .pth/.ckpt or our student.pt")
     p.add_argument("--maskclip-ckpt", help="SPAR MaskCLIP (OpenCLIP ViT-B/16) checkpoint")
-    p.add_argument("--backbones", default="siglip2-b16,clip-b16",
-                   help="rows to evaluate, comma-separated (default: %(default)s)")
-    p.add_argument("--pretrained", default="default",
-                   help="base weights for every evaluate.py run: 'default' (download through open_clip, cached) "
-                        "or 'none' (random, offline tests)")
-    p.add_argument("--out", default=str(HERE / "runs" / "reproduce"),
-                   help="folder for the per-run JSONs and table1.md (default: %(default)s)")
+    p.add_argument(
+        "--backbones", default="siglip2-b16,clip-b16", help="rows to evaluate, comma-separated (default: %(default)s)"
+    )
+    p.add_argument(
+        "--pretrained",
+        default="default",
+        help="base weights for every evaluate.py run: 'default' (download through open_clip, cached) "
+        "or 'none' (random, offline tests)",
+    )
+    p.add_argument(
+        "--out",
+        default=str(HERE / "runs" / "reproduce"),
+        help="folder for the per-run JSONs and table1.md (default: %(default)s)",
+    )
     p.add_argument("--device", default=None, help="passed to evaluate.py (default: its own, cuda if available)")
     p.add_argument("--max-images", type=int, default=None, help="first N images only (a quick look; not comparable)")
     p.add_argument("--short-side", type=int, default=None, help="override the resize (tests only; not comparable)")
     p.add_argument("--templates", default=None, help="prompt templates file (default: evaluate.py's, the 80 of CLIP)")
     p.add_argument("--text-cache", default=None, help="text-embedding cache folder for evaluate.py")
-    p.add_argument("--smoke-backbone", default=None,
-                   help="run every row on this backbone instead (e.g. tiny, for an offline smoke test)")
+    p.add_argument(
+        "--smoke-backbone",
+        default=None,
+        help="run every row on this backbone instead (e.g. tiny, for an offline smoke test)",
+    )
     t = p.add_argument_group("timing (--timing): seconds per image on random images, no datasets, no download")
     t.add_argument("--timing", action="store_true", help="measure s/image and estimate each split's time, then exit")
     t.add_argument("--quick", action="store_true", help="small images and 2 teacher windows (a CPU check)")
-    t.add_argument("--precision", default="fp32", choices=("auto", "fp32", "fp16", "bf16"),
-                   help="autocast for --timing (default fp32, as the authors evaluate)")
-    t.add_argument("--teacher-windows", type=int, default=None,
-                   help="time only this many teacher windows and extrapolate (default: all; --quick: 2)")
+    t.add_argument(
+        "--precision",
+        default="fp32",
+        choices=("auto", "fp32", "fp16", "bf16"),
+        help="autocast for --timing (default fp32, as the authors evaluate)",
+    )
+    t.add_argument(
+        "--teacher-windows",
+        type=int,
+        default=None,
+        help="time only this many teacher windows and extrapolate (default: all; --quick: 2)",
+    )
     t.add_argument("--repeats", type=int, default=3, help="single-pass repeats, median (default 3; --quick 1)")
     return p
 
@@ -357,6 +459,7 @@ def main(argv=None) -> int:
             fail(f"checkpoint '{ckpt}' (--{ROWS[b][1].replace('_', '-')}) does not exist.")
 
     from files import WriteError, atomic_write
+
     results, errors, code = {}, [], 0
     try:
         run_all(args, results, errors)

@@ -11,6 +11,7 @@
 
 Run `python stitch.py --height 1024 --width 2048` to print the window grid the paper's teacher uses.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -28,8 +29,10 @@ def window_starts(length: int, window: int, stride: int) -> list[int]:
     if stride <= 0 or window <= 0:
         raise ValueError(f"window ({window}) and stride ({stride}) must be positive")
     if length < window:
-        raise ValueError(f"side of {length} px is shorter than the {window} px window; pad the image to the "
-                         f"window first (Teacher does this)")
+        raise ValueError(
+            f"side of {length} px is shorter than the {window} px window; pad the image to the "
+            f"window first (Teacher does this)"
+        )
     # ASSIGNMENT 1 BEGIN: the window starts along one side (E1)
     starts = list(range(0, length - window + 1, stride))
     if starts[-1] != length - window:
@@ -75,17 +78,18 @@ class Stitcher:
         # ASSIGNMENT 2 BEGIN: up-sample each window map and add it to the canvas and the count (E2)
         n, k, _, C = feats.shape
         kr = k * self.r
-        if self.r > 1:   # up_r: bilinear, align_corners=False, on the channels-first view
-            feats = F.interpolate(feats.permute(0, 3, 1, 2).float(), scale_factor=self.r, mode="bilinear",
-                                  align_corners=False).permute(0, 2, 3, 1)                  # (n, kr, kr, C)
+        if self.r > 1:  # up_r: bilinear, align_corners=False, on the channels-first view
+            feats = F.interpolate(
+                feats.permute(0, 3, 1, 2).float(), scale_factor=self.r, mode="bilinear", align_corners=False
+            ).permute(0, 2, 3, 1)  # (n, kr, kr, C)
         offs = torch.arange(kr, device=self.canvas.device)
-        rows = y_cells.to(offs.device)[:, None] + offs                                     # (n, kr)
-        cols = x_cells.to(offs.device)[:, None] + offs                                     # (n, kr)
-        cell = rows[:, :, None] * self.Wc + cols[:, None, :]                               # (n, kr, kr)
+        rows = y_cells.to(offs.device)[:, None] + offs  # (n, kr)
+        cols = x_cells.to(offs.device)[:, None] + offs  # (n, kr)
+        cell = rows[:, :, None] * self.Wc + cols[:, None, :]  # (n, kr, kr)
         # place_w: one scatter-add for all windows of the batch
         flat = (image_idx.to(offs.device)[:, None, None] * (self.Hc * self.Wc) + cell).reshape(-1)
         self.canvas.index_add_(0, flat, feats.reshape(-1, C).float())
-        self.count.index_add_(0, flat, torch.ones_like(flat, dtype=torch.float32))          # place_w(1)
+        self.count.index_add_(0, flat, torch.ones_like(flat, dtype=torch.float32))  # place_w(1)
         # ASSIGNMENT 2 END
 
     def result(self, out_hw: tuple[int, int]) -> torch.Tensor:
@@ -94,18 +98,20 @@ class Stitcher:
             raise RuntimeError("some canvas cells are covered by no window; the window grid is incomplete")
         # ASSIGNMENT 2 BEGIN: average by the coverage count and resize to the patch grid (E2)
         h, w = out_hw
-        avg = (self.canvas / self.count[:, None]).view(self.B, self.Hc, self.Wc, self.C)[:, :h * self.r, :w * self.r]      # drop padded cells
+        avg = (self.canvas / self.count[:, None]).view(self.B, self.Hc, self.Wc, self.C)[
+            :, : h * self.r, : w * self.r
+        ]  # drop padded cells
         if self.r == 1:
             return avg.contiguous()
         # resize_{h x w}: bilinear, align_corners=False (for r = 2 exactly a 2x2 average pool)
-        out = F.interpolate(avg.permute(0, 3, 1, 2), size=(h, w), mode="bilinear", align_corners=False,
-                            antialias=False)
+        out = F.interpolate(avg.permute(0, 3, 1, 2), size=(h, w), mode="bilinear", align_corners=False, antialias=False)
         return out.permute(0, 2, 3, 1).contiguous()
         # ASSIGNMENT 2 END
 
 
-def stitch(window_feats: torch.Tensor, starts_px: list[tuple[int, int]], image_hw: tuple[int, int],
-           patch: int, stride: int) -> torch.Tensor:
+def stitch(
+    window_feats: torch.Tensor, starts_px: list[tuple[int, int]], image_hw: tuple[int, int], patch: int, stride: int
+) -> torch.Tensor:
     """(E2) for one image whose sides are multiples of p (and >= K): window maps (n, k, k, C) -> (h, w, C).
 
     starts_px are the (y, x) pixel corners of the windows, e.g. `window_grid(H, W, K, stride)`.
@@ -119,14 +125,19 @@ def stitch(window_feats: torch.Tensor, starts_px: list[tuple[int, int]], image_h
     if (starts % cell).any():
         raise ValueError(f"window starts must be multiples of {cell} px for stride {stride}")
     st = Stitcher(1, (H // cell, W // cell), window_feats.shape[-1], r, device=window_feats.device)
-    st.add(window_feats, torch.zeros(len(starts), dtype=torch.long, device=window_feats.device),
-           starts[:, 0] // cell, starts[:, 1] // cell)
+    st.add(
+        window_feats,
+        torch.zeros(len(starts), dtype=torch.long, device=window_feats.device),
+        starts[:, 0] // cell,
+        starts[:, 1] // cell,
+    )
     return st.result((H // patch, W // patch))[0]
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="Print the teacher's window grid (E1) and stitching canvas (E2) "
-                                                 "for an image size.")
+    parser = argparse.ArgumentParser(
+        description="Print the teacher's window grid (E1) and stitching canvas (E2) for an image size."
+    )
     parser.add_argument("--height", type=int, default=1024)
     parser.add_argument("--width", type=int, default=2048)
     parser.add_argument("--window", type=int, default=512, help="K, the backbone's native resolution")
@@ -142,12 +153,14 @@ def main(argv=None):
     print(f"window K={K}, stride s={s}: {len(ys)} x {len(xs)} = {len(ys) * len(xs)} windows")
     print(f"  row starts: {ys[:4]} ... {ys[-3:]}")
     print(f"  col starts: {xs[:4]} ... {xs[-3:]}")
-    print(f"sub-patch factor r={r}: canvas of {p // r} px cells, {H * r // p} x {W * r // p}; "
-          f"each window map {K // p}x{K // p} -> {K * r // p}x{K * r // p}")
+    print(
+        f"sub-patch factor r={r}: canvas of {p // r} px cells, {H * r // p} x {W * r // p}; "
+        f"each window map {K // p}x{K // p} -> {K * r // p}x{K * r // p}"
+    )
     cover = torch.zeros(H * r // p, W * r // p)
     for y in ys:
         for x in xs:
-            cover[y * r // p:(y + K) * r // p, x * r // p:(x + K) * r // p] += 1
+            cover[y * r // p : (y + K) * r // p, x * r // p : (x + K) * r // p] += 1
     print(f"coverage per cell: min {int(cover.min())}, max {int(cover.max())}, mean {cover.mean():.1f}")
     print(f"output patch grid h x w = {math.ceil(args.height / p)} x {math.ceil(args.width / p)}")
 

@@ -23,6 +23,7 @@ not seen).  This file holds:
 
 Run `python student.py --backbone tiny` to see the dense-feature shapes and timings at a few resolutions.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -55,8 +56,9 @@ class BackboneError(RuntimeError):
 POS_RESIZE_MODES = ("size", "scale+0.1")
 
 
-def resize_pos_embed(pos: torch.Tensor, old_hw: tuple[int, int], new_hw: tuple[int, int],
-                     mode: str = "size") -> torch.Tensor:
+def resize_pos_embed(
+    pos: torch.Tensor, old_hw: tuple[int, int], new_hw: tuple[int, int], mode: str = "size"
+) -> torch.Tensor:
     """Resize a grid of absolute position embeddings, (E3).
 
     pos: (old_h * old_w, C) or (1, old_h * old_w, C), row-major over the grid (no CLS entry).
@@ -78,15 +80,15 @@ def resize_pos_embed(pos: torch.Tensor, old_hw: tuple[int, int], new_hw: tuple[i
     if mode == "size" and tuple(old_hw) == tuple(new_hw):
         return pos
     # ASSIGNMENT 3 BEGIN: resize the position-embedding grid, bicubic (E3)
-    lead = pos.shape[:-2]                                              # () or (1,)
+    lead = pos.shape[:-2]  # () or (1,)
     C = pos.shape[-1]
-    grid = pos.reshape(1, old_hw[0], old_hw[1], C).permute(0, 3, 1, 2).float()   # (1, C, gh, gw)
+    grid = pos.reshape(1, old_hw[0], old_hw[1], C).permute(0, 3, 1, 2).float()  # (1, C, gh, gw)
     if mode == "size":
         grid = F.interpolate(grid, size=tuple(new_hw), mode="bicubic", align_corners=False, antialias=False)
     else:
         scale = ((new_hw[0] + 0.1) / old_hw[0], (new_hw[1] + 0.1) / old_hw[1])
         grid = F.interpolate(grid, scale_factor=scale, mode="bicubic", align_corners=False, antialias=False)
-        assert tuple(grid.shape[-2:]) == tuple(new_hw), (grid.shape, new_hw)   # the +0.1 guarantees the floor
+        assert tuple(grid.shape[-2:]) == tuple(new_hw), (grid.shape, new_hw)  # the +0.1 guarantees the floor
     out = grid.permute(0, 2, 3, 1).reshape(*lead, new_hw[0] * new_hw[1], C)
     return out.to(pos.dtype)
     # ASSIGNMENT 3 END
@@ -130,6 +132,7 @@ def autocast(device: torch.device | str, precision: str = "auto"):
 # The common interface
 # ----------------------------------------------------------------------------------------------------------------
 
+
 class Backbone(nn.Module):
     """A frozen-or-trainable vision-language ViT that gives dense, text-aligned features at any resolution.
 
@@ -141,8 +144,9 @@ class Backbone(nn.Module):
 
     grid_rule: str = "ceil"
 
-    def __init__(self, model: nn.Module, name: str, patch_size: int, window: int, dim: int,
-                 mean, std, tokenizer_factory):
+    def __init__(
+        self, model: nn.Module, name: str, patch_size: int, window: int, dim: int, mean, std, tokenizer_factory
+    ):
         super().__init__()
         self.model = model
         self.name = name
@@ -213,7 +217,7 @@ class Backbone(nn.Module):
         """Raw (un-normalised) text embeddings, (N, C), in the same space as `dense`."""
         out = []
         for i in range(0, len(texts), batch_size):
-            tokens = self.tokenizer(list(texts[i:i + batch_size])).to(self.device)
+            tokens = self.tokenizer(list(texts[i : i + batch_size])).to(self.device)
             out.append(self.model.encode_text(tokens).float())
         return torch.cat(out) if out else torch.empty(0, self.dim, device=self.device)
 
@@ -238,12 +242,12 @@ class SigLIPBackbone(Backbone):
     def tokens(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
         """Trunk output tokens after the final norm: (B, h*w, C) and the grid (h, w)."""
         trunk = self.trunk
-        x = self.fit_to_grid(x)                                        # ceil grid, zero padding
+        x = self.fit_to_grid(x)  # ceil grid, zero padding
         # timm's PatchEmbed asserts the native image size, so call its projection directly.
-        x = trunk.patch_embed.proj(x)                                  # (B, C, h, w)
+        x = trunk.patch_embed.proj(x)  # (B, C, h, w)
         h, w = x.shape[-2:]
-        x = trunk.patch_embed.norm(x.flatten(2).transpose(1, 2))       # (B, h*w, C)
-        x = x + resize_pos_embed(trunk.pos_embed, self.native_grid, (h, w)).to(x.dtype)   # (E3)
+        x = trunk.patch_embed.norm(x.flatten(2).transpose(1, 2))  # (B, h*w, C)
+        x = x + resize_pos_embed(trunk.pos_embed, self.native_grid, (h, w)).to(x.dtype)  # (E3)
         x = trunk.norm_pre(trunk.patch_drop(trunk.pos_drop(x)))
         x = trunk.blocks(x)
         return trunk.norm(x), (h, w)
@@ -286,14 +290,14 @@ class OpenCLIPBackbone(Backbone):
     def dense(self, x):
         vis = self.visual
         B = x.shape[0]
-        x = self.fit_to_grid(x)                                        # floor grid: crop, no padding
-        x = vis.conv1(x)                                               # (B, C, h, w)
+        x = self.fit_to_grid(x)  # floor grid: crop, no padding
+        x = vis.conv1(x)  # (B, C, h, w)
         h, w = x.shape[-2:]
-        x = x.flatten(2).transpose(1, 2)                               # (B, h*w, C)
-        pos = vis.positional_embedding                                 # (1 + g*g, C)
-        patch_pos = resize_pos_embed(pos[1:], self.native_grid, (h, w), mode="scale+0.1")   # (E3), CLS kept
+        x = x.flatten(2).transpose(1, 2)  # (B, h*w, C)
+        pos = vis.positional_embedding  # (1 + g*g, C)
+        patch_pos = resize_pos_embed(pos[1:], self.native_grid, (h, w), mode="scale+0.1")  # (E3), CLS kept
         cls = (vis.class_embedding + pos[0]).to(x.dtype).expand(B, 1, -1)
-        x = torch.cat([cls, x + patch_pos.to(x.dtype)], dim=1)         # (B, 1 + h*w, C)
+        x = torch.cat([cls, x + patch_pos.to(x.dtype)], dim=1)  # (B, 1 + h*w, C)
         x = vis.ln_pre(vis.patch_dropout(x))
         batch_first = getattr(vis.transformer, "batch_first", True)
         if not batch_first:
@@ -313,8 +317,11 @@ class OpenCLIPBackbone(Backbone):
         """Last block with self-attention replaced by its value path (MaskCLIP)."""
         attn = blk.attn
         C = x.shape[-1]
-        v = F.linear(blk.ln_1(x), attn.in_proj_weight[2 * C:],
-                     attn.in_proj_bias[2 * C:] if attn.in_proj_bias is not None else None)
+        v = F.linear(
+            blk.ln_1(x),
+            attn.in_proj_weight[2 * C :],
+            attn.in_proj_bias[2 * C :] if attn.in_proj_bias is not None else None,
+        )
         x = x + blk.ls_1(attn.out_proj(v))
         return x + blk.ls_2(blk.mlp(blk.ln_2(x)))
 
@@ -323,12 +330,13 @@ class OpenCLIPBackbone(Backbone):
 # Loading
 # ----------------------------------------------------------------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class BackboneSpec:
     name: str
-    kind: str                 # "siglip" | "openclip"
-    openclip_name: str        # open_clip architecture name (offline config)
-    hub_name: str | None      # what `pretrained="default"` downloads
+    kind: str  # "siglip" | "openclip"
+    openclip_name: str  # open_clip architecture name (offline config)
+    hub_name: str | None  # what `pretrained="default"` downloads
     pretrained_tag: str | None
     window: int
     mean: tuple
@@ -337,10 +345,20 @@ class BackboneSpec:
 
 
 BACKBONES = {
-    "siglip2-b16": BackboneSpec("siglip2-b16", "siglip", "ViT-B-16-SigLIP2-512", "hf-hub:timm/ViT-B-16-SigLIP2-512",
-                                None, 512, SIGLIP_MEAN, SIGLIP_STD, "hf-hub:timm/ViT-B-16-SigLIP2-512"),
-    "clip-b16": BackboneSpec("clip-b16", "openclip", "ViT-B-16", None, "laion2b_s34b_b88k", 224,
-                             OPENAI_MEAN, OPENAI_STD, "ViT-B-16"),
+    "siglip2-b16": BackboneSpec(
+        "siglip2-b16",
+        "siglip",
+        "ViT-B-16-SigLIP2-512",
+        "hf-hub:timm/ViT-B-16-SigLIP2-512",
+        None,
+        512,
+        SIGLIP_MEAN,
+        SIGLIP_STD,
+        "hf-hub:timm/ViT-B-16-SigLIP2-512",
+    ),
+    "clip-b16": BackboneSpec(
+        "clip-b16", "openclip", "ViT-B-16", None, "laion2b_s34b_b88k", 224, OPENAI_MEAN, OPENAI_STD, "ViT-B-16"
+    ),
     "tiny": BackboneSpec("tiny", "siglip", "spar-tiny", None, None, 128, SIGLIP_MEAN, SIGLIP_STD, "ViT-B-16"),
 }
 
@@ -360,8 +378,15 @@ def _register_tiny_timm_model():
 
     @register_model
     def spar_tiny_siglip(pretrained=False, **kwargs):
-        args = dict(img_size=TINY["window"], patch_size=TINY["patch"], embed_dim=TINY["width"],
-                    depth=TINY["depth"], num_heads=TINY["heads"], class_token=False, global_pool="map")
+        args = dict(
+            img_size=TINY["window"],
+            patch_size=TINY["patch"],
+            embed_dim=TINY["width"],
+            depth=TINY["depth"],
+            num_heads=TINY["heads"],
+            class_token=False,
+            global_pool="map",
+        )
         args.update({k: v for k, v in kwargs.items() if not k.startswith(("pretrained", "cache"))})
         return VisionTransformer(**args)
 
@@ -370,10 +395,20 @@ def _build_tiny():
     from open_clip.model import CustomTextCLIP
 
     _register_tiny_timm_model()
-    vision_cfg = dict(image_size=TINY["window"], timm_model_name="spar_tiny_siglip", timm_model_pretrained=False,
-                      timm_pool="map", timm_proj="none")
-    text_cfg = dict(context_length=77, vocab_size=49408, width=TINY["text_width"], heads=TINY["text_heads"],
-                    layers=TINY["text_layers"])
+    vision_cfg = dict(
+        image_size=TINY["window"],
+        timm_model_name="spar_tiny_siglip",
+        timm_model_pretrained=False,
+        timm_pool="map",
+        timm_proj="none",
+    )
+    text_cfg = dict(
+        context_length=77,
+        vocab_size=49408,
+        width=TINY["text_width"],
+        heads=TINY["text_heads"],
+        layers=TINY["text_layers"],
+    )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(TINY["seed"])
         model = CustomTextCLIP(embed_dim=TINY["width"], vision_cfg=vision_cfg, text_cfg=text_cfg)
@@ -384,8 +419,9 @@ def _friendly(exc: BaseException) -> str:
     """Turn a loader exception into the short reason part of a one-sentence message."""
     text = str(exc)
     low = text.lower()
-    if any(k in low for k in ("local cache", "connect", "huggingface.co", "offline", "resolve", "timed out",
-                              "network")):
+    if any(
+        k in low for k in ("local cache", "connect", "huggingface.co", "offline", "resolve", "timed out", "network")
+    ):
         return "the Hugging Face hub could not be reached and the files are not in the local cache"
     if isinstance(exc, ImportError):
         return f"a package is missing: {text.splitlines()[0][:120]}"
@@ -411,12 +447,14 @@ def _load_open_clip_model(spec: BackboneSpec, pretrained):
             _load_state_dict_file(model, pretrained, spec.name)
         return model
     if pretrained is None:
-        with _quiet_logging():                   # silence open_clip's "initialized randomly" warning: we asked for it
+        with _quiet_logging():  # silence open_clip's "initialized randomly" warning: we asked for it
             return open_clip.create_model(spec.openclip_name, pretrained=None)
     if pretrained != "default":
         if not os.path.isfile(pretrained):
-            raise BackboneError(f"cannot load {spec.name}: weights file '{pretrained}' does not exist; "
-                                f"pass an existing open_clip checkpoint path, 'default' to download, or None.")
+            raise BackboneError(
+                f"cannot load {spec.name}: weights file '{pretrained}' does not exist; "
+                f"pass an existing open_clip checkpoint path, 'default' to download, or None."
+            )
         return open_clip.create_model(spec.openclip_name, pretrained=pretrained)
     try:
         with _quiet_logging():
@@ -428,7 +466,8 @@ def _load_open_clip_model(spec: BackboneSpec, pretrained):
         raise BackboneError(
             f"cannot download the {spec.name} weights ({source}) through open_clip ({_friendly(exc)}); "
             f"connect to the internet once (the files are cached), or pass a local weights file with "
-            f"--pretrained PATH, or use --pretrained none / --backbone tiny to work offline.") from exc
+            f"--pretrained PATH, or use --pretrained none / --backbone tiny to work offline."
+        ) from exc
 
 
 def _load_state_dict_file(model: nn.Module, path: str, name: str):
@@ -439,25 +478,30 @@ def _load_state_dict_file(model: nn.Module, path: str, name: str):
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
     if not _is_state_dict(state):
-        raise BackboneError(f"cannot load {name}: '{path}' does not match its architecture (it is not a state dict "
-                            f"of tensors).")
+        raise BackboneError(
+            f"cannot load {name}: '{path}' does not match its architecture (it is not a state dict of tensors)."
+        )
     problem = _state_mismatch(model.state_dict(), state)
     if problem:
-        raise BackboneError(f"cannot load {name}: '{path}' does not match its architecture ({problem}"
-                            f"{_guess_hint(state, name)}).")
+        raise BackboneError(
+            f"cannot load {name}: '{path}' does not match its architecture ({problem}{_guess_hint(state, name)})."
+        )
     model.load_state_dict(state)
 
 
 def _tokenizer_factory(spec: BackboneSpec):
     def make():
         import open_clip
+
         try:
             with _quiet_logging():
                 return open_clip.get_tokenizer(spec.tokenizer_name)
         except Exception as exc:
             raise BackboneError(
                 f"cannot load the {spec.name} text tokenizer ({spec.tokenizer_name}) ({_friendly(exc)}); it needs "
-                f"the `transformers` package and one download from the Hugging Face hub (then cached).") from exc
+                f"the `transformers` package and one download from the Hugging Face hub (then cached)."
+            ) from exc
+
     return make
 
 
@@ -466,43 +510,51 @@ def _tokenizer_factory(spec: BackboneSpec):
 # ----------------------------------------------------------------------------------------------------------------
 
 CHECKPOINT_FORMAT = "spar-student"
-AUTHORS_PTH_PREFIX = "model."                    # their eval wrapper holds the open_clip model as `model`
-AUTHORS_CKPT_PREFIX = "segmentor.net.model."     # the same wrapper inside their Lightning module
+AUTHORS_PTH_PREFIX = "model."  # their eval wrapper holds the open_clip model as `model`
+AUTHORS_CKPT_PREFIX = "segmentor.net.model."  # the same wrapper inside their Lightning module
 FORMAT_NAMES = {
     "ours": f"a SPAR student checkpoint from distill.py ('{CHECKPOINT_FORMAT}')",
     "authors-pth": f"the authors' released .pth (their wrapper's state dict, keys '{AUTHORS_PTH_PREFIX}*')",
     "authors-ckpt": f"the authors' Lightning .ckpt (state_dict keys '{AUTHORS_CKPT_PREFIX}*')",
 }
 # One key whose shape tells the architecture apart, for the "it looks like ..." hint of a refused file.
-SIGNATURES = {"siglip2-b16": ("visual.trunk.pos_embed", (1, 1024, 768)),
-              "clip-b16": ("visual.positional_embedding", (197, 768)),
-              "tiny": ("visual.trunk.pos_embed", (1, 64, 128))}
+SIGNATURES = {
+    "siglip2-b16": ("visual.trunk.pos_embed", (1, 1024, 768)),
+    "clip-b16": ("visual.positional_embedding", (197, 768)),
+    "tiny": ("visual.trunk.pos_embed", (1, 64, 128)),
+}
 
 
 def _read_torch_file(path: str, what: str = "checkpoint"):
     """torch.load with weights_only=True (never unpickles code); memory-mapped when the file allows it."""
     import pickle
+
     try:
         try:
             return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         except pickle.UnpicklingError:
             raise
-        except Exception:                        # legacy (non-zip) torch files cannot be memory-mapped
+        except Exception:  # legacy (non-zip) torch files cannot be memory-mapped
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        if "Unsupported global" not in str(exc):             # garbage bytes: not a torch file at all
-            raise BackboneError(f"cannot read {what} '{path}' (not a torch file); the file is corrupt, truncated "
-                                f"or not a torch file.") from exc
-        raise BackboneError(f"cannot read {what} '{path}': it holds Python objects that safe loading "
-                            f"(weights_only=True) refuses; save only its tensors (see the README).") from exc
+        if "Unsupported global" not in str(exc):  # garbage bytes: not a torch file at all
+            raise BackboneError(
+                f"cannot read {what} '{path}' (not a torch file); the file is corrupt, truncated or not a torch file."
+            ) from exc
+        raise BackboneError(
+            f"cannot read {what} '{path}': it holds Python objects that safe loading "
+            f"(weights_only=True) refuses; save only its tensors (see the README)."
+        ) from exc
     except Exception as exc:
-        raise BackboneError(f"cannot read {what} '{path}' ({_friendly(exc)}); the file is corrupt, truncated or "
-                            f"not a torch file.") from exc
+        raise BackboneError(
+            f"cannot read {what} '{path}' ({_friendly(exc)}); the file is corrupt, truncated or not a torch file."
+        ) from exc
 
 
 def _is_state_dict(obj) -> bool:
-    return isinstance(obj, dict) and bool(obj) and all(isinstance(k, str) and torch.is_tensor(v)
-                                                       for k, v in obj.items())
+    return (
+        isinstance(obj, dict) and bool(obj) and all(isinstance(k, str) and torch.is_tensor(v) for k, v in obj.items())
+    )
 
 
 def checkpoint_format(obj) -> str:
@@ -523,9 +575,11 @@ def _authors_state(obj, fmt: str) -> dict:
     if fmt == "authors-pth":
         items, prefix = obj.items(), AUTHORS_PTH_PREFIX
     else:
-        items, prefix = ((k, v) for k, v in obj["state_dict"].items() if k.startswith("segmentor.net.")), \
-            AUTHORS_CKPT_PREFIX
-    return {(k[len(prefix):] if k.startswith(prefix) else k): v for k, v in items}
+        items, prefix = (
+            ((k, v) for k, v in obj["state_dict"].items() if k.startswith("segmentor.net.")),
+            AUTHORS_CKPT_PREFIX,
+        )
+    return {(k[len(prefix) :] if k.startswith(prefix) else k): v for k, v in items}
 
 
 def _few(keys: list[str], n: int = 3) -> str:
@@ -536,8 +590,11 @@ def _state_mismatch(target: dict, state: dict) -> str:
     """'' when `state` fits `target` exactly (same keys, same shapes); else what does not fit, with key names."""
     missing = [k for k in target if k not in state]
     unexpected = [k for k in state if k not in target]
-    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(target[k].shape)}" for k in target
-              if k in state and tuple(state[k].shape) != tuple(target[k].shape)]
+    shapes = [
+        f"{k} {tuple(state[k].shape)} vs {tuple(target[k].shape)}"
+        for k in target
+        if k in state and tuple(state[k].shape) != tuple(target[k].shape)
+    ]
     parts = []
     if missing:
         parts.append(f"{len(missing)} missing keys ({_few(missing)})")
@@ -569,42 +626,57 @@ def load_checkpoint(backbone: Backbone, path: str) -> dict:
       keys (optimizer state, epoch, ...) are ignored.
     """
     if not os.path.isfile(path):
-        raise BackboneError(f"checkpoint '{path}' does not exist; pass the student.pt that distill.py wrote or "
-                            f"the authors' released .pth / .ckpt.")
+        raise BackboneError(
+            f"checkpoint '{path}' does not exist; pass the student.pt that distill.py wrote or "
+            f"the authors' released .pth / .ckpt."
+        )
     ckpt = _read_torch_file(path)
     fmt = checkpoint_format(ckpt)
     if fmt == "state-dict":
-        raise BackboneError(f"'{path}' is a plain state dict without the authors' '{AUTHORS_PTH_PREFIX}' prefix "
-                            f"(e.g. {_few(list(ckpt))}); pass pre-trained open_clip weights with --pretrained.")
+        raise BackboneError(
+            f"'{path}' is a plain state dict without the authors' '{AUTHORS_PTH_PREFIX}' prefix "
+            f"(e.g. {_few(list(ckpt))}); pass pre-trained open_clip weights with --pretrained."
+        )
     if fmt == "unknown":
-        raise BackboneError(f"'{path}' is not a SPAR student checkpoint (no '{CHECKPOINT_FORMAT}' format tag, no "
-                            f"'{AUTHORS_PTH_PREFIX}*' state dict, no Lightning 'state_dict'); pass the student.pt "
-                            f"that distill.py wrote or the authors' released .pth / .ckpt.")
+        raise BackboneError(
+            f"'{path}' is not a SPAR student checkpoint (no '{CHECKPOINT_FORMAT}' format tag, no "
+            f"'{AUTHORS_PTH_PREFIX}*' state dict, no Lightning 'state_dict'); pass the student.pt "
+            f"that distill.py wrote or the authors' released .pth / .ckpt."
+        )
     if fmt == "ours":
         if ckpt.get("backbone") != backbone.name:
-            raise BackboneError(f"checkpoint '{path}' was distilled from backbone '{ckpt.get('backbone')}', not "
-                                f"'{backbone.name}'; pass --backbone {ckpt.get('backbone')}.")
+            raise BackboneError(
+                f"checkpoint '{path}' was distilled from backbone '{ckpt.get('backbone')}', not "
+                f"'{backbone.name}'; pass --backbone {ckpt.get('backbone')}."
+            )
         module, state = backbone.image_tower(), ckpt.get("image_tower")
         if not _is_state_dict(state):
-            raise BackboneError(f"checkpoint '{path}' is {FORMAT_NAMES[fmt]} but its 'image_tower' is not a "
-                                f"state dict of tensors; the file is damaged.")
+            raise BackboneError(
+                f"checkpoint '{path}' is {FORMAT_NAMES[fmt]} but its 'image_tower' is not a "
+                f"state dict of tensors; the file is damaged."
+            )
     else:
         if fmt == "authors-ckpt" and not any(k.startswith(AUTHORS_CKPT_PREFIX) for k in ckpt["state_dict"]):
-            raise BackboneError(f"'{path}' holds a Lightning 'state_dict' but no '{AUTHORS_CKPT_PREFIX}*' keys "
-                                f"(e.g. {_few(list(ckpt['state_dict']))}); it is not an authors' SPAR checkpoint.")
+            raise BackboneError(
+                f"'{path}' holds a Lightning 'state_dict' but no '{AUTHORS_CKPT_PREFIX}*' keys "
+                f"(e.g. {_few(list(ckpt['state_dict']))}); it is not an authors' SPAR checkpoint."
+            )
         module, state = backbone.model, _authors_state(ckpt, fmt)
-    problem = _state_mismatch(module.state_dict(), state)    # validate everything before assigning anything
+    problem = _state_mismatch(module.state_dict(), state)  # validate everything before assigning anything
     if problem:
         spec = BACKBONES[backbone.name]
-        raise BackboneError(f"'{path}' is {FORMAT_NAMES[fmt]} but does not fit {backbone.name} (open_clip "
-                            f"{spec.hub_name or spec.openclip_name}): {problem}"
-                            f"{_guess_hint(state if fmt != 'ours' else {}, backbone.name)}.")
+        raise BackboneError(
+            f"'{path}' is {FORMAT_NAMES[fmt]} but does not fit {backbone.name} (open_clip "
+            f"{spec.hub_name or spec.openclip_name}): {problem}"
+            f"{_guess_hint(state if fmt != 'ours' else {}, backbone.name)}."
+        )
     module.load_state_dict(state, strict=True)
     return ckpt.get("settings", {}) if fmt == "ours" else {}
 
 
-def load_backbone(name: str, pretrained: str | None = "default", device: str | torch.device = "cpu",
-                  checkpoint: str | None = None) -> Backbone:
+def load_backbone(
+    name: str, pretrained: str | None = "default", device: str | torch.device = "cpu", checkpoint: str | None = None
+) -> Backbone:
     """Build a backbone by name.
 
     name:        'siglip2-b16' | 'clip-b16' | 'tiny'
@@ -638,9 +710,12 @@ def load_backbone(name: str, pretrained: str | None = "default", device: str | t
 def add_backbone_args(parser: argparse.ArgumentParser, default: str = "tiny"):
     """The --backbone / --pretrained / --device flags shared by every CLI."""
     parser.add_argument("--backbone", default=default, help=f"one of {', '.join(BACKBONES)} (default: {default})")
-    parser.add_argument("--pretrained", default="default",
-                        help="'default' (download through open_clip, cached), 'none' (random weights, offline), "
-                             "or a local open_clip weights file")
+    parser.add_argument(
+        "--pretrained",
+        default="default",
+        help="'default' (download through open_clip, cached), 'none' (random weights, offline), "
+        "or a local open_clip weights file",
+    )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
 
 
@@ -659,21 +734,26 @@ def synchronize(device):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="Single-pass dense features at any resolution (E3): prints the "
-                                                 "patch grid, feature shape and time for a few image sizes.")
+    parser = argparse.ArgumentParser(
+        description="Single-pass dense features at any resolution (E3): prints the "
+        "patch grid, feature shape and time for a few image sizes."
+    )
     add_backbone_args(parser)
-    parser.add_argument("--sizes", default="128x128,256x512,512x1024",
-                        help="comma-separated HxW sizes (default: %(default)s)")
+    parser.add_argument(
+        "--sizes", default="128x128,256x512,512x1024", help="comma-separated HxW sizes (default: %(default)s)"
+    )
     args = parser.parse_args(argv)
     backbone = load_backbone_or_exit(args)
-    print(f"backbone {backbone.name}: patch {backbone.patch_size}, native window K={backbone.window}, "
-          f"dim C={backbone.dim}, device {args.device}")
+    print(
+        f"backbone {backbone.name}: patch {backbone.patch_size}, native window K={backbone.window}, "
+        f"dim C={backbone.dim}, device {args.device}"
+    )
     print(f"{'input HxW':>12} {'grid hxw':>10} {'features':>22} {'seconds':>8}")
     for size in args.sizes.split(","):
         H, W = (int(v) for v in size.lower().split("x"))
         x = backbone.normalize(torch.rand(1, 3, H, W, device=args.device))
         with torch.inference_mode(), autocast(args.device):
-            backbone.dense(x)                                  # warm-up
+            backbone.dense(x)  # warm-up
             synchronize(args.device)
             t0 = time.perf_counter()
             feats = backbone.dense(x)

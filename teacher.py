@@ -22,6 +22,7 @@ segment.py's `slidelogitN` averages logits where windows overlap, `slideN` avera
 
 Run `python teacher.py --backbone tiny --image photo.jpg` to compare teacher and single-pass student features.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -36,8 +37,16 @@ from tqdm import tqdm
 
 from files import DeviceError, ImageError, load_image, parse_size, resolve_device
 from stitch import Stitcher, sub_patch_factor, window_starts
-from student import (PRECISIONS, Backbone, BackboneError, add_backbone_args, autocast, load_backbone,
-                     pad_to_multiple, synchronize)
+from student import (
+    PRECISIONS,
+    Backbone,
+    BackboneError,
+    add_backbone_args,
+    autocast,
+    load_backbone,
+    pad_to_multiple,
+    synchronize,
+)
 
 
 class TeacherError(ValueError):
@@ -73,7 +82,7 @@ def crop_windows(x: torch.Tensor, b: torch.Tensor, y0: torch.Tensor, x0: torch.T
     """(E1) the K x K windows with top-left corners (y0, x0) of images b of x (B, 3, H, W): (n, 3, K, K)."""
     if x.device.type == "cpu":
         # CPU: one slice copy (a memcpy) per window is ~50x faster than the element-wise gather of gather_windows
-        return torch.stack([x[i, :, y:y + K, w:w + K] for i, y, w in zip(b.tolist(), y0.tolist(), x0.tolist())])
+        return torch.stack([x[i, :, y : y + K, w : w + K] for i, y, w in zip(b.tolist(), y0.tolist(), x0.tolist())])
     return gather_windows(x, b, y0, x0, K)
 
 
@@ -82,15 +91,27 @@ def gather_windows(x: torch.Tensor, b: torch.Tensor, y0: torch.Tensor, x0: torch
     launches); the same values as slicing each window."""
     offs = torch.arange(K, device=x.device)
     chans = torch.arange(x.shape[1], device=x.device)
-    return x[b[:, None, None, None], chans[None, :, None, None],
-             (y0[:, None] + offs)[:, None, :, None], (x0[:, None] + offs)[:, None, None, :]]
+    return x[
+        b[:, None, None, None],
+        chans[None, :, None, None],
+        (y0[:, None] + offs)[:, None, :, None],
+        (x0[:, None] + offs)[:, None, None, :],
+    ]
 
 
 class Teacher(nn.Module):
     """Frozen sliding-window teacher: normalised (B, 3, H, W) -> stitched (B, h, w, C), the grid of `dense`."""
 
-    def __init__(self, backbone: Backbone, window: int | None = None, stride: int = 24,
-                 batch_size: int | None = None, progress: bool = False, precision: str = "auto", head=None):
+    def __init__(
+        self,
+        backbone: Backbone,
+        window: int | None = None,
+        stride: int = 24,
+        batch_size: int | None = None,
+        progress: bool = False,
+        precision: str = "auto",
+        head=None,
+    ):
         super().__init__()
         self.backbone = backbone
         self.window = window or backbone.window
@@ -98,11 +119,11 @@ class Teacher(nn.Module):
         self.batch_size = batch_size
         self.progress = progress
         self.precision = precision
-        self.head = head                     # optional (n, k, k, C) -> (n, k, k, D) per window, before stitching
+        self.head = head  # optional (n, k, k, C) -> (n, k, k, D) per window, before stitching
         p = backbone.patch_size
         if self.window % p:
             raise TeacherError(f"window {self.window} must be a multiple of the patch size {p}.")
-        if not 0 < stride <= self.window:    # a stride above K leaves strips that no window sees
+        if not 0 < stride <= self.window:  # a stride above K leaves strips that no window sees
             raise TeacherError(f"the stride must be between 1 and the {self.window} px window, got {stride}.")
         if batch_size is not None and batch_size < 1:
             raise TeacherError(f"the batch size must be at least 1 window, got {batch_size}.")
@@ -128,8 +149,8 @@ class Teacher(nn.Module):
         cell = p // r
         Hp, Wp, ys, xs = self.windows(H, W)
         h, w = grid_size(self.backbone, H, W)
-        x = fit_to_grid(self.backbone, x)                               # (B, 3, h*p, w*p): pad (ceil) / crop (floor)
-        x = F.pad(x, (0, Wp - x.shape[-1], 0, Hp - x.shape[-2]))       # up to K; zero = mean colour after normalising
+        x = fit_to_grid(self.backbone, x)  # (B, 3, h*p, w*p): pad (ceil) / crop (floor)
+        x = F.pad(x, (0, Wp - x.shape[-1], 0, Hp - x.shape[-2]))  # up to K; zero = mean colour after normalising
         device = x.device
 
         # All windows of all images as index vectors: image b, top-left (y, x) in pixels.   (E1)
@@ -144,48 +165,61 @@ class Teacher(nn.Module):
         batch = self.batch_size or default_batch_size(self.backbone, device)
         starts = range(0, n, batch)
         for i in tqdm(starts, desc=f"teacher: {n} windows", unit="batch", disable=not self.progress, leave=False):
-            b, y0, x0 = b_idx[i:i + batch], y_idx[i:i + batch], x_idx[i:i + batch]
-            crops = crop_windows(x, b, y0, x0, K)                           # (n_b, 3, K, K)
+            b, y0, x0 = b_idx[i : i + batch], y_idx[i : i + batch], x_idx[i : i + batch]
+            crops = crop_windows(x, b, y0, x0, K)  # (n_b, 3, K, K)
             with autocast(device, self.precision):
-                feats = self.backbone.dense(crops)                          # (n_b, k, k, C)
+                feats = self.backbone.dense(crops)  # (n_b, k, k, C)
             if self.head is not None:
-                feats = self.head(feats.float())                            # (n_b, k, k, D), e.g. cosine logits
+                feats = self.head(feats.float())  # (n_b, k, k, D), e.g. cosine logits
             if stitcher is None:
                 stitcher = Stitcher(B, (Hp // cell, Wp // cell), feats.shape[-1], r, device=device)
-            stitcher.add(feats, b, y0 // cell, x0 // cell)                  # (E2) place_w(up_r(F_w))
+            stitcher.add(feats, b, y0 // cell, x0 // cell)  # (E2) place_w(up_r(F_w))
         return stitcher.result((h, w))
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="Sliding-window teacher (E1-E2) vs single-pass student (E3): "
-                                                 "prints the grid, window count, timings and their agreement.")
+    parser = argparse.ArgumentParser(
+        description="Sliding-window teacher (E1-E2) vs single-pass student (E3): "
+        "prints the grid, window count, timings and their agreement."
+    )
     add_backbone_args(parser)
     parser.add_argument("--image", help="image file (default: random noise of --size)")
     parser.add_argument("--size", default="512x1024", help="HxW used when --image is not given (default: %(default)s)")
     parser.add_argument("--stride", type=int, default=24, help="window stride s in pixels, 1..K (paper: 24)")
     parser.add_argument("--batch-size", type=int, default=None, help="windows per forward (default: auto)")
-    parser.add_argument("--precision", choices=PRECISIONS, default="auto",
-                        help="auto: bf16/fp16 autocast on GPU, fp32 on CPU (default: %(default)s)")
+    parser.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default="auto",
+        help="auto: bf16/fp16 autocast on GPU, fp32 on CPU (default: %(default)s)",
+    )
     args = parser.parse_args(argv)
 
     try:
         device = resolve_device(args.device)
         size = parse_size(args.size, "--size") if not args.image else None
         backbone = load_backbone(args.backbone, args.pretrained, device)
-        teacher = Teacher(backbone, stride=args.stride, batch_size=args.batch_size, progress=True,
-                          precision=args.precision)
-        img = load_image(args.image) if args.image else torch.rand(1, 3, *size, generator=torch.Generator().manual_seed(0))
+        teacher = Teacher(
+            backbone, stride=args.stride, batch_size=args.batch_size, progress=True, precision=args.precision
+        )
+        img = (
+            load_image(args.image)
+            if args.image
+            else torch.rand(1, 3, *size, generator=torch.Generator().manual_seed(0))
+        )
     except (DeviceError, BackboneError, TeacherError, ImageError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
     x = backbone.normalize(img.to(device))
     H, W = x.shape[-2:]
-    print(f"backbone {backbone.name} (K={teacher.window}, p={backbone.patch_size}, C={backbone.dim}), "
-          f"image {H}x{W}, grid {backbone.grid_size(H, W)}")
+    print(
+        f"backbone {backbone.name} (K={teacher.window}, p={backbone.patch_size}, C={backbone.dim}), "
+        f"image {H}x{W}, grid {backbone.grid_size(H, W)}"
+    )
     print(f"stride {args.stride}: {teacher.num_windows(H, W)} windows, sub-patch factor r={teacher.r}")
 
     with torch.inference_mode(), autocast(device, args.precision):
-        backbone.dense(x)                                                   # warm-up
+        backbone.dense(x)  # warm-up
         synchronize(device)
         t0 = time.perf_counter()
         student = backbone.dense(x).float()

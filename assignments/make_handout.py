@@ -22,6 +22,7 @@ keeping the markers, the signatures, the docstrings, the comments of the region 
 
 Regions are numbered N.k: the k-th region of assignment N, in file-name then line order (see --list).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -41,7 +42,7 @@ ROOT = Path(__file__).resolve().parents[1]
 BEGIN = re.compile(r"^(?P<indent>[ \t]*)# ASSIGNMENT (?P<n>\d+) BEGIN: (?P<what>.+?)\s*$")
 END = re.compile(r"^(?P<indent>[ \t]*)# ASSIGNMENT (?P<n>\d+) END\s*$")
 MARKER = re.compile(r"#\s*ASSIGNMENT\b")
-REFERENCE = re.compile(r"\s*\(((?:E\d|Sec\.|Fig\.)[^()]*)\)$")     # the trailing "(E2)" / "(Sec. 4)" of a marker
+REFERENCE = re.compile(r"\s*\(((?:E\d|Sec\.|Fig\.)[^()]*)\)$")  # the trailing "(E2)" / "(Sec. 4)" of a marker
 SKIP_DIRS = {".git", ".venv", "runs", "__pycache__", ".pytest_cache"}
 # Instructor-only files: they hold no solution, but students do not need them (and the CI check in
 # tests/test_handout.py could not pass in a stubbed copy).
@@ -54,13 +55,13 @@ class HandoutError(RuntimeError):
 
 @dataclass
 class Region:
-    path: str             # relative to the project root, '/'-separated
-    n: int                # assignment number
-    k: int                # 1-based index among the regions of assignment n
-    what: str             # the marker's text without the trailing reference
-    ref: str | None       # "(E2)", "(Sec. 4)", ... or None
-    begin: int            # 0-based line index of the BEGIN marker
-    end: int              # 0-based line index of the END marker
+    path: str  # relative to the project root, '/'-separated
+    n: int  # assignment number
+    k: int  # 1-based index among the regions of assignment n
+    what: str  # the marker's text without the trailing reference
+    ref: str | None  # "(E2)", "(Sec. 4)", ... or None
+    begin: int  # 0-based line index of the BEGIN marker
+    end: int  # 0-based line index of the END marker
     indent: str
 
     @property
@@ -82,11 +83,16 @@ class Region:
 # Which files, which regions
 # ----------------------------------------------------------------------------------------------------------------
 
+
 def project_files(root: Path = ROOT) -> list[str]:
     """Files git tracks or would track (new files included, ignored ones not); without git, a walk of the tree."""
     try:
-        out = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=root,
-                             capture_output=True, check=True).stdout
+        out = subprocess.run(
+            ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+            cwd=root,
+            capture_output=True,
+            check=True,
+        ).stdout
         names = sorted({n for n in out.decode("utf-8", "surrogateescape").split("\0") if n})
     except (OSError, subprocess.CalledProcessError):
         names = []
@@ -105,23 +111,29 @@ def find_regions(text: str, path: str) -> list[Region]:
         b, e = BEGIN.match(line), END.match(line)
         if b:
             if open_ is not None:
-                raise HandoutError(f"{path}:{i + 1}: ASSIGNMENT {b['n']} BEGIN inside the region opened at line "
-                                   f"{open_.begin + 1}; regions cannot nest.")
+                raise HandoutError(
+                    f"{path}:{i + 1}: ASSIGNMENT {b['n']} BEGIN inside the region opened at line "
+                    f"{open_.begin + 1}; regions cannot nest."
+                )
             what, ref = b["what"], None
             m = REFERENCE.search(what)
             if m:
-                what, ref = what[:m.start()].rstrip(), f"({m.group(1)})"
+                what, ref = what[: m.start()].rstrip(), f"({m.group(1)})"
             open_ = Region(path, int(b["n"]), 0, what, ref, i, -1, b["indent"])
         elif e:
             if open_ is None or int(e["n"]) != open_.n or e["indent"] != open_.indent:
-                raise HandoutError(f"{path}:{i + 1}: ASSIGNMENT {e['n']} END does not close a BEGIN of the same "
-                                   f"number and indentation.")
+                raise HandoutError(
+                    f"{path}:{i + 1}: ASSIGNMENT {e['n']} END does not close a BEGIN of the same "
+                    f"number and indentation."
+                )
             open_.end = i
             regions.append(open_)
             open_ = None
         elif MARKER.search(line) and line.lstrip().startswith("#"):
-            raise HandoutError(f"{path}:{i + 1}: malformed marker {line.strip()!r}; write "
-                               f"'# ASSIGNMENT N BEGIN: what (E2)' or '# ASSIGNMENT N END'.")
+            raise HandoutError(
+                f"{path}:{i + 1}: malformed marker {line.strip()!r}; write "
+                f"'# ASSIGNMENT N BEGIN: what (E2)' or '# ASSIGNMENT N END'."
+            )
     if open_ is not None:
         raise HandoutError(f"{path}:{open_.begin + 1}: ASSIGNMENT {open_.n} BEGIN has no END.")
     return regions
@@ -157,6 +169,7 @@ def parse_only(text: str | None, regions: list[Region]) -> list[Region]:
 # Stubbing
 # ----------------------------------------------------------------------------------------------------------------
 
+
 def _assigned_names(text: str) -> dict[int, str]:
     """0-based line -> the target of the assignment statement that spans it ('feats', 'rows, cols', ...)."""
     names = {}
@@ -174,7 +187,7 @@ def _comments(text: str) -> dict[int, tuple[str, bool]]:
     out = {}
     for tok in tokenize.generate_tokens(io.StringIO(text).readline):
         if tok.type == tokenize.COMMENT:
-            own_line = not tok.line[:tok.start[1]].strip()
+            own_line = not tok.line[: tok.start[1]].strip()
             out[tok.start[0] - 1] = (tok.string.lstrip("#").strip(), own_line)
     return out
 
@@ -190,21 +203,24 @@ def stub_text(text: str, regions: list[Region], hints: bool = True) -> str:
             if i not in comments:
                 continue
             comment, own_line = comments[i]
-            if not own_line and comment.startswith("(") and i in names:      # a shape comment: keep its name
+            if not own_line and comment.startswith("(") and i in names:  # a shape comment: keep its name
                 comment = f"{names[i]}: {comment}"
             kept.append(f"{r.indent}# {comment}\n")
         body = kept + [f"{r.indent}raise NotImplementedError({r.message()!r})\n"]
-        lines[r.begin + 1:r.end] = body
+        lines[r.begin + 1 : r.end] = body
     return "".join(lines)
 
 
-BANNER = ("> **Course handout.** Some functions of this project are left for you to write ({which}); the sheets are "
-          "in [`assignments/`](assignments/README.md). Until a part is written, code that reaches it stops with "
-          "`NotImplementedError: Assignment N: ...`; check a part with `python -m pytest -m aN -q`.\n\n")
+BANNER = (
+    "> **Course handout.** Some functions of this project are left for you to write ({which}); the sheets are "
+    "in [`assignments/`](assignments/README.md). Until a part is written, code that reaches it stops with "
+    "`NotImplementedError: Assignment N: ...`; check a part with `python -m pytest -m aN -q`.\n\n"
+)
 
 
-def build(out: str | os.PathLike, only: str | None = None, root: Path = ROOT, force: bool = False,
-          hints: bool = True) -> list[Region]:
+def build(
+    out: str | os.PathLike, only: str | None = None, root: Path = ROOT, force: bool = False, hints: bool = True
+) -> list[Region]:
     """Write the handout to `out` (built in a temp folder beside it, then renamed); returns the stubbed regions."""
     out = Path(out).resolve()
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
@@ -232,7 +248,7 @@ def build(out: str | os.PathLike, only: str | None = None, root: Path = ROOT, fo
             shutil.copy2(root / name, dst)
             if name in by_file:
                 text = stub_text((root / name).read_text(encoding="utf-8"), by_file[name], hints)
-                compile(text, name, "exec")                       # a stub that does not parse is our bug
+                compile(text, name, "exec")  # a stub that does not parse is our bug
                 dst.write_text(text, encoding="utf-8")
             elif name == "README.md":
                 which = "assignments " + ", ".join(str(n) for n in sorted({r.n for r in chosen}))
@@ -249,8 +265,10 @@ def build(out: str | os.PathLike, only: str | None = None, root: Path = ROOT, fo
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="Generate the course handout: copy the project and replace every "
-                                                 "'# ASSIGNMENT N BEGIN/END' region by a NotImplementedError stub.")
+    parser = argparse.ArgumentParser(
+        description="Generate the course handout: copy the project and replace every "
+        "'# ASSIGNMENT N BEGIN/END' region by a NotImplementedError stub."
+    )
     parser.add_argument("--out", help="folder to write the handout to (must not exist or be empty)")
     parser.add_argument("--only", help="stub only these: '2' (assignment 2), '2.3' (its 3rd region), '1,2'")
     parser.add_argument("--force", action="store_true", help="replace an existing --out folder")

@@ -4,6 +4,7 @@ Written for clarity, not speed, and on purpose NOT with the tensor tricks of the
 F.interpolate, no index_add_, no unfold): plain Python loops over windows, cells and pixels on numpy arrays.
 If the vectorised code in stitch.py / teacher.py / student.py agrees with these, both are probably right.
 """
+
 from __future__ import annotations
 
 import math
@@ -29,8 +30,9 @@ def bilinear_resize(a: np.ndarray, out_h: int, out_w: int) -> np.ndarray:
             x0 = min(int(math.floor(sx)), W - 1)
             x1 = min(x0 + 1, W - 1)
             wx = sx - x0
-            out[i, j] = ((1 - wy) * ((1 - wx) * a[y0, x0] + wx * a[y0, x1])
-                         + wy * ((1 - wx) * a[y1, x0] + wx * a[y1, x1]))
+            out[i, j] = (1 - wy) * ((1 - wx) * a[y0, x0] + wx * a[y0, x1]) + wy * (
+                (1 - wx) * a[y1, x0] + wx * a[y1, x1]
+            )
     return out
 
 
@@ -38,9 +40,9 @@ def _cubic(t: float, A: float = -0.75) -> float:
     """Keys' cubic convolution kernel (PyTorch's bicubic uses A = -0.75)."""
     t = abs(t)
     if t <= 1:
-        return (A + 2) * t ** 3 - (A + 3) * t ** 2 + 1
+        return (A + 2) * t**3 - (A + 3) * t**2 + 1
     if t < 2:
-        return A * t ** 3 - 5 * A * t ** 2 + 8 * A * t - 4 * A
+        return A * t**3 - 5 * A * t**2 + 8 * A * t - 4 * A
     return 0.0
 
 
@@ -55,7 +57,7 @@ def _bicubic(a: np.ndarray, out_h: int, out_w: int, scale_h: float, scale_w: flo
     H, W, C = a.shape
 
     def taps(i, n_in, scale):
-        src = (i + 0.5) / scale - 0.5                 # NOT clamped for bicubic (PyTorch convention)
+        src = (i + 0.5) / scale - 0.5  # NOT clamped for bicubic (PyTorch convention)
         base = math.floor(src)
         t = src - base
         return [(min(max(base + k, 0), n_in - 1), _cubic(k - t)) for k in (-1, 0, 1, 2)]
@@ -120,10 +122,10 @@ def teacher_reference(dense_fn, image, window, stride, patch, r):
     maps, starts = [], []
     for y in starts_reference(Hp, window, stride):
         for x in starts_reference(Wp, window, stride):
-            maps.append(dense_fn(padded[:, y:y + window, x:x + window]))
+            maps.append(dense_fn(padded[:, y : y + window, x : x + window]))
             starts.append((y, x))
     out = stitch_reference(maps, starts, (Hp, Wp), patch, r)
-    return out[:math.ceil(H / patch), :math.ceil(W / patch)]
+    return out[: math.ceil(H / patch), : math.ceil(W / patch)]
 
 
 def bicubic_resize_by_scale(a: np.ndarray, scale_h: float, scale_w: float) -> np.ndarray:
@@ -148,13 +150,12 @@ def openclip_authors_dense(visual, x):
 
     B, _, H, W = x.shape
     h, w = H // 16, W // 16
-    t = visual.conv1(x[:, :, :h * 16, :w * 16])
+    t = visual.conv1(x[:, :, : h * 16, : w * 16])
     t = t.reshape(B, t.shape[1], h * w).permute(0, 2, 1)
     pos = visual.positional_embedding
     g = int(round(math.sqrt(pos.shape[0] - 1)))
     table = pos[1:].reshape(1, g, g, -1).permute(0, 3, 1, 2)
-    table = F.interpolate(table, scale_factor=((h + 0.1) / g, (w + 0.1) / g), mode="bicubic",
-                          align_corners=False)
+    table = F.interpolate(table, scale_factor=((h + 0.1) / g, (w + 0.1) / g), mode="bicubic", align_corners=False)
     table = table.permute(0, 2, 3, 1).reshape(h * w, -1)
     cls = (visual.class_embedding + pos[0]).expand(B, 1, -1)
     t = visual.ln_pre(torch.cat([cls, t + table], dim=1))

@@ -5,6 +5,7 @@ or a loop written here) on small cases, and says which case failed, what was exp
 check behaviour, not implementation details: any correct solution passes.  The project's other tests that touch
 the same functions carry the same markers.
 """
+
 import math
 
 import numpy as np
@@ -24,14 +25,25 @@ def assert_close(got, expected, what: str, atol: float = 1e-5, rtol: float = 1e-
     bad = ~np.isclose(got, expected, atol=atol, rtol=rtol, equal_nan=True)
     if bad.any():
         idx = tuple(int(i) for i in np.argwhere(bad)[0])
-        raise AssertionError(f"{what}: {int(bad.sum())} of {bad.size} values differ; first at index {idx}: "
-                             f"expected {expected[idx]:.6g}, got {got[idx]:.6g}")
+        raise AssertionError(
+            f"{what}: {int(bad.sum())} of {bad.size} values differ; first at index {idx}: "
+            f"expected {expected[idx]:.6g}, got {got[idx]:.6g}"
+        )
 
 
 # ---------------------------------------------------------------- assignment 1: the window grid (E1)
 
-CASES_E1 = [(512, 512, 24), (1024, 512, 24), (992, 512, 24), (700, 128, 24), (650, 128, 128), (129, 128, 24),
-            (300, 64, 48), (64, 16, 5), (200, 48, 1)]
+CASES_E1 = [
+    (512, 512, 24),
+    (1024, 512, 24),
+    (992, 512, 24),
+    (700, 128, 24),
+    (650, 128, 128),
+    (129, 128, 24),
+    (300, 64, 48),
+    (64, 16, 5),
+    (200, 48, 1),
+]
 
 
 @pytest.mark.a1
@@ -39,13 +51,16 @@ CASES_E1 = [(512, 512, 24), (1024, 512, 24), (992, 512, 24), (700, 128, 24), (65
 def test_a1_window_starts_match_a_while_loop(length, window, stride):
     got = list(window_starts_of(length, window, stride))
     expected = starts_reference(length, window, stride)
-    assert got == expected, (f"window_starts(length={length}, window={window}, stride={stride}): expected "
-                             f"{len(expected)} starts {_short(expected)}, got {len(got)}: {_short(got)}")
+    assert got == expected, (
+        f"window_starts(length={length}, window={window}, stride={stride}): expected "
+        f"{len(expected)} starts {_short(expected)}, got {len(got)}: {_short(got)}"
+    )
     assert all(isinstance(s, int) for s in got), f"starts must be Python ints, got {[type(s) for s in got][:3]}"
 
 
 def window_starts_of(length, window, stride):
     from stitch import window_starts
+
     return window_starts(length, window, stride)
 
 
@@ -55,22 +70,26 @@ def _short(seq):
 
 
 @pytest.mark.a1
-@pytest.mark.parametrize("H,W,K,stride", [(512, 512, 512, 24), (160, 208, 64, 24), (129, 300, 128, 48),
-                                          (1024, 2048, 512, 24)])
+@pytest.mark.parametrize(
+    "H,W,K,stride", [(512, 512, 512, 24), (160, 208, 64, 24), (129, 300, 128, 48), (1024, 2048, 512, 24)]
+)
 def test_a1_window_grid_is_every_pair_row_major(H, W, K, stride):
     from stitch import window_grid
+
     expected = []
     for y in starts_reference(H, K, stride):
         for x in starts_reference(W, K, stride):
             expected.append((y, x))
     got = [tuple(c) for c in window_grid(H, W, K, stride)]
-    assert len(got) == len(expected), (f"window_grid({H}, {W}, K={K}, s={stride}): expected {len(expected)} windows, "
-                                       f"got {len(got)}")
+    assert len(got) == len(expected), (
+        f"window_grid({H}, {W}, K={K}, s={stride}): expected {len(expected)} windows, got {len(got)}"
+    )
     for i, (g, e) in enumerate(zip(got, expected)):
         assert g == e, f"window_grid({H}, {W}, K={K}, s={stride}): window #{i} should start at (y, x) = {e}, got {g}"
 
 
 # ---------------------------------------------------------------- assignment 2: stitching (E2)
+
 
 def _windows(H, W, K, stride, C, seed):
     rng = np.random.default_rng(seed)
@@ -79,28 +98,31 @@ def _windows(H, W, K, stride, C, seed):
 
 
 @pytest.mark.a2
-@pytest.mark.parametrize("H,W,K,stride", [(64, 64, 64, 24), (96, 160, 64, 24), (128, 96, 64, 16),
-                                          (96, 96, 64, 20), (80, 112, 32, 8)])
+@pytest.mark.parametrize(
+    "H,W,K,stride", [(64, 64, 64, 24), (96, 160, 64, 24), (128, 96, 64, 16), (96, 96, 64, 20), (80, 112, 32, 8)]
+)
 def test_a2_stitcher_matches_the_loop_reference_for_two_images(H, W, K, stride):
     # Two images' windows fed to one Stitcher in shuffled batches of 3: each image must come out as the loop
     # reference stitches it alone (up_r, place on the canvas, divide by the coverage count, resize to h x w).
     from stitch import Stitcher, sub_patch_factor
+
     r = sub_patch_factor(stride, P)
     cell = P // r
     C = 3
     maps = [_windows(H, W, K, stride, C, seed) for seed in (0, 1)]
     starts = maps[0][1]
-    feats = torch.from_numpy(np.stack(maps[0][0] + maps[1][0]))                   # (2n, k, k, C)
+    feats = torch.from_numpy(np.stack(maps[0][0] + maps[1][0]))  # (2n, k, k, C)
     img = torch.tensor([0] * len(starts) + [1] * len(starts))
-    yx = torch.tensor(starts * 2) // cell                                         # top-left cell of each window
+    yx = torch.tensor(starts * 2) // cell  # top-left cell of each window
     st = Stitcher(2, (H // cell, W // cell), C, r)
     order = torch.randperm(len(img), generator=torch.Generator().manual_seed(0))
     for chunk in order.split(3):
         st.add(feats[chunk], img[chunk], yx[chunk, 0], yx[chunk, 1])
     out = st.result((H // P, W // P))
     case = f"{H}x{W}, K={K}, stride {stride} (r={r})"
-    assert tuple(out.shape) == (2, H // P, W // P, C), \
+    assert tuple(out.shape) == (2, H // P, W // P, C), (
         f"Stitcher.result for {case}: expected shape (B, h, w, C) = {(2, H // P, W // P, C)}, got {tuple(out.shape)}"
+    )
     for b in range(2):
         ref = stitch_reference(maps[b][0], starts, (H, W), P, r)
         assert_close(out[b], ref, f"image {b} of {case}")
@@ -111,6 +133,7 @@ def test_a2_result_crops_the_padded_cells():
     # The canvas may be larger than the image's patch grid (the teacher pads to K); result((h, w)) keeps the
     # top-left h x w patches: here one 4x4-patch window (r = 2) and a 2x3 patch grid.
     from stitch import Stitcher
+
     fmap = torch.randn(1, 4, 4, 2, generator=torch.Generator().manual_seed(3))
     st = Stitcher(1, (8, 8), 2, 2)
     st.add(fmap, torch.tensor([0]), torch.tensor([0]), torch.tensor([0]))
@@ -123,17 +146,22 @@ def test_a2_result_crops_the_padded_cells():
 @pytest.mark.parametrize("stride", [1, 2, 3, 4, 5, 6, 8, 12, 16, 20, 24, 25, 40, 48, 512])
 def test_a2_sub_patch_factor_is_the_smallest_valid_r(stride):
     from stitch import sub_patch_factor
+
     valid = [r for r in range(1, P + 1) if P % r == 0 and stride % (P // r) == 0]
     got = sub_patch_factor(stride, P)
-    assert got == valid[0], (f"sub_patch_factor(stride={stride}, patch={P}): expected {valid[0]} (the smallest r "
-                             f"dividing p with stride a multiple of p / r; valid: {valid}), got {got}")
+    assert got == valid[0], (
+        f"sub_patch_factor(stride={stride}, patch={P}): expected {valid[0]} (the smallest r "
+        f"dividing p with stride a multiple of p / r; valid: {valid}), got {got}"
+    )
 
 
 # ---------------------------------------------------------------- assignment 3: position embeddings (E3)
 
+
 @pytest.fixture(scope="module")
 def tiny():
     from student import load_backbone
+
     return load_backbone("tiny", None)
 
 
@@ -143,10 +171,11 @@ def test_a3_tiny_student_uses_the_bicubic_position_grid(tiny, H, W):
     # The student at a non-native size: its features must equal those computed with position embeddings resized
     # by the loop-based bicubic reference.  Catches a resize that is right alone but wrong in layout or dtype.
     import student
+
     bb = tiny
     g = bb.native_grid
     h, w = math.ceil(H / P), math.ceil(W / P)
-    pos = bb.trunk.pos_embed.detach()                                               # (1, g*g, C)
+    pos = bb.trunk.pos_embed.detach()  # (1, g*g, C)
     ref_pos = bicubic_resize(pos.reshape(*g, -1).double().numpy(), h, w).reshape(1, h * w, -1)
     got_pos = student.resize_pos_embed(pos, g, (h, w))
     assert_close(got_pos, ref_pos, f"resize_pos_embed of tiny's {g} grid to {(h, w)}", atol=1e-5, rtol=1e-4)
@@ -154,7 +183,7 @@ def test_a3_tiny_student_uses_the_bicubic_position_grid(tiny, H, W):
     with torch.inference_mode():
         got = bb.dense(x)
         bb.trunk.pos_embed.data = torch.from_numpy(ref_pos).float()
-        try:                                                    # the reference grid, resized "by itself" = as is
+        try:  # the reference grid, resized "by itself" = as is
             original, student.resize_pos_embed = student.resize_pos_embed, lambda p, old, new, *a, **k: p
             expected = bb.dense(x)
         finally:
@@ -165,6 +194,7 @@ def test_a3_tiny_student_uses_the_bicubic_position_grid(tiny, H, W):
 
 # ---------------------------------------------------------------- assignment 4: the SigLIP2 dense head
 
+
 @pytest.mark.a4
 def test_a4_head_is_the_attention_pool_of_each_token_alone(tiny):
     # Attention over ONE key returns that key's value: the unmodified attention-pool head run on every token as
@@ -173,8 +203,9 @@ def test_a4_head_is_the_attention_pool_of_each_token_alone(tiny):
     with torch.inference_mode():
         got = tiny.head(tokens)
         expected = tiny.trunk.attn_pool(tokens.reshape(-1, 1, tiny.dim)).reshape(2, 15, -1)
-    assert_close(got, expected, "head(tokens) of shape (2, 15, C) vs attn_pool on each token alone",
-                 atol=1e-5, rtol=1e-4)
+    assert_close(
+        got, expected, "head(tokens) of shape (2, 15, C) vs attn_pool on each token alone", atol=1e-5, rtol=1e-4
+    )
 
 
 @pytest.mark.a4
@@ -198,8 +229,10 @@ def test_a4_head_keeps_tokens_apart_and_is_used_by_dense(tiny):
 
 # ---------------------------------------------------------------- assignment 6: logits, synonyms, mIoU
 
+
 def _text(classes_of_queries, C, seed=0):
     from segment import ClassText
+
     g = torch.Generator().manual_seed(seed)
     emb = torch.nn.functional.normalize(torch.randn(len(classes_of_queries), C, generator=g), dim=-1)
     K = max(classes_of_queries) + 1
@@ -211,8 +244,9 @@ def _text(classes_of_queries, C, seed=0):
 @pytest.mark.parametrize("B,h,w,C,Q", [(1, 3, 4, 8, 5), (2, 2, 5, 16, 3)])
 def test_a6_query_logits_are_cosines(B, h, w, C, Q):
     from segment import query_logits
+
     text = _text(list(range(Q)), C)
-    feats = torch.randn(B, h, w, C, generator=torch.Generator().manual_seed(1)) * 3    # not unit length
+    feats = torch.randn(B, h, w, C, generator=torch.Generator().manual_seed(1)) * 3  # not unit length
     got = query_logits(feats, text)
     f, t = feats.double().numpy(), text.embeddings.double().numpy()
     expected = np.zeros((B, Q, h, w))
@@ -221,14 +255,19 @@ def test_a6_query_logits_are_cosines(B, h, w, C, Q):
             for j in range(w):
                 for q in range(Q):
                     expected[b, q, i, j] = f[b, i, j] @ t[q] / np.linalg.norm(f[b, i, j])
-    assert_close(got, expected, f"query_logits of features (B, h, w, C) = {(B, h, w, C)} and {Q} queries "
-                                f"(expected (B, Q, h, w))", atol=1e-5)
+    assert_close(
+        got,
+        expected,
+        f"query_logits of features (B, h, w, C) = {(B, h, w, C)} and {Q} queries (expected (B, Q, h, w))",
+        atol=1e-5,
+    )
 
 
 @pytest.mark.a6
 @pytest.mark.parametrize("query_class", [[0, 1, 2], [0, 0, 1, 2, 2, 2], [0, 1, 1, 1]])
 def test_a6_max_over_synonyms(query_class):
     from segment import max_over_synonyms
+
     text = _text(query_class, 4)
     scores = torch.randn(2, len(query_class), 3, 5, generator=torch.Generator().manual_seed(2))
     got = max_over_synonyms(scores, text)
@@ -243,6 +282,7 @@ def test_a6_max_over_synonyms(query_class):
 @pytest.mark.parametrize("K", [2, 5])
 def test_a6_confusion_counts_pairs_and_skips_ignored_pixels(K):
     from evaluate import confusion
+
     g = torch.Generator().manual_seed(K)
     label = torch.randint(0, K, (3, 7, 9), generator=g)
     label[0, :2] = 255
@@ -258,7 +298,8 @@ def test_a6_confusion_counts_pairs_and_skips_ignored_pixels(K):
 @pytest.mark.a6
 def test_a6_miou_matches_a_loop():
     from evaluate import miou
-    conf = np.array([[5, 1, 0, 0], [2, 7, 1, 0], [0, 0, 0, 0], [0, 3, 0, 4]])     # class 2: empty union
+
+    conf = np.array([[5, 1, 0, 0], [2, 7, 1, 0], [0, 0, 0, 0], [0, 3, 0, 4]])  # class 2: empty union
     iou = []
     for k in range(4):
         tp = conf[k, k]
@@ -267,11 +308,13 @@ def test_a6_miou_matches_a_loop():
     mean, per_class = miou(torch.tensor(conf))
     assert_close(per_class, iou, "per-class IoU = TP / (TP + FP + FN), NaN for an empty union")
     expected = np.nanmean(iou)
-    assert mean == pytest.approx(expected), f"mean IoU over classes with a non-empty union: expected {expected}, " \
-                                            f"got {mean}"
+    assert mean == pytest.approx(expected), (
+        f"mean IoU over classes with a non-empty union: expected {expected}, got {mean}"
+    )
 
 
 # ---------------------------------------------------------------- assignment 5: the distillation step (E4)
+
 
 def _used_by_dense(backbone, x) -> set[str]:
     """Reference for "the parameters the dense path uses": perturb each image-tower parameter alone and see
@@ -294,11 +337,17 @@ def used_by_dense(tiny):
 
 
 @pytest.mark.a5
-@pytest.mark.parametrize("parts,prefixes", [(["blk_-1", "blk_-2"], ("trunk.blocks.2.", "trunk.blocks.3.")),
-                                            (["blk_0"], ("trunk.blocks.0.",)),
-                                            (["all"], ("",))])
+@pytest.mark.parametrize(
+    "parts,prefixes",
+    [
+        (["blk_-1", "blk_-2"], ("trunk.blocks.2.", "trunk.blocks.3.")),
+        (["blk_0"], ("trunk.blocks.0.",)),
+        (["all"], ("",)),
+    ],
+)
 def test_a5_select_trainable_unfreezes_exactly_what_is_named_and_used(tiny, used_by_dense, parts, prefixes):
     import distill
+
     used = used_by_dense
     expected = {n for n, _ in tiny.image_tower().named_parameters() if n.startswith(prefixes) and n in used}
     try:
@@ -309,12 +358,16 @@ def test_a5_select_trainable_unfreezes_exactly_what_is_named_and_used(tiny, used
     finally:
         tiny.requires_grad_(False)
         tiny.zero_grad(set_to_none=True)
-    assert set(names) == got, (f"select_trainable({parts}) must return the names (relative to image_tower()) of "
-                               f"exactly the parameters it left trainable; returned but frozen: "
-                               f"{sorted(set(names) - got)[:5]}, trainable but not returned: {sorted(got - set(names))[:5]}")
-    assert got == expected, (f"select_trainable({parts}): missing {sorted(expected - got)[:5]}, should stay frozen "
-                             f"{sorted(got - expected)[:5]} (a parameter the dense features never use gets no "
-                             f"gradient and must stay frozen)")
+    assert set(names) == got, (
+        f"select_trainable({parts}) must return the names (relative to image_tower()) of "
+        f"exactly the parameters it left trainable; returned but frozen: "
+        f"{sorted(set(names) - got)[:5]}, trainable but not returned: {sorted(got - set(names))[:5]}"
+    )
+    assert got == expected, (
+        f"select_trainable({parts}): missing {sorted(expected - got)[:5]}, should stay frozen "
+        f"{sorted(got - expected)[:5]} (a parameter the dense features never use gets no "
+        f"gradient and must stay frozen)"
+    )
     assert not others, f"the text tower must stay frozen, but these are trainable: {others[:5]}"
     assert not leftover, f"select_trainable must not leave gradients behind: {leftover[:5]}"
 
@@ -325,6 +378,7 @@ def test_a5_image_loss_is_the_mse_of_raw_features(tiny, H, W):
     # (E4): L = ||F_S - F_T||^2 / (h w C) with F_S the single pass on the stored uint8 image, checked with a loop
     # over the elements, and its gradient must reach the trainable blocks.
     import distill
+
     g = torch.Generator().manual_seed(H + W)
     img = torch.randint(0, 256, (3, H, W), dtype=torch.uint8, generator=g)
     h, w = math.ceil(H / P), math.ceil(W / P)
@@ -342,11 +396,15 @@ def test_a5_image_loss_is_the_mse_of_raw_features(tiny, H, W):
     try:
         loss = distill.image_loss(tiny, img, target, tiny, torch.device("cpu"), "fp32")
         assert loss.dim() == 0, f"image_loss must return a scalar, got shape {tuple(loss.shape)}"
-        assert loss.item() == pytest.approx(expected, rel=1e-5), \
-            f"image_loss on a {H}x{W} image ({h}x{w} patches, C={tiny.dim}): expected MSE {expected:.6g}, got {loss.item():.6g}"
+        assert loss.item() == pytest.approx(expected, rel=1e-5), (
+            f"image_loss on a {H}x{W} image ({h}x{w} patches, C={tiny.dim}): "
+            f"expected MSE {expected:.6g}, got {loss.item():.6g}"
+        )
         loss.backward()
         missing = [n for n, p in last.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
-        assert not missing, f"the loss must be differentiable w.r.t. the trainable blocks; no gradient for {missing[:3]}"
+        assert not missing, (
+            f"the loss must be differentiable w.r.t. the trainable blocks; no gradient for {missing[:3]}"
+        )
     finally:
         tiny.requires_grad_(False)
         tiny.zero_grad(set_to_none=True)

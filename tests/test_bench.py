@@ -3,6 +3,7 @@
 Benchmarks are not timed tests: nothing here asserts a speed, only that the table is complete and sane and that
 the bare references compute the same thing as the code they are compared with.
 """
+
 import json
 import math
 
@@ -22,19 +23,44 @@ def tiny():
 def test_smoke_table(tmp_path, capsys):
     out = tmp_path / "bench.json"
     md = tmp_path / "bench.md"
-    res = bench.main(["--device", "cpu", "--backbone", "tiny", "--sizes", "128x256", "--strides", "64,24",
-                      "--train-size", "128x128", "--warmup", "1", "--reps", "1", "--json", str(out),
-                      "--markdown", str(md)])
+    res = bench.main(
+        [
+            "--device",
+            "cpu",
+            "--backbone",
+            "tiny",
+            "--sizes",
+            "128x256",
+            "--strides",
+            "64,24",
+            "--train-size",
+            "128x128",
+            "--warmup",
+            "1",
+            "--reps",
+            "1",
+            "--json",
+            str(out),
+            "--markdown",
+            str(md),
+        ]
+    )
     whats = [r["what"] for r in res["rows"]]
-    expected = ["single pass: dense vs bare timm", "single pass: trunk vs bare timm", "teacher s=64 vs model-only",
-                "teacher s=24 vs model-only", "speed-up: teacher s=24 / single pass",
-                "train step (last 2 blocks) vs bare fwd+bwd", "train step (all blocks) vs bare fwd+bwd"]
+    expected = [
+        "single pass: dense vs bare timm",
+        "single pass: trunk vs bare timm",
+        "teacher s=64 vs model-only",
+        "teacher s=24 vs model-only",
+        "speed-up: teacher s=24 / single pass",
+        "train step (last 2 blocks) vs bare fwd+bwd",
+        "train step (all blocks) vs bare fwd+bwd",
+    ]
     assert whats == expected
     for r in res["rows"]:
         assert r["size"] in ("128x256", "128x128")
         for key in ("ours_s", "ref_s", "ratio"):
             assert math.isfinite(r[key]) and r[key] > 0, (r["what"], key, r[key])
-        assert r["extrapolated"] is False and r["ours_peak_bytes"] is None      # CPU: memory is n/a
+        assert r["extrapolated"] is False and r["ours_peak_bytes"] is None  # CPU: memory is n/a
     teacher_rows = [r for r in res["rows"] if r["what"].startswith("teacher")]
     backbone = load_backbone("tiny", None)
     for r, s in zip(teacher_rows, (64, 24)):
@@ -45,7 +71,7 @@ def test_smoke_table(tmp_path, capsys):
     assert data["meta"]["dtype"] == "fp32" and data["meta"]["agreement_native"] < 1e-6
     table = md.read_text()
     assert "| measurement | size | windows | ours | reference | ratio | target | ours FLOP/s |" in table
-    assert table.count("\n| ") == 1 + len(expected)                         # header + one line per row
+    assert table.count("\n| ") == 1 + len(expected)  # header + one line per row
     assert "targets" in capsys.readouterr().out
 
 
@@ -80,6 +106,7 @@ def test_head_flop_share_is_small_at_paper_scale(tiny):
 def test_cpu_and_gpu_window_crops_are_identical():
     """teacher.crop_windows slices on CPU and gathers on GPU (a speed choice): both give the same windows."""
     from teacher import crop_windows, gather_windows
+
     x = torch.randn(2, 3, 70, 90, generator=torch.Generator().manual_seed(0))
     b, y0, x0 = torch.tensor([0, 1, 1, 0]), torch.tensor([0, 6, 38, 20]), torch.tensor([0, 58, 10, 33])
     sliced, gathered = crop_windows(x, b, y0, x0, 32), gather_windows(x, b, y0, x0, 32)
@@ -87,22 +114,27 @@ def test_cpu_and_gpu_window_crops_are_identical():
     assert torch.equal(sliced[2], x[1, :, 38:70, 10:42])
 
 
-@pytest.mark.parametrize("extra, message", [
-    (["--sizes", "0x0"], "at least 1x1"),
-    (["--sizes", "abc"], "HxW"),
-    (["--train-size", "12"], "--train-size"),
-    (["--strides", "0"], "--strides"),
-    (["--strides", "24,x"], "--strides"),
-    (["--strides", "999"], "at most the 128 px window"),
-    (["--json", "/proc/spar-bench/x.json"], "cannot write"),
-    (["--markdown", "{tmp}"], "is a folder"),
-    (["--device", "bogus"], "unknown device"),
-    (["--device", "cuda:99" if torch.cuda.is_available() else "cuda"], "GPU"),
-])
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--sizes", "0x0"], "at least 1x1"),
+        (["--sizes", "abc"], "HxW"),
+        (["--train-size", "12"], "--train-size"),
+        (["--strides", "0"], "--strides"),
+        (["--strides", "24,x"], "--strides"),
+        (["--strides", "999"], "at most the 128 px window"),
+        (["--json", "/proc/spar-bench/x.json"], "cannot write"),
+        (["--markdown", "{tmp}"], "is a folder"),
+        (["--device", "bogus"], "unknown device"),
+        (["--device", "cuda:99" if torch.cuda.is_available() else "cuda"], "GPU"),
+    ],
+)
 def test_cli_bad_arguments_one_line_exit_2(tmp_path, capsys, extra, message):
     """Each bad argument: ONE `error:` line and exit 2 before any measuring (not exit 1, not a traceback)."""
     with pytest.raises(SystemExit) as exc:
-        bench.main(["--device", "cpu", "--backbone", "tiny", "--sizes", "128x128", "--no-train"]
-                   + [e.format(tmp=tmp_path) for e in extra])
+        bench.main(
+            ["--device", "cpu", "--backbone", "tiny", "--sizes", "128x128", "--no-train"]
+            + [e.format(tmp=tmp_path) for e in extra]
+        )
     err = capsys.readouterr().err
     assert exc.value.code == 2 and message in err and err.count("error:") == 1 and "Traceback" not in err

@@ -1,4 +1,5 @@
 """files.py: image reading for every mode, and atomic writes that never leave half a file."""
+
 import errno
 import json
 
@@ -44,7 +45,7 @@ def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
     with pytest.raises(WriteError, match="no space left"):
         atomic_write(path, fill_the_disk)
     assert json.loads(path.read_text()) == {"a": 1}
-    assert [p.name for p in tmp_path.iterdir()] == ["out.json"]               # no temp file left behind
+    assert [p.name for p in tmp_path.iterdir()] == ["out.json"]  # no temp file left behind
 
 
 def _png_header_only(path, width, height):
@@ -54,13 +55,19 @@ def _png_header_only(path, width, height):
 
     def chunk(kind, data):
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
-                     + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b""))
+
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+        + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+        + chunk(b"IEND", b"")
+    )
 
 
-@pytest.mark.parametrize("side", [100_000, 10_000])      # above 2x PIL's limit (error) and between 1x and 2x (warning)
+@pytest.mark.parametrize("side", [100_000, 10_000])  # above 2x PIL's limit (error) and between 1x and 2x (warning)
 def test_decompression_bomb_header_is_one_sentence_in_read_rgb_and_main(tmp_path, capsys, side):
     import files
+
     bomb = tmp_path / "bomb.png"
     _png_header_only(bomb, side, side)
     with pytest.raises(ImageError, match="too large|safety limit"):
@@ -75,6 +82,7 @@ def test_decompression_bomb_header_is_one_sentence_in_read_rgb_and_main(tmp_path
 
 def test_resolve_device_and_parse_size_say_it_in_one_sentence():
     from files import DeviceError, parse_size, resolve_device
+
     assert resolve_device("cpu") == torch.device("cpu")
     for name, message in (("bogus", "unknown device"), ("cuda:99", "GPU"), ("meta", "not supported")):
         if name == "cuda:99" and torch.cuda.device_count() > 99:
@@ -92,15 +100,18 @@ def test_resolve_device_and_parse_size_say_it_in_one_sentence():
 
 def test_display_name_survives_non_utf8_bytes():
     import os
+
     from files import display_name
+
     name = os.fsdecode(b"caf\xe9.png")
     assert display_name(name) == "caf\ufffd.png"
-    assert display_name(name).encode("utf-8")                                         # printable, drawable
+    assert display_name(name).encode("utf-8")  # printable, drawable
     assert display_name("plain/é.png") == "plain/é.png"
 
 
 def test_check_writable_and_atomic_write_under_a_file(tmp_path):
     from files import check_writable
+
     (tmp_path / "afile").write_text("x")
     for bad in (tmp_path / "afile" / "out.json", tmp_path):
         with pytest.raises(WriteError):
@@ -108,4 +119,4 @@ def test_check_writable_and_atomic_write_under_a_file(tmp_path):
     with pytest.raises(WriteError, match="a file stands where a folder is needed"):
         write_json(tmp_path / "afile" / "sub" / "out.json", {})
     check_writable(tmp_path / "new" / "out.json")
-    assert sorted(p.name for p in (tmp_path / "new").iterdir()) == []                 # the probe is gone
+    assert sorted(p.name for p in (tmp_path / "new").iterdir()) == []  # the probe is gone

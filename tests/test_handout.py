@@ -7,6 +7,7 @@ So every region is exercised by its marker's tests and a region whose tests pass
 same tests PASS on the project (the solution) is checked by the normal suite run.  The fully stubbed handout must
 still import, answer `--help` on every CLI, and stop with an assignment's message where the quickstart hits a stub.
 """
+
 import importlib.util
 import os
 import re
@@ -41,8 +42,11 @@ def _only_labels():
 def marked_test_files(n: int) -> list[str]:
     """The test files that use marker aN (passing only them keeps each subprocess's collection short)."""
     pattern = re.compile(rf"pytest\.mark\.a{n}\b")
-    return sorted(str(p.relative_to(ROOT)) for p in (ROOT / "tests").glob("test_*.py")
-                  if p.name != "test_handout.py" and pattern.search(p.read_text(encoding="utf-8")))
+    return sorted(
+        str(p.relative_to(ROOT))
+        for p in (ROOT / "tests").glob("test_*.py")
+        if p.name != "test_handout.py" and pattern.search(p.read_text(encoding="utf-8"))
+    )
 
 
 def run(args, cwd, timeout=300):
@@ -50,8 +54,9 @@ def run(args, cwd, timeout=300):
 
 
 def test_markers_cover_six_assignments_with_sheets_and_graders():
-    assert NUMBERS == list(range(1, len(NUMBERS) + 1)) and len(NUMBERS) >= 6, \
+    assert NUMBERS == list(range(1, len(NUMBERS) + 1)) and len(NUMBERS) >= 6, (
         f"assignments must be numbered 1..N with N >= 6, found {NUMBERS}"
+    )
     ini = (ROOT / "pytest.ini").read_text(encoding="utf-8")
     for n in NUMBERS:
         assert (ROOT / "assignments" / f"a{n}.md").is_file(), f"assignment {n} has no sheet assignments/a{n}.md"
@@ -68,10 +73,13 @@ def test_marker_parser_refuses_malformed_regions():
     stub = make_handout.stub_text(good, [r])
     assert "raise NotImplementedError('Assignment 1: x -- see (E1) in the paper and assignments/a1.md')" in stub
     assert "return 1" not in stub and "# ASSIGNMENT 1 END" in stub
-    for bad, why in [("# ASSIGNMENT 1 BEGIN: x\n", "has no END"), ("# ASSIGNMENT 2 END\n", "does not close"),
-                     ("# ASSIGNMENT 1 BEGIN: x\n# ASSIGNMENT 2 END\n", "does not close"),
-                     ("# ASSIGNMENT 1 BEGIN: x\n# ASSIGNMENT 1 BEGIN: y\n", "cannot nest"),
-                     ("# ASSIGNMENT 1 BEGINS x\n", "malformed")]:
+    for bad, why in [
+        ("# ASSIGNMENT 1 BEGIN: x\n", "has no END"),
+        ("# ASSIGNMENT 2 END\n", "does not close"),
+        ("# ASSIGNMENT 1 BEGIN: x\n# ASSIGNMENT 2 END\n", "does not close"),
+        ("# ASSIGNMENT 1 BEGIN: x\n# ASSIGNMENT 1 BEGIN: y\n", "cannot nest"),
+        ("# ASSIGNMENT 1 BEGINS x\n", "malformed"),
+    ]:
         with pytest.raises(make_handout.HandoutError, match=why):
             make_handout.find_regions(bad, "f.py")
 
@@ -83,6 +91,7 @@ def test_file_list_without_git_skips_environments_and_runs(tmp_path, monkeypatch
 
     def no_git(*args, **kwargs):
         raise OSError("git not found")
+
     monkeypatch.setattr(make_handout.subprocess, "run", no_git)
     assert make_handout.project_files(tmp_path) == ["a.py", "assets/x.jpg"]
 
@@ -93,14 +102,19 @@ def test_each_region_is_graded_by_its_tests(only, tmp_path):
     (region, *rest) = make_handout.build(out, only=only)
     assert not rest or only == str(region.n)
     n = region.n
-    proc = run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "-m", f"a{n}",
-                *marked_test_files(n)], cwd=out)
+    proc = run(
+        [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "-m", f"a{n}", *marked_test_files(n)],
+        cwd=out,
+    )
     tail = (proc.stdout + proc.stderr)[-3000:]
-    assert proc.returncode == 1, (f"`pytest -m a{n}` on a handout with only {only} stubbed must FAIL (exit 1), "
-                                  f"got exit {proc.returncode}: the region's tests do not exercise it.\n{tail}")
+    assert proc.returncode == 1, (
+        f"`pytest -m a{n}` on a handout with only {only} stubbed must FAIL (exit 1), "
+        f"got exit {proc.returncode}: the region's tests do not exercise it.\n{tail}"
+    )
     expected = [r.message() for r in make_handout.parse_only(only, REGIONS)]
-    assert any(m in proc.stdout for m in expected), \
+    assert any(m in proc.stdout for m in expected), (
         f"`pytest -m a{n}` failed, but not with the stub's message {expected[0]!r}:\n{tail}"
+    )
 
 
 def test_cli_writes_a_fully_stubbed_handout_that_still_runs(tmp_path):
@@ -116,24 +130,26 @@ def test_cli_writes_a_fully_stubbed_handout_that_still_runs(tmp_path):
     # every CLI imports and answers --help, in one interpreter
     clis = sorted(p.name for p in out.glob("*.py") if "__main__" in p.read_text(encoding="utf-8"))
     assert {"stitch.py", "student.py", "teacher.py", "segment.py", "evaluate.py", "distill.py"} <= set(clis)
-    script = ("import contextlib, io, runpy, sys\n"
-              f"for f in {clis!r}:\n"
-              "    sys.argv = [f, '--help']\n"
-              "    try:\n"
-              "        with contextlib.redirect_stdout(io.StringIO()):\n"
-              "            runpy.run_path(f, run_name='__main__')\n"
-              "    except SystemExit as e:\n"
-              "        assert e.code in (0, None), (f, e.code)\n"
-              "print('all --help ok')\n")
+    script = (
+        "import contextlib, io, runpy, sys\n"
+        f"for f in {clis!r}:\n"
+        "    sys.argv = [f, '--help']\n"
+        "    try:\n"
+        "        with contextlib.redirect_stdout(io.StringIO()):\n"
+        "            runpy.run_path(f, run_name='__main__')\n"
+        "    except SystemExit as e:\n"
+        "        assert e.code in (0, None), (f, e.code)\n"
+        "print('all --help ok')\n"
+    )
     proc = run([sys.executable, "-c", script], cwd=out)
     assert "all --help ok" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-3000:]
     # the quickstart stops at the first stub it reaches, with that assignment's message
     proc = run([sys.executable, "teacher.py", *QUICKSTART], cwd=out)
-    assert proc.returncode != 0 and re.search(r"NotImplementedError: Assignment \d+: ", proc.stderr), \
-        proc.stderr[-2000:]
+    assert proc.returncode != 0 and re.search(r"NotImplementedError: Assignment \d+: ", proc.stderr), proc.stderr[
+        -2000:
+    ]
     # an unknown assignment is one sentence and exit 2
-    proc = run([sys.executable, "assignments/make_handout.py", "--out", str(tmp_path / "x"), "--only", "99"],
-               cwd=ROOT)
+    proc = run([sys.executable, "assignments/make_handout.py", "--out", str(tmp_path / "x"), "--only", "99"], cwd=ROOT)
     assert proc.returncode == 2 and proc.stderr.startswith("error: ") and len(proc.stderr.splitlines()) == 1
 
 

@@ -7,6 +7,7 @@ size: the world's labels match its pixels, pretraining is deterministic and load
 lowers the MSE to the cached teacher targets (so the student checkpoint loads and changes the single pass), reruns
 resume, and segment.py works with the pretrained text tower.
 """
+
 import glob
 import json
 import os
@@ -25,9 +26,20 @@ import miniature  # noqa: E402
 from student import load_backbone  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-TOY = ["pretrain.steps=6", "pretrain.batch=4", "eval.native_count=3", "eval.large_count=2",
-       "eval.large_size=128x256", "eval.stride=64", "distill.images=6", "distill.size=128x256",
-       "distill.epochs=3", "distill.lr=1e-4", "distill.train=all", "distill.stride=64"]
+TOY = [
+    "pretrain.steps=6",
+    "pretrain.batch=4",
+    "eval.native_count=3",
+    "eval.large_count=2",
+    "eval.large_size=128x256",
+    "eval.stride=64",
+    "distill.images=6",
+    "distill.size=128x256",
+    "distill.epochs=3",
+    "distill.lr=1e-4",
+    "distill.train=all",
+    "distill.stride=64",
+]
 
 
 def test_world_labels_match_pixels_and_are_seeded(tmp_path):
@@ -41,7 +53,7 @@ def test_world_labels_match_pixels_and_are_seeded(tmp_path):
     assert image.shape == (256, 512, 3) and image.dtype == np.uint8 and label.shape == (256, 512)
     assert set(np.unique(label)) <= {0, 1, 2, 3, 4} and len(np.unique(label)) >= 3
     rgb = image.astype(np.float32) / 255
-    for k, colour in enumerate(miniature.COLOURS):            # a border-coloured pixel belongs to that class
+    for k, colour in enumerate(miniature.COLOURS):  # a border-coloured pixel belongs to that class
         near = np.linalg.norm(rgb - colour, axis=-1) < 0.2
         if near.sum() > 20:
             assert (label[near] == k + 1).mean() > 0.95, f"class {k + 1}: border pixels labelled otherwise"
@@ -65,7 +77,7 @@ def test_pretraining_is_deterministic_and_loads_as_tiny_weights(tmp_path):
     rnd = load_backbone("tiny", pretrained=None)
     assert torch.equal(bb.trunk.pos_embed, a["visual.trunk.pos_embed"])
     assert not torch.equal(bb.trunk.blocks[0].attn.qkv.weight, rnd.trunk.blocks[0].attn.qkv.weight)
-    assert not torch.equal(bb.model.text.text_projection, rnd.model.text.text_projection)   # text tower trained too
+    assert not torch.equal(bb.model.text.text_projection, rnd.model.text.text_projection)  # text tower trained too
     assert torch.equal(bb.model.text.token_embedding.weight, rnd.model.text.token_embedding.weight)  # frozen
 
 
@@ -74,8 +86,8 @@ def test_multi_size_pretraining_spreads_big_steps_and_keeps_pixels_per_step(tmp_
     assert {miniature.step_size(s, cfg) for s in range(100)} == {(128, 32)}, "default: 128^2 only"
     cfg.update(big_size=256, big_frac=0.25)
     sizes = [miniature.step_size(s, cfg) for s in range(100)]
-    assert sizes.count((256, 8)) == 25 and sizes[:4] == [(128, 32)] * 3 + [(256, 8)]   # evenly spread, same pixels
-    cfg.update(steps=4, batch=2, big_size=160, big_frac=0.5)    # big steps run through (E3) and train
+    assert sizes.count((256, 8)) == 25 and sizes[:4] == [(128, 32)] * 3 + [(256, 8)]  # evenly spread, same pixels
+    cfg.update(steps=4, batch=2, big_size=160, big_frac=0.5)  # big steps run through (E3) and train
     assert np.isfinite(miniature.pretrain(tmp_path / "m.pt", cfg, miniature.DEFAULTS["world"])["final_loss"])
 
 
@@ -85,7 +97,7 @@ def test_miniature_end_to_end_slow(tmp_path):
     cmd = [sys.executable, os.path.join(ROOT, "miniature.py"), "--out", str(out), "--threads", "1"]
     cmd += [x for s in TOY for x in ("--set", s)]
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path)     # from any folder
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path)  # from any folder
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads((out / "results.json").read_text())
     for key in ("native", "single", "teacher", "spar"):
@@ -99,10 +111,11 @@ def test_miniature_end_to_end_slow(tmp_path):
     stu = load_backbone("tiny", pretrained=res["pretrained_weights"], checkpoint=res["student_checkpoint"])
     mse = {"pre": 0.0, "student": 0.0}
     pngs = sorted(glob.glob(os.path.join(run, "augment", "*.png")))
-    assert len(pngs) == 4                                     # 6 scenes, the last 2 held out
+    assert len(pngs) == 4  # 6 scenes, the last 2 held out
     for png in pngs:
-        target = torch.load(os.path.join(run, "targets", os.path.basename(png)[:-4] + ".pt"),
-                            weights_only=True)["target"].float()
+        target = torch.load(os.path.join(run, "targets", os.path.basename(png)[:-4] + ".pt"), weights_only=True)[
+            "target"
+        ].float()
         x = pre.normalize(torch.from_numpy(np.array(Image.open(png))).permute(2, 0, 1)[None].float() / 255)
         with torch.inference_mode():
             for name, bb in (("pre", pre), ("student", stu)):
@@ -117,16 +130,36 @@ def test_miniature_end_to_end_slow(tmp_path):
 
     # the pretrained weights work with the text tower through segment.py's CLI on a scene of the world
     scene = out / "world" / "large" / "images" / "00000.png"
-    seg = subprocess.run([sys.executable, os.path.join(ROOT, "segment.py"), str(scene), "--backbone", "tiny",
-                          "--pretrained", res["pretrained_weights"], "--classes", "red, green, blue, yellow",
-                          "--out", str(tmp_path / "seg.png"), "--text-cache", "none", "--device", "cpu"],
-                         capture_output=True, text=True, env=env, cwd=ROOT)
+    seg = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(ROOT, "segment.py"),
+            str(scene),
+            "--backbone",
+            "tiny",
+            "--pretrained",
+            res["pretrained_weights"],
+            "--classes",
+            "red, green, blue, yellow",
+            "--out",
+            str(tmp_path / "seg.png"),
+            "--text-cache",
+            "none",
+            "--device",
+            "cpu",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+    )
     assert seg.returncode == 0, seg.stderr[-2000:]
     assert (tmp_path / "seg.png").is_file()
 
 
 def test_bad_arguments_are_one_line_errors(tmp_path):
     for argv in (["world", "--out", str(tmp_path), "--size", "12"], ["--set", "world.nope=1"]):
-        proc = subprocess.run([sys.executable, os.path.join(ROOT, "miniature.py"), *argv], capture_output=True,
-                              text=True, cwd=ROOT)
+        proc = subprocess.run(
+            [sys.executable, os.path.join(ROOT, "miniature.py"), *argv], capture_output=True, text=True, cwd=ROOT
+        )
         assert proc.returncode == 2 and proc.stderr.startswith("error: ") and "Traceback" not in proc.stderr

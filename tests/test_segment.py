@@ -1,5 +1,6 @@
 """Tests for segment.py: class lists, text embeddings and their cache, (E4) logits, upsampling with the padded
 patch grid, synonyms, and the CLI on the offline `tiny` backbone."""
+
 import os
 import sys
 from pathlib import Path
@@ -36,6 +37,7 @@ def template_file(tmp_path):
 # class lists
 # --------------------------------------------------------------------------------------------------------------
 
+
 def test_parse_classes_commas_and_semicolons():
     assert segment.parse_classes("road, car, person, sky") == [["road"], ["car"], ["person"], ["sky"]]
     assert segment.parse_classes("road; car, truck; sky") == [["road"], ["car", "truck"], ["sky"]]
@@ -45,7 +47,7 @@ def test_parse_classes_commas_and_semicolons():
 
 def test_read_paper_class_files():
     voc21 = segment.read_class_file(ROOT / "data" / "classes" / "voc21.txt")
-    assert len(voc21) == 21 and len(voc21[0]) == 26 and voc21[0][0] == "sky"     # background = 26 stuff names
+    assert len(voc21) == 21 and len(voc21[0]) == 26 and voc21[0][0] == "sky"  # background = 26 stuff names
     assert voc21[15][0] == "person" and len(voc21[15]) == 7
     assert len(segment.read_class_file(ROOT / "data" / "classes" / "ade20k.txt")) == 150
     assert len(segment.read_templates()) == 80
@@ -57,13 +59,14 @@ def test_read_paper_class_files():
 # text embeddings
 # --------------------------------------------------------------------------------------------------------------
 
+
 def test_text_embeddings_average_normalised_templates(tiny, tmp_path):
     text = segment.text_embeddings(tiny, [["cat"], ["dog", "puppy"]], TEMPLATES, cache_dir=tmp_path)
     assert text.names == ["cat", "dog"] and text.queries == ["cat", "dog", "puppy"]
     assert text.query_class.tolist() == [0, 1, 1]
     assert text.embeddings.shape == (3, tiny.dim)
     with torch.inference_mode():
-        raw = tiny.encode_text([t.format("puppy") for t in TEMPLATES])             # (T, C)
+        raw = tiny.encode_text([t.format("puppy") for t in TEMPLATES])  # (T, C)
     expected = F.normalize(F.normalize(raw, dim=-1).mean(0), dim=0)
     assert torch.allclose(text.embeddings[2], expected, atol=1e-5)
     assert torch.allclose(text.embeddings.norm(dim=-1), torch.ones(3), atol=1e-5)
@@ -73,10 +76,10 @@ def test_text_cache_on_disk_and_its_key(tiny, tmp_path, monkeypatch):
     classes = [["road"], ["sky"]]
     first = segment.text_embeddings(tiny, classes, TEMPLATES, cache_dir=tmp_path).embeddings
     files = list(tmp_path.glob("tiny-*.pt"))
-    assert len(files) == 1 and not list(tmp_path.glob("*.tmp"))                      # written atomically
+    assert len(files) == 1 and not list(tmp_path.glob("*.tmp"))  # written atomically
 
     segment._MEMORY_CACHE.clear()
-    with monkeypatch.context() as m:                                                   # the disk cache is used
+    with monkeypatch.context() as m:  # the disk cache is used
         m.setattr(tiny, "encode_text", lambda *a, **k: pytest.fail("text encoder called despite the cache"))
         again = segment.text_embeddings(tiny, classes, TEMPLATES, cache_dir=tmp_path).embeddings
     assert torch.equal(first, again)
@@ -84,10 +87,10 @@ def test_text_cache_on_disk_and_its_key(tiny, tmp_path, monkeypatch):
     visual = next(tiny.model.visual.parameters())
     text_w = tiny.model.text.text_projection
     try:
-        visual.data.add_(1.0)                      # a distilled image tower shares the text cache ...
+        visual.data.add_(1.0)  # a distilled image tower shares the text cache ...
         assert segment._cache_key(tiny, ["road"], TEMPLATES) == segment._cache_key(tiny, ["road"], TEMPLATES)
         key = segment._cache_key(tiny, ["road"], TEMPLATES)
-        text_w.data.add_(1.0)                      # ... other text weights (e.g. random vs real) never do
+        text_w.data.add_(1.0)  # ... other text weights (e.g. random vs real) never do
         assert segment._cache_key(tiny, ["road"], TEMPLATES) != key
         segment.text_embeddings(tiny, classes, TEMPLATES, cache_dir=tmp_path)
         assert len(list(tmp_path.glob("tiny-*.pt"))) == 2
@@ -102,9 +105,10 @@ def test_text_cache_on_disk_and_its_key(tiny, tmp_path, monkeypatch):
 # logits, upsampling, synonyms
 # --------------------------------------------------------------------------------------------------------------
 
+
 def test_upsample_logits_crops_the_padding_for_odd_sizes():
     p, (H, W) = 16, (37, 53)
-    h, w = -(-H // p), -(-W // p)                                                      # 3 x 4 patch grid
+    h, w = -(-H // p), -(-W // p)  # 3 x 4 patch grid
     cols = torch.arange(w, dtype=torch.float32).expand(1, 1, h, w)
     out = segment.upsample_logits(cols, p, (H, W), protocol="aligned")
     assert out.shape == (1, 1, H, W)
@@ -113,7 +117,7 @@ def test_upsample_logits_crops_the_padding_for_odd_sizes():
     expected = ((x + 0.5) / p - 0.5).clamp(0, w - 1)
     assert torch.allclose(out[0, 0, 0], expected, atol=1e-5)
     stretched = F.interpolate(cols, size=(H, W), mode="bilinear", align_corners=False)
-    assert not torch.allclose(out, stretched, atol=1e-2)                               # not a plain stretch
+    assert not torch.allclose(out, stretched, atol=1e-2)  # not a plain stretch
     # a resized input goes back to the original size after the crop
     assert segment.upsample_logits(cols, p, (H, W), (20, 29)).shape == (1, 1, 20, 29)
 
@@ -122,7 +126,8 @@ def test_upsample_logits_paper_is_one_resize_of_the_padded_grid():
     """protocol 'paper': the 3 x 4 grid of a padded 37 x 53 input goes straight to the label size, in ONE bilinear
     resize (checked against the loop reference), so it differs from the aligned crop-then-resize."""
     from tests.reference import bilinear_resize
-    p, (H, W), out_hw = 16, (37, 53), (50, 71)                 # model input 37 x 53, label 50 x 71
+
+    p, (H, W), out_hw = 16, (37, 53), (50, 71)  # model input 37 x 53, label 50 x 71
     grid = torch.randn(1, 2, 3, 4, generator=torch.Generator().manual_seed(1))
     out = segment.upsample_logits(grid, p, (H, W), out_hw, protocol="paper")
     ref = bilinear_resize(grid[0].permute(1, 2, 0).double().numpy(), *out_hw)
@@ -139,7 +144,7 @@ def test_upsample_logits_aligned_floor_grid_extends_the_last_column():
     cols = torch.arange(3, dtype=torch.float32).expand(1, 1, 2, 3)
     out = segment.upsample_logits(cols, p, (H, W), protocol="aligned")
     x = torch.arange(W, dtype=torch.float32)
-    expected = ((x + 0.5) / p - 0.5).clamp(0, 2)                                       # seen part, then edge
+    expected = ((x + 0.5) / p - 0.5).clamp(0, 2)  # seen part, then edge
     assert out.shape == (1, 1, H, W) and torch.allclose(out[0, 0, 5], expected, atol=1e-5)
     paper = segment.upsample_logits(cols, p, (H, W), protocol="paper")
     assert torch.allclose(paper[0, 0, 5], ((x + 0.5) * 3 / W - 0.5).clamp(0, 2), atol=1e-5)
@@ -148,13 +153,14 @@ def test_upsample_logits_aligned_floor_grid_extends_the_last_column():
 def test_resize_image_paper_has_no_antialias_aligned_has():
     """'paper' shrinks like OpenCV INTER_LINEAR (plain bilinear, loop reference); 'aligned' anti-aliases."""
     from tests.reference import bilinear_resize
+
     img = torch.rand(1, 3, 40, 60, generator=torch.Generator().manual_seed(2))
     paper = segment.resize_image(img, (17, 25), antialias=False)
     ref = bilinear_resize(img[0].permute(1, 2, 0).double().numpy(), 17, 25)
     assert np.allclose(paper[0].permute(1, 2, 0).numpy(), ref, atol=1e-5)
     aligned = segment.resize_image(img, (17, 25), antialias=True)
     assert not torch.allclose(paper, aligned, atol=1e-3)
-    assert (aligned.std() < paper.std())                                              # smoothed: less aliasing
+    assert aligned.std() < paper.std()  # smoothed: less aliasing
 
 
 def area_thd_reference(probs: np.ndarray, area_thd: float) -> np.ndarray:
@@ -174,26 +180,27 @@ def test_area_thd_on_a_crafted_probability_map():
     """Class 1 wins 60 pixels, class 2 wins 30, class 3 wins 10 (of 100 foreground), class 4 none: with
     area_thd 0.1 classes 3 (10 <= 10) and 4 are dropped, 1 and 2 stay; class 0 is never dropped."""
     K, H, W = 5, 10, 12
-    win = np.zeros((H, W), dtype=int)                        # 20 background pixels, then 60 / 30 / 10
+    win = np.zeros((H, W), dtype=int)  # 20 background pixels, then 60 / 30 / 10
     flat = win.reshape(-1)
     flat[20:80], flat[80:110], flat[110:120] = 1, 2, 3
     rng = np.random.default_rng(0)
     probs = rng.uniform(0.0, 0.2, (K, H, W))
-    probs[win, np.arange(H)[:, None], np.arange(W)] = 0.5                              # the argmax map is `win`
-    probs[4] = 0.45                                                                    # runner-up, never first
-    probs[2, 0, 0] = 0.49                                                              # runner-up in a pixel of 0
+    probs[win, np.arange(H)[:, None], np.arange(W)] = 0.5  # the argmax map is `win`
+    probs[4] = 0.45  # runner-up, never first
+    probs[2, 0, 0] = 0.49  # runner-up in a pixel of 0
     got = segment.drop_small_classes(torch.from_numpy(probs)[None], 0.1)[0].numpy()
     assert np.allclose(got, area_thd_reference(probs, 0.1))
     labels = got.argmax(0)
     assert (got[3] == 0).all() and (got[4] == 0).all() and (got[1] > 0).any() and (got[2] > 0).any()
-    assert set(np.unique(labels[win == 3])) <= {0, 1, 2}                              # class 3's pixels move on
+    assert set(np.unique(labels[win == 3])) <= {0, 1, 2}  # class 3's pixels move on
     assert (labels[win == 1] == 1).all() and (labels[win == 2] == 2).all()
     # end to end through segment(): the same map as cosine logits; then prob_thd after the argmax
     e = torch.eye(K)
     text = ClassText([str(k) for k in range(K)], [str(k) for k in range(K)], torch.arange(K), e)
-    feats = torch.from_numpy(np.log(probs)).float().permute(1, 2, 0)[None]    # cosine keeps each pixel's class order
-    seg = segment.segment(FixedBackbone(feats, patch=1), torch.rand(1, 3, H, W), text, logit_scale=1.0,
-                          area_thd=0.1, protocol="paper")
+    feats = torch.from_numpy(np.log(probs)).float().permute(1, 2, 0)[None]  # cosine keeps each pixel's class order
+    seg = segment.segment(
+        FixedBackbone(feats, patch=1), torch.rand(1, 3, H, W), text, logit_scale=1.0, area_thd=0.1, protocol="paper"
+    )
     assert not (seg.labels == 3).any() and not (seg.labels == 4).any() and (seg.labels[0][win == 1] == 1).all()
     plain = segment.segment(FixedBackbone(feats, patch=1), torch.rand(1, 3, H, W), text, logit_scale=1.0)
     assert (plain.labels[0][win == 3] == 3).all()
@@ -202,6 +209,7 @@ def test_area_thd_on_a_crafted_probability_map():
 def test_slidelogit_averages_per_window_cosine_logits(tiny, tmp_path):
     """slidelogit = cosine logits per window, stitched (loop reference); slide = features stitched, then cosine."""
     from tests.reference import teacher_reference
+
     text = segment.text_embeddings(tiny, [["a"], ["b"], ["c"]], TEMPLATES, cache_dir=tmp_path)
     image = torch.rand(1, 3, 150, 170, generator=torch.Generator().manual_seed(3))
     x = tiny.normalize(image)
@@ -212,7 +220,8 @@ def test_slidelogit_averages_per_window_cosine_logits(tiny, tmp_path):
             f = tiny.dense(torch.from_numpy(crop)[None].float())[0].double().numpy()
         f = f / np.linalg.norm(f, axis=-1, keepdims=True)
         return f @ emb.T
-    ref = teacher_reference(window_logits, x[0].numpy(), tiny.window, 24, 16, 2)         # (h, w, Q)
+
+    ref = teacher_reference(window_logits, x[0].numpy(), tiny.window, 24, 16, 2)  # (h, w, Q)
     teacher = segment.window_teacher(tiny, "slidelogit", text, stride=24, batch_size=5)
     with torch.inference_mode():
         got = teacher(x)[0].double().numpy()
@@ -220,7 +229,7 @@ def test_slidelogit_averages_per_window_cosine_logits(tiny, tmp_path):
     seg_logit = segment.segment(tiny, image, text, "slidelogit", 24, logit_scale=1.0, return_logits=True)
     seg_feat = segment.segment(tiny, image, text, "slide", 24, logit_scale=1.0, return_logits=True)
     assert seg_logit.labels.shape == seg_feat.labels.shape == (1, 150, 170)
-    assert not torch.allclose(seg_logit.logits, seg_feat.logits, atol=1e-4)             # two different modes
+    assert not torch.allclose(seg_logit.logits, seg_feat.logits, atol=1e-4)  # two different modes
     with pytest.raises(SegmentError, match="slidelogit"):
         segment.segment(tiny, image, text, "slidelogit", teacher=segment.window_teacher(tiny, "slide", None))
 
@@ -229,12 +238,14 @@ def test_segment_runs_fp32_unless_amp(tiny, tmp_path, monkeypatch):
     """fp32 by default (the authors evaluate in fp32); amp=True asks for autocast ('auto') in the single pass and
     the teacher alike."""
     import teacher as teacher_mod
+
     asked = []
     real = teacher_mod.autocast
 
     def spy(device, precision="auto"):
         asked.append(precision)
         return real(device, precision)
+
     monkeypatch.setattr(teacher_mod, "autocast", spy)
     monkeypatch.setattr(segment, "autocast", spy)
     text = segment.text_embeddings(tiny, [["a"], ["b"]], TEMPLATES, cache_dir=tmp_path)
@@ -269,14 +280,13 @@ class FixedBackbone(torch.nn.Module):
 
 @pytest.mark.a6
 def test_synonyms_collapse_to_their_class_with_max_not_sum():
-    e = torch.eye(4)[:3]                                                  # queries q0 (class 0), q1, q2 (class 1)
+    e = torch.eye(4)[:3]  # queries q0 (class 0), q1, q2 (class 1)
     text = ClassText(["a", "b"], ["a", "b1", "b2"], torch.tensor([0, 1, 1]), e)
     feats = torch.stack([e[0], e[2], e[1], e[0] * 1.0 + e[1] * 0.9 + e[2] * 0.9]).view(1, 2, 2, 4)
-    seg = segment.segment(FixedBackbone(feats), torch.rand(1, 3, 32, 32), text, logit_scale=10,
-                          return_logits=True)
+    seg = segment.segment(FixedBackbone(feats), torch.rand(1, 3, 32, 32), text, logit_scale=10, return_logits=True)
     labels = seg.labels[0]
     assert labels.shape == (32, 32) and seg.logits.shape == (1, 2, 32, 32)
-    assert labels[0, 0] == 0 and labels[0, -1] == 1 and labels[-1, 0] == 1          # b2 and b1 both -> class 1
+    assert labels[0, 0] == 0 and labels[0, -1] == 1 and labels[-1, 0] == 1  # b2 and b1 both -> class 1
     # q0 alone beats each synonym of class 1, although their summed probability is larger: max, not sum
     assert labels[-1, -1] == 0
     assert set(labels.unique().tolist()) <= {0, 1}
@@ -289,8 +299,8 @@ def test_prob_thd_sends_unsure_pixels_to_class_zero():
     backbone = FixedBackbone(feats)
     plain = segment.segment(backbone, torch.rand(1, 3, 32, 32), text, logit_scale=5).labels[0]
     thd = segment.segment(backbone, torch.rand(1, 3, 32, 32), text, logit_scale=5, prob_thd=0.6).labels[0]
-    assert plain[0, 0] == 1 and thd[0, 0] == 1                 # confident pixel keeps its class
-    assert plain[0, 24] in (1, 2) and thd[0, 24] == 0          # a 50/50 pixel falls back to class 0
+    assert plain[0, 0] == 1 and thd[0, 0] == 1  # confident pixel keeps its class
+    assert plain[0, 24] in (1, 2) and thd[0, 24] == 0  # a 50/50 pixel falls back to class 0
 
 
 def test_segment_tiny_any_size_single_and_slide(tiny, tmp_path):
@@ -310,9 +320,9 @@ def test_segment_tiny_any_size_single_and_slide(tiny, tmp_path):
 def test_resized_hw_keeps_ratio():
     assert segment.resized_hw(375, 500, 672, 2048) == (672, 896)
     assert segment.resized_hw(1024, 2048, 1024, 2048) == (1024, 2048)
-    assert segment.resized_hw(300, 3000, 672, 2048) == (205, 2048)                     # long side capped
+    assert segment.resized_hw(300, 3000, 672, 2048) == (205, 2048)  # long side capped
     assert segment.resized_hw(37, 53, None, None) == (37, 53)
-    assert segment.resized_hw(37, 53, None, 2048) == (37, 53)                          # a cap never enlarges
+    assert segment.resized_hw(37, 53, None, 2048) == (37, 53)  # a cap never enlarges
     assert segment.resized_hw(3000, 6000, 0, 2048) == (1024, 2048)
 
 
@@ -320,17 +330,31 @@ def test_resized_hw_keeps_ratio():
 # CLI
 # --------------------------------------------------------------------------------------------------------------
 
+
 def test_cli_bundled_image_writes_mask_of_its_size(tmp_path, template_file, capsys):
     out = tmp_path / "seg" / "x.png"
-    segment.main([str(ROOT / "assets" / "chelsea.jpg"), "--backbone", "tiny", "--classes", "a, b, c",
-                  "--templates", template_file, "--text-cache", str(tmp_path / "cache"), "--out", str(out)])
+    segment.main(
+        [
+            str(ROOT / "assets" / "chelsea.jpg"),
+            "--backbone",
+            "tiny",
+            "--classes",
+            "a, b, c",
+            "--templates",
+            template_file,
+            "--text-cache",
+            str(tmp_path / "cache"),
+            "--out",
+            str(out),
+        ]
+    )
     stdout = capsys.readouterr().out
     with Image.open(ROOT / "assets" / "chelsea.jpg") as src, Image.open(out) as mask:
         assert mask.size == src.size and mask.mode == "P"
         labels = np.asarray(mask)
     assert labels.max() < 3
     with Image.open(tmp_path / "seg" / "x_overlay.png") as overlay:
-        assert overlay.size[0] > overlay.size[1]                                     # image | overlay | legend
+        assert overlay.size[0] > overlay.size[1]  # image | overlay | legend
     shares = [float(line.split()[-2]) for line in stdout.splitlines() if line.strip().endswith("%")]
     assert len(shares) == 3 and abs(sum(shares) - 100) < 0.1
     assert "segmentation" in stdout and " s " in stdout
@@ -342,18 +366,44 @@ def test_cli_odd_size_slide_and_class_file(tmp_path, template_file, capsys):
     classes = tmp_path / "classes.txt"
     classes.write_text("road\ncar, truck\n\nsky\n")
     out = tmp_path / "odd_seg.png"
-    segment.main([str(img), "--backbone", "tiny", "--class-file", str(classes), "--mode", "slide",
-                  "--stride", "48", "--short-side", "0", "--templates", template_file, "--text-cache", "none",
-                  "--out", str(out)])
+    segment.main(
+        [
+            str(img),
+            "--backbone",
+            "tiny",
+            "--class-file",
+            str(classes),
+            "--mode",
+            "slide",
+            "--stride",
+            "48",
+            "--short-side",
+            "0",
+            "--templates",
+            template_file,
+            "--text-cache",
+            "none",
+            "--out",
+            str(out),
+        ]
+    )
     with Image.open(out) as mask:
         assert mask.size == (70, 45)
-        assert np.asarray(mask).max() < 3                                              # truck -> class 1
-    assert "(run at 70x45)" in capsys.readouterr().out                               # --short-side 0: as is
+        assert np.asarray(mask).max() < 3  # truck -> class 1
+    assert "(run at 70x45)" in capsys.readouterr().out  # --short-side 0: as is
 
 
 def test_cli_errors_are_one_sentence(tmp_path, template_file, capsys):
-    base = ["--backbone", "tiny", "--templates", template_file, "--text-cache", "none",
-            "--out", str(tmp_path / "x.png")]
+    base = [
+        "--backbone",
+        "tiny",
+        "--templates",
+        template_file,
+        "--text-cache",
+        "none",
+        "--out",
+        str(tmp_path / "x.png"),
+    ]
     with pytest.raises(SystemExit) as exc:
         segment.main([str(ROOT / "assets" / "coffee.jpg"), "--classes", " , "] + base)
     assert exc.value.code == 2 and "class list is empty" in capsys.readouterr().err
@@ -377,55 +427,105 @@ def test_cli_errors_are_one_sentence(tmp_path, template_file, capsys):
 # hostile input: one error line and exit 2 BEFORE any work, or success
 # --------------------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("extra, message", [
-    (["--out", "{tmp}/x.jpg"], "must end in .png"),
-    (["--out", "{tmp}/noext"], "must end in .png"),
-    (["--out", "{tmp}/afile/x.png"], "a file stands where a folder is needed"),
-    (["--device", "cuda:99" if torch.cuda.is_available() else "cuda"], "GPU"),
-    (["--device", "bogus"], "unknown device"),
-    (["--short-side", "-5"], "--short-side"),
-    (["--batch-size", "0", "--mode", "slide"], "--batch-size"),
-    (["--classes", "cat, cat, dog"], "given for two classes"),
-    (["--classes", "cat; dog, Cat"], "given for two classes"),
-])
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--out", "{tmp}/x.jpg"], "must end in .png"),
+        (["--out", "{tmp}/noext"], "must end in .png"),
+        (["--out", "{tmp}/afile/x.png"], "a file stands where a folder is needed"),
+        (["--device", "cuda:99" if torch.cuda.is_available() else "cuda"], "GPU"),
+        (["--device", "bogus"], "unknown device"),
+        (["--short-side", "-5"], "--short-side"),
+        (["--batch-size", "0", "--mode", "slide"], "--batch-size"),
+        (["--classes", "cat, cat, dog"], "given for two classes"),
+        (["--classes", "cat; dog, Cat"], "given for two classes"),
+    ],
+)
 def test_cli_bad_arguments_fail_before_any_work(tmp_path, template_file, capsys, monkeypatch, extra, message):
     (tmp_path / "afile").write_text("a file, not a folder")
     monkeypatch.setattr(segment, "load_backbone", lambda *a, **k: pytest.fail("loaded a model for bad input"))
-    args = [str(ROOT / "assets" / "coffee.jpg"), "--backbone", "tiny", "--templates", template_file,
-            "--text-cache", "none", "--classes", "a, b", "--out", str(tmp_path / "x.png")]
+    args = [
+        str(ROOT / "assets" / "coffee.jpg"),
+        "--backbone",
+        "tiny",
+        "--templates",
+        template_file,
+        "--text-cache",
+        "none",
+        "--classes",
+        "a, b",
+        "--out",
+        str(tmp_path / "x.png"),
+    ]
     with pytest.raises(SystemExit) as exc:
         segment.main(args + [e.format(tmp=tmp_path) for e in extra])
     err = capsys.readouterr().err
     assert exc.value.code == 2 and message in err and err.count("error:") == 1 and "Traceback" not in err
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "templates.txt"]     # nothing written
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "templates.txt"]  # nothing written
 
 
-@pytest.mark.parametrize("extra, message", [
-    (["--short-side", "3"], "smaller than one 16 px patch"),               # would run at 3 x 3: 100 % one class
-    (["--mode", "slide", "--stride", "500"], "window"),                    # > K: pixels no window sees
-    (["--mode", "slidelogit", "--stride", "500"], "window"),
-])
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--short-side", "3"], "smaller than one 16 px patch"),  # would run at 3 x 3: 100 % one class
+        (["--mode", "slide", "--stride", "500"], "window"),  # > K: pixels no window sees
+        (["--mode", "slidelogit", "--stride", "500"], "window"),
+    ],
+)
 def test_cli_sizes_that_give_silently_wrong_results_are_refused(tmp_path, template_file, capsys, extra, message):
     out = tmp_path / "x.png"
     with pytest.raises(SystemExit) as exc:
-        segment.main([str(ROOT / "assets" / "coffee.jpg"), "--backbone", "tiny", "--templates", template_file,
-                      "--text-cache", "none", "--classes", "a, b", "--out", str(out)] + extra)
+        segment.main(
+            [
+                str(ROOT / "assets" / "coffee.jpg"),
+                "--backbone",
+                "tiny",
+                "--templates",
+                template_file,
+                "--text-cache",
+                "none",
+                "--classes",
+                "a, b",
+                "--out",
+                str(out),
+            ]
+            + extra
+        )
     err = capsys.readouterr().err
     assert exc.value.code == 2 and message in err and err.count("error:") == 1 and "Traceback" not in err
     assert not out.exists()
 
 
 def test_cli_non_utf8_image_name_writes_mask_and_overlay(tmp_path, template_file, capsys):
-    name = os.fsdecode(b"caf\xe9 \xff.png")                                     # Latin-1 bytes, not UTF-8
+    name = os.fsdecode(b"caf\xe9 \xff.png")  # Latin-1 bytes, not UTF-8
     img = tmp_path / name
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 60, 3), dtype=np.uint8)).save(img)
     out = tmp_path / os.fsdecode(b"m\xe9.png")
-    segment.main([str(img), "--backbone", "tiny", "--templates", template_file, "--text-cache", "none",
-                  "--classes", "a, b", "--short-side", "0", "--mode", "slidelogit", "--stride", "32",
-                  "--out", str(out)])
+    segment.main(
+        [
+            str(img),
+            "--backbone",
+            "tiny",
+            "--templates",
+            template_file,
+            "--text-cache",
+            "none",
+            "--classes",
+            "a, b",
+            "--short-side",
+            "0",
+            "--mode",
+            "slidelogit",
+            "--stride",
+            "32",
+            "--out",
+            str(out),
+        ]
+    )
     stdout = capsys.readouterr().out
     with Image.open(out) as mask:
         assert mask.size == (60, 40) and mask.mode == "P"
     assert segment.overlay_path(out).is_file()
     assert "\ufffd" in stdout and "mode slidelogit, stride 32" in stdout
-    assert not [p for p in tmp_path.iterdir() if ".tmp." in p.name]                   # atomic: no leftovers
+    assert not [p for p in tmp_path.iterdir() if ".tmp." in p.name]  # atomic: no leftovers

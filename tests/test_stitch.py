@@ -1,4 +1,5 @@
 """Window grid (E1) and stitching (E2): checked against loop-based references and exact special cases."""
+
 import numpy as np
 import pytest
 import torch
@@ -11,28 +12,32 @@ P = 16
 
 # ---------------------------------------------------------------- (E1) window grid
 
+
 @pytest.mark.a1
-@pytest.mark.parametrize("length,window,stride", [
-    (512, 512, 24),        # one window
-    (1024, 512, 24),       # 512 is not a multiple of 24 -> extra boundary window
-    (992, 512, 24),        # 480 is a multiple of 24 -> no extra window
-    (2048, 512, 24),
-    (700, 128, 24),
-    (640, 128, 128),       # stride = K tiling, exact
-    (650, 128, 128),       # tiling + boundary window
-    (300, 64, 48),
-    (129, 128, 24),
-])
+@pytest.mark.parametrize(
+    "length,window,stride",
+    [
+        (512, 512, 24),  # one window
+        (1024, 512, 24),  # 512 is not a multiple of 24 -> extra boundary window
+        (992, 512, 24),  # 480 is a multiple of 24 -> no extra window
+        (2048, 512, 24),
+        (700, 128, 24),
+        (640, 128, 128),  # stride = K tiling, exact
+        (650, 128, 128),  # tiling + boundary window
+        (300, 64, 48),
+        (129, 128, 24),
+    ],
+)
 def test_window_starts_cover_every_pixel(length, window, stride):
     starts = window_starts(length, window, stride)
     assert starts == starts_reference(length, window, stride)
     assert starts[0] == 0 and starts[-1] == length - window
-    assert all(b > a for a, b in zip(starts, starts[1:]))                   # strictly increasing
-    assert all(b - a <= stride for a, b in zip(starts, starts[1:]))         # never a gap larger than s
-    assert all(s == i * stride for i, s in enumerate(starts[:-1]))         # regular grid, only the last may not be
+    assert all(b > a for a, b in zip(starts, starts[1:]))  # strictly increasing
+    assert all(b - a <= stride for a, b in zip(starts, starts[1:]))  # never a gap larger than s
+    assert all(s == i * stride for i, s in enumerate(starts[:-1]))  # regular grid, only the last may not be
     covered = np.zeros(length, dtype=int)
     for s in starts:
-        covered[s:s + window] += 1
+        covered[s : s + window] += 1
     assert covered.min() >= 1
     expected = (length - window) // stride + 1 + (1 if (length - window) % stride else 0)
     assert len(starts) == expected
@@ -51,14 +56,31 @@ def test_window_starts_rejects_short_side_and_bad_stride():
 
 
 @pytest.mark.a2
-@pytest.mark.parametrize("stride,r", [(16, 1), (32, 1), (48, 1), (512, 1), (24, 2), (8, 2), (40, 2),
-                                      (20, 4), (12, 4), (4, 4), (2, 8), (25, 16), (1, 16)])
+@pytest.mark.parametrize(
+    "stride,r",
+    [
+        (16, 1),
+        (32, 1),
+        (48, 1),
+        (512, 1),
+        (24, 2),
+        (8, 2),
+        (40, 2),
+        (20, 4),
+        (12, 4),
+        (4, 4),
+        (2, 8),
+        (25, 16),
+        (1, 16),
+    ],
+)
 def test_sub_patch_factor(stride, r):
     assert sub_patch_factor(stride, P) == r
     assert stride % (P // r) == 0
 
 
 # ---------------------------------------------------------------- (E2) stitching
+
 
 def _random_windows(H, W, K, stride, C=3, seed=0):
     rng = np.random.default_rng(seed)
@@ -69,14 +91,17 @@ def _random_windows(H, W, K, stride, C=3, seed=0):
 
 
 @pytest.mark.a2
-@pytest.mark.parametrize("H,W,K,stride", [
-    (64, 64, 64, 24),          # one window, r = 2
-    (96, 160, 64, 24),         # non-square, boundary windows on both axes
-    (128, 96, 64, 16),         # r = 1
-    (112, 144, 64, 48),        # r = 1 with boundary windows
-    (96, 96, 64, 20),          # r = 4
-    (128, 192, 64, 64),        # stride = K tiling
-])
+@pytest.mark.parametrize(
+    "H,W,K,stride",
+    [
+        (64, 64, 64, 24),  # one window, r = 2
+        (96, 160, 64, 24),  # non-square, boundary windows on both axes
+        (128, 96, 64, 16),  # r = 1
+        (112, 144, 64, 48),  # r = 1 with boundary windows
+        (96, 96, 64, 20),  # r = 4
+        (128, 192, 64, 64),  # stride = K tiling
+    ],
+)
 def test_stitch_matches_loop_reference(H, W, K, stride):
     maps, starts = _random_windows(H, W, K, stride)
     r = sub_patch_factor(stride, P)
@@ -120,7 +145,7 @@ def test_stride_equal_to_window_is_a_plain_tiling():
     out = stitch(torch.from_numpy(np.stack(maps)), starts, (H, W), P, K).numpy()
     k = K // P
     for fmap, (y, x) in zip(maps, starts):
-        np.testing.assert_array_equal(out[y // P:y // P + k, x // P:x // P + k], fmap)
+        np.testing.assert_array_equal(out[y // P : y // P + k, x // P : x // P + k], fmap)
 
 
 @pytest.mark.a2
@@ -176,6 +201,7 @@ def test_stitch_rejects_unaligned_input():
 @pytest.mark.a1
 def test_stitch_cli_prints_the_grid(capsys):
     import stitch as stitch_module
+
     stitch_module.main(["--height", "1024", "--width", "2048"])
     out = capsys.readouterr().out
     assert "23 x 65 = 1495 windows" in out and "r=2" in out

@@ -1,4 +1,5 @@
 """Backbones, position-embedding resize (E3) and the dense heads, checked against independent formulations."""
+
 import os
 import re
 import subprocess
@@ -8,8 +9,16 @@ import numpy as np
 import pytest
 import torch
 
-from student import (PRECISIONS, BackboneError, OpenCLIPBackbone, SigLIPBackbone, autocast, load_backbone,
-                     load_checkpoint, resize_pos_embed)
+from student import (
+    PRECISIONS,
+    BackboneError,
+    OpenCLIPBackbone,
+    SigLIPBackbone,
+    autocast,
+    load_backbone,
+    load_checkpoint,
+    resize_pos_embed,
+)
 from tests.reference import bicubic_resize, bicubic_resize_by_scale, openclip_authors_dense
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -31,6 +40,7 @@ def siglip2_b16():
 
 
 # ---------------------------------------------------------------- (E3) position embeddings
+
 
 def test_pos_embed_resize_is_an_exact_identity_at_the_native_grid():
     pos = torch.randn(1, 8 * 8, 16)
@@ -81,15 +91,18 @@ def test_authors_pos_embed_resize_is_not_an_identity_at_the_native_grid():
     pos = torch.randn(14 * 14, 8, generator=torch.Generator().manual_seed(2))
     out = resize_pos_embed(pos, (14, 14), (14, 14), mode="scale+0.1")
     assert out.shape == pos.shape and not torch.allclose(out, pos, atol=1e-3)
-    assert (out - pos).abs().max() < pos.abs().max()        # small resampling, not a different table
+    assert (out - pos).abs().max() < pos.abs().max()  # small resampling, not a different table
     with pytest.raises(ValueError, match="unknown position-embedding resize mode"):
         resize_pos_embed(pos, (14, 14), (7, 7), mode="nearest")
 
 
 # ---------------------------------------------------------------- shapes and grid rules for every backbone
 
-@pytest.mark.parametrize("fixture,dim,window,rule", [("tiny", 128, 128, "ceil"), ("clip_b16", 512, 224, "floor"),
-                                                     ("siglip2_b16", 768, 512, "ceil")])
+
+@pytest.mark.parametrize(
+    "fixture,dim,window,rule",
+    [("tiny", 128, 128, "ceil"), ("clip_b16", 512, 224, "floor"), ("siglip2_b16", 768, 512, "ceil")],
+)
 @pytest.mark.parametrize("H,W", [(64, 96), (100, 150), (33, 17)])
 def test_dense_shapes_follow_the_grid_rule(request, fixture, dim, window, rule, H, W):
     bb = request.getfixturevalue(fixture)
@@ -114,7 +127,7 @@ def test_fit_to_grid_pads_or_crops_bottom_right(tiny, clip_b16):
 
 
 def test_openclip_does_not_see_the_last_partial_patch_rows_and_columns(clip_b16):
-    x = clip_b16.normalize(torch.rand(1, 3, 72, 90))                         # floor grid 4 x 5 = 64 x 80 px
+    x = clip_b16.normalize(torch.rand(1, 3, 72, 90))  # floor grid 4 x 5 = 64 x 80 px
     y = x.clone()
     y[..., 64:, :] = 3.0
     y[..., :, 80:] = -3.0
@@ -124,12 +137,13 @@ def test_openclip_does_not_see_the_last_partial_patch_rows_and_columns(clip_b16)
 
 def test_normalize_uses_the_backbone_statistics(tiny, clip_b16):
     x = torch.full((1, 3, 2, 2), 0.5)
-    assert torch.allclose(tiny.normalize(x), torch.zeros_like(x))           # SigLIP: mean = std = 0.5
+    assert torch.allclose(tiny.normalize(x), torch.zeros_like(x))  # SigLIP: mean = std = 0.5
     expected = (0.5 - torch.tensor(clip_b16.mean)) / torch.tensor(clip_b16.std)
     assert torch.allclose(clip_b16.normalize(x)[0, :, 0, 0], expected)
 
 
 # ---------------------------------------------------------------- dense heads vs the unmodified modules
+
 
 def test_siglip_trunk_at_native_size_equals_timm_forward_features(tiny):
     x = tiny.normalize(torch.rand(2, 3, 128, 128))
@@ -150,7 +164,7 @@ def test_siglip_dense_head_is_attention_pooling_of_each_token_alone(request, fix
     with torch.inference_mode():
         dense = bb.dense(x)
         tokens, (h, w) = bb.tokens(x)
-        ref = bb.trunk.attn_pool(tokens.reshape(-1, 1, tokens.shape[-1]))          # (h*w, C)
+        ref = bb.trunk.attn_pool(tokens.reshape(-1, 1, tokens.shape[-1]))  # (h*w, C)
     assert torch.allclose(dense.reshape(-1, dense.shape[-1]), ref, atol=1e-5, rtol=1e-4)
 
 
@@ -207,15 +221,15 @@ def test_blocks_and_image_tower(tiny, clip_b16):
     assert len(tiny.blocks) == 4 and len(clip_b16.blocks) == 12
     tower = {id(p) for p in tiny.image_tower().parameters()}
     assert all(id(p) in tower for p in tiny.blocks.parameters())
-    assert not any(p.requires_grad for p in tiny.parameters())             # frozen by default
+    assert not any(p.requires_grad for p in tiny.parameters())  # frozen by default
 
 
 def test_autocast_precisions():
-    for precision in PRECISIONS:                                 # CPU: always fp32, whatever is asked
+    for precision in PRECISIONS:  # CPU: always fp32, whatever is asked
         with autocast("cpu", precision):
             assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.float32
             assert not torch.is_autocast_enabled("cpu")
-    with pytest.warns(UserWarning):                              # no GPU here: torch disables it, with a warning
+    with pytest.warns(UserWarning):  # no GPU here: torch disables it, with a warning
         assert autocast("cuda", "fp16").fast_dtype == torch.float16
         assert autocast("cuda", "bf16").fast_dtype == torch.bfloat16
     assert not isinstance(autocast("cuda", "fp32"), torch.autocast)
@@ -224,6 +238,7 @@ def test_autocast_precisions():
 
 
 # ---------------------------------------------------------------- tiny: seeded, text works offline
+
 
 def test_tiny_is_seeded_and_leaves_the_global_rng_alone():
     torch.manual_seed(123)
@@ -247,6 +262,7 @@ def test_encode_text_offline(tiny, clip_b16):
 
 # ---------------------------------------------------------------- errors and checkpoints
 
+
 def test_unknown_backbone_is_a_clear_error():
     with pytest.raises(BackboneError, match="unknown backbone 'vit-huge'.*siglip2-b16, clip-b16, tiny"):
         load_backbone("vit-huge")
@@ -267,8 +283,14 @@ def test_mismatched_weights_file_is_a_clear_error(tmp_path):
 @pytest.mark.parametrize("backbone", ["clip-b16", "siglip2-b16"])
 def test_no_network_cli_prints_one_sentence_and_exits_nonzero(tmp_path, backbone):
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf"), XDG_CACHE_HOME=str(tmp_path / "xdg"))
-    proc = subprocess.run([sys.executable, "student.py", "--backbone", backbone], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "student.py", "--backbone", backbone],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 2
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1, proc.stderr
@@ -281,8 +303,15 @@ def test_checkpoint_round_trip_and_mismatch(tmp_path, tiny, clip_b16):
     with torch.no_grad():
         student.blocks[-1].mlp.fc2.bias.add_(0.5)
     path = tmp_path / "student.pt"
-    torch.save({"format": "spar-student", "backbone": "tiny", "settings": {"stride": 24},
-                "image_tower": student.image_tower().state_dict()}, path)
+    torch.save(
+        {
+            "format": "spar-student",
+            "backbone": "tiny",
+            "settings": {"stride": 24},
+            "image_tower": student.image_tower().state_dict(),
+        },
+        path,
+    )
     restored = load_backbone("tiny", checkpoint=str(path))
     x = tiny.normalize(torch.rand(1, 3, 64, 80))
     with torch.inference_mode():
@@ -302,13 +331,19 @@ def test_checkpoint_round_trip_and_mismatch(tmp_path, tiny, clip_b16):
 
 
 def test_student_cli_prints_shapes():
-    proc = subprocess.run([sys.executable, "student.py", "--backbone", "tiny", "--sizes", "64x96"], cwd=ROOT,
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "student.py", "--backbone", "tiny", "--sizes", "64x96"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr
     assert "(1, 4, 6, 128)" in proc.stdout
 
 
 # ---------------------------------------------------------------- the authors' released checkpoints (issue 12)
+
 
 def save_authors_pth(state: dict, path) -> str:
     """Fabricate the authors' released .pth: their wrapper's state dict, the open_clip keys prefixed 'model.'."""
@@ -318,8 +353,15 @@ def save_authors_pth(state: dict, path) -> str:
 
 def save_authors_ckpt(state: dict, path) -> str:
     """Fabricate the authors' Lightning .ckpt: 'segmentor.net.model.' keys plus training state that is ignored."""
-    torch.save({"state_dict": {"segmentor.net.model." + k: v for k, v in state.items()}, "epoch": 9,
-                "global_step": 123, "optimizer_states": [{"state": {}, "param_groups": [{"lr": 2e-5}]}]}, path)
+    torch.save(
+        {
+            "state_dict": {"segmentor.net.model." + k: v for k, v in state.items()},
+            "epoch": 9,
+            "global_step": 123,
+            "optimizer_states": [{"state": {}, "param_groups": [{"lr": 2e-5}]}],
+        },
+        path,
+    )
     return str(path)
 
 
@@ -339,7 +381,7 @@ def test_authors_checkpoints_load_exactly(request, tmp_path, fixture):
     for path, saved in zip(files, (half, negated)):
         assert load_checkpoint(bb, path) == {}
         got = bb.model.state_dict()
-        assert list(got) == list(saved) and len(got) > 300                  # image AND text tower
+        assert list(got) == list(saved) and len(got) > 300  # image AND text tower
         for k, v in saved.items():
             assert torch.equal(got[k], v.float()), k
 
@@ -368,8 +410,11 @@ def test_authors_checkpoint_is_strict_and_never_loaded_partially(tmp_path, tiny)
     del broken["visual.trunk.blocks.0.norm1.weight"]
     broken["visual.trunk.pos_embed"] = torch.zeros(1, 65, 128)
     pth = save_authors_pth(broken, tmp_path / "broken.pth")
-    with pytest.raises(BackboneError, match=r"1 missing keys \(visual.trunk.blocks.0.norm1.weight\); 1 with another "
-                                            r"shape \(file vs model: visual.trunk.pos_embed \(1, 65, 128\) vs"):
+    with pytest.raises(
+        BackboneError,
+        match=r"1 missing keys \(visual.trunk.blocks.0.norm1.weight\); 1 with another "
+        r"shape \(file vs model: visual.trunk.pos_embed \(1, 65, 128\) vs",
+    ):
         load_checkpoint(tiny, pth)
     # a key of the wrapper that is not the model's is unexpected; a Lightning module's other entries are ignored
     ckpt = tmp_path / "extra.ckpt"
@@ -382,7 +427,7 @@ def test_authors_checkpoint_is_strict_and_never_loaded_partially(tmp_path, tiny)
     torch.save({k: v for k, v in good.items()}, ckpt)
     with pytest.raises(BackboneError, match=r"plain state dict without the authors' 'model\.' prefix.*--pretrained"):
         load_checkpoint(tiny, str(ckpt))
-    for k, v in tiny.model.state_dict().items():                  # nothing of the refused files was assigned
+    for k, v in tiny.model.state_dict().items():  # nothing of the refused files was assigned
         assert torch.equal(v, before[k]), k
     # and through load_backbone, like every CLI's --checkpoint
     restored = load_backbone("tiny", pretrained=None, checkpoint=save_authors_ckpt(good, tmp_path / "good.ckpt"))

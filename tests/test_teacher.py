@@ -1,4 +1,5 @@
 """The sliding-window teacher (E1-E2) end to end: exact special cases and a loop-based reference."""
+
 import os
 import subprocess
 import sys
@@ -22,6 +23,7 @@ class PatchMeanBackbone(nn.Module):
     Windows that are aligned to the patch grid see exactly the patches of the single pass, so with r = 1 the
     stitched teacher must reproduce the single pass bit for bit, whatever the overlap.
     """
+
     patch_size, window, dim = 16, 64, 3
 
     def dense(self, x):
@@ -38,6 +40,7 @@ def _numpy_dense(bb):
     def fn(crop):
         with torch.inference_mode():
             return bb.dense(torch.from_numpy(crop)[None])[0].double().numpy()
+
     return fn
 
 
@@ -95,15 +98,15 @@ def test_stride_equal_to_window_tiles_the_image(tiny):
     with torch.inference_mode():
         for i in range(2):
             for j in range(3):
-                tile = tiny.dense(x[:, :, 128 * i:128 * (i + 1), 128 * j:128 * (j + 1)])
-                assert torch.allclose(out[:, 8 * i:8 * (i + 1), 8 * j:8 * (j + 1)], tile, atol=1e-6)
+                tile = tiny.dense(x[:, :, 128 * i : 128 * (i + 1), 128 * j : 128 * (j + 1)])
+                assert torch.allclose(out[:, 8 * i : 8 * (i + 1), 8 * j : 8 * (j + 1)], tile, atol=1e-6)
 
 
 def test_image_smaller_than_the_window_is_zero_padded(tiny):
     x = tiny.normalize(torch.rand(1, 3, 50, 90))
     out = Teacher(tiny, stride=48)(x)
     assert out.shape == (1, 4, 6, tiny.dim)
-    padded = F.pad(x, (0, 128 - 90, 0, 128 - 50))                         # the documented behaviour
+    padded = F.pad(x, (0, 128 - 90, 0, 128 - 50))  # the documented behaviour
     with torch.inference_mode():
         ref = tiny.dense(padded)[:, :4, :6]
     assert torch.allclose(out, ref, atol=1e-6)
@@ -114,7 +117,7 @@ def test_image_smaller_than_the_window_is_zero_padded(tiny):
 def test_one_side_shorter_than_the_window(tiny):
     x = tiny.normalize(torch.rand(1, 3, 64, 300))
     teacher = Teacher(tiny, stride=24)
-    assert teacher.windows(64, 300)[2] == [0]                               # one row of windows
+    assert teacher.windows(64, 300)[2] == [0]  # one row of windows
     ref = teacher_reference(_numpy_dense(tiny), x[0].numpy(), 128, 24, 16, teacher.r)
     np.testing.assert_allclose(teacher(x)[0].numpy(), ref, atol=2e-5, rtol=1e-4)
 
@@ -123,8 +126,8 @@ def test_batch_equals_images_one_by_one_and_batch_size_does_not_matter(tiny):
     x = tiny.normalize(torch.rand(3, 3, 144, 176))
     together = Teacher(tiny, stride=24, batch_size=7)(x)
     for b in range(3):
-        alone = Teacher(tiny, stride=24, batch_size=64)(x[b:b + 1])
-        assert torch.allclose(together[b:b + 1], alone, atol=1e-5)
+        alone = Teacher(tiny, stride=24, batch_size=64)(x[b : b + 1])
+        assert torch.allclose(together[b : b + 1], alone, atol=1e-5)
 
 
 def test_teacher_grid_equals_single_pass_grid_for_odd_sizes(tiny):
@@ -142,22 +145,34 @@ def test_teacher_window_count_and_validation(tiny):
 
 def test_teacher_cli_reports_grid_windows_and_agreement(tmp_path):
     from PIL import Image
+
     path = tmp_path / "img.png"
     Image.fromarray((np.random.default_rng(0).random((150, 260, 3)) * 255).astype(np.uint8)).save(path)
-    proc = subprocess.run([sys.executable, "teacher.py", "--backbone", "tiny", "--image", str(path)], cwd=ROOT,
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "teacher.py", "--backbone", "tiny", "--image", str(path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr
     assert "grid (10, 17)" in proc.stdout and "windows" in proc.stdout and "mean cosine" in proc.stdout
     bad = tmp_path / "bad.jpg"
     bad.write_bytes(b"garbage")
-    proc = subprocess.run([sys.executable, "teacher.py", "--backbone", "tiny", "--image", str(bad)], cwd=ROOT,
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "teacher.py", "--backbone", "tiny", "--image", str(bad)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode != 0 and "cannot read image" in proc.stderr and "Traceback" not in proc.stderr
 
 
 class FloorPatchMeanBackbone(PatchMeanBackbone):
     """PatchMeanBackbone with OpenCLIP's grid rule, through the real `Backbone.grid_size` / `fit_to_grid`: the
     floor grid, the last < p rows/columns cropped away."""
+
     grid_rule = "floor"
     grid_size = Backbone.grid_size
     fit_to_grid = Backbone.fit_to_grid
@@ -181,26 +196,34 @@ def test_teacher_follows_a_floor_grid(H, W, stride):
 def test_teacher_precision_head_and_bad_settings(tiny):
     x = tiny.normalize(torch.rand(1, 3, 150, 170, generator=torch.Generator().manual_seed(2)))
     feats = Teacher(tiny, stride=48, precision="fp32")(x)
-    assert torch.equal(Teacher(tiny, stride=48, precision="fp16")(x), feats)          # CPU: always fp32
-    summed = Teacher(tiny, stride=48, head=lambda f: f.sum(-1, keepdim=True))(x)      # head before stitching
+    assert torch.equal(Teacher(tiny, stride=48, precision="fp16")(x), feats)  # CPU: always fp32
+    summed = Teacher(tiny, stride=48, head=lambda f: f.sum(-1, keepdim=True))(x)  # head before stitching
     assert summed.shape == (1, 10, 11, 1) and torch.allclose(summed[..., 0], feats.sum(-1), atol=1e-4)
-    for kwargs, message in (({"precision": "fp8"}, "precision"), ({"stride": 0}, "stride"),
-                            ({"stride": 129}, "stride"), ({"batch_size": 0}, "batch size")):
+    for kwargs, message in (
+        ({"precision": "fp8"}, "precision"),
+        ({"stride": 0}, "stride"),
+        ({"stride": 129}, "stride"),
+        ({"batch_size": 0}, "batch size"),
+    ):
         with pytest.raises(TeacherError, match=message):
             Teacher(tiny, **kwargs)
 
 
-@pytest.mark.parametrize("extra, message", [
-    (["--device", "cuda:99" if torch.cuda.is_available() else "cuda"], "GPU"),
-    (["--device", "bogus"], "unknown device"),
-    (["--stride", "0"], "stride"),
-    (["--stride", "1000"], "stride"),
-    (["--size", "abc"], "--size"),
-    (["--size", "0x0"], "--size"),
-    (["--batch-size", "-1"], "batch size"),
-])
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--device", "cuda:99" if torch.cuda.is_available() else "cuda"], "GPU"),
+        (["--device", "bogus"], "unknown device"),
+        (["--stride", "0"], "stride"),
+        (["--stride", "1000"], "stride"),
+        (["--size", "abc"], "--size"),
+        (["--size", "0x0"], "--size"),
+        (["--batch-size", "-1"], "batch size"),
+    ],
+)
 def test_teacher_cli_bad_arguments_one_line(capsys, extra, message):
     from teacher import main
+
     with pytest.raises(SystemExit) as exc:
         main(["--backbone", "tiny", "--pretrained", "none"] + extra)
     err = capsys.readouterr().err

@@ -1,0 +1,168 @@
+"""Command-line plumbing every script shares (not a part of the paper).
+
+* ONE error contract: every bad input raises a `UserError` (or a subclass) whose message is one sentence;
+  `main_guard` wraps each CLI's main and turns it into one `error:` line and exit status 2, and Ctrl-C or
+  SIGTERM into one line and exit status 130 -- never a traceback;
+* the flags and checks every CLI shares: `add_backbone_args`, `resolve_device`, `parse_size`, `check_numbers`;
+* the torchrun helpers: `rank_world`, `is_main`, `barrier`, `log` (a single process is rank 0 of 1);
+* `printable` / `display_name`: text with undecodable file-name bytes made printable.
+
+This file imports nothing from the project: every other file may import it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import signal
+import sys
+
+import torch
+import torch.distributed as dist
+
+
+class UserError(ValueError):
+    """Bad input or environment. The message is one sentence: what happened and what to do."""
+
+
+class DeviceError(UserError):
+    """A --device that does not exist here."""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The error contract
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _terminate(signum, frame):
+    raise KeyboardInterrupt  # SIGTERM unwinds like Ctrl-C: temp files removed, finished work kept
+
+
+def main_guard(main, argv=None, interrupted: str = "interrupted."):
+    """Run `main(argv)` under the error contract and return its result.
+
+    UserError -> `error: <message>` on stderr, exit 2.  KeyboardInterrupt (Ctrl-C, or SIGTERM, which is turned
+    into one) -> its own message if it carries one, else `interrupted`, on stderr, exit 130.
+    """
+    try:
+        old = signal.signal(signal.SIGTERM, _terminate)
+    except ValueError:  # not the main thread (e.g. a notebook worker)
+        old = None
+    try:
+        return main(argv)
+    except UserError as exc:
+        print(printable(f"error: {exc}"), file=sys.stderr)
+        raise SystemExit(2) from None
+    except KeyboardInterrupt as exc:
+        print(printable(str(exc.args[0]) if exc.args else interrupted), file=sys.stderr)
+        raise SystemExit(130) from None
+    finally:
+        if old is not None:
+            signal.signal(signal.SIGTERM, old)
+
+
+def printable(text: str) -> str:
+    """`text` with undecodable file-name bytes shown as \\xNN escapes: any stream can print it."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def display_name(path: str | os.PathLike) -> str:
+    """A file name that can always be printed or drawn: undecodable bytes (a non-UTF-8 name) become U+FFFD."""
+    name = os.fsdecode(path)
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Shared flags and checks
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def add_backbone_args(parser: argparse.ArgumentParser, names, default: str = "tiny"):
+    """The --backbone / --pretrained / --device flags shared by every CLI (`names`: the known backbones)."""
+    parser.add_argument("--backbone", default=default, help=f"one of {', '.join(names)} (default: {default})")
+    parser.add_argument(
+        "--pretrained",
+        default="default",
+        help="'default' (download through open_clip, cached), 'none' (random weights, offline), "
+        "or a local open_clip weights file",
+    )
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+
+
+def resolve_device(name: str) -> torch.device:
+    """'cpu', 'cuda', 'cuda:N' (or 'mps') -> torch.device, checked to exist here; DeviceError otherwise."""
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError, TypeError):
+        raise DeviceError(f"unknown device '{name}'; use cpu, cuda or cuda:N.") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise DeviceError(f"--device {name} was asked for but no CUDA GPU is available here; use --device cpu.")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise DeviceError(f"--device {name}: there are only {torch.cuda.device_count()} CUDA GPU(s) here.")
+    elif device.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise DeviceError(f"--device {name} was asked for but MPS is not available here; use --device cpu.")
+    elif device.type != "cpu":
+        raise DeviceError(f"device '{name}' is not supported; use cpu, cuda or cuda:N.")
+    return device
+
+
+def parse_size(text: str, what: str = "size") -> tuple[int, int]:
+    """'HxW' -> (H, W), both positive; UserError with one sentence otherwise."""
+    parts = text.strip().lower().split("x")
+    if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
+        raise UserError(f"{what} must be HxW with two positive integers, e.g. 512x1024; got '{text}'.")
+    H, W = (int(p) for p in parts)
+    if H < 1 or W < 1:
+        raise UserError(f"{what} must be at least 1x1, got '{text}'.")
+    return H, W
+
+
+def check_numbers(rules, error=UserError):
+    """One table of number checks, one sentence each.  `rules`: (flag, value, rule) with rule one of
+    ('>=', least) -- an integer count or size at least `least`; 'finite>0'; 'finite>=0'; '0..1'.
+    A value of None (a flag left at its automatic default) passes."""
+    for flag, value, rule in rules:
+        if value is None:
+            continue
+        if isinstance(rule, tuple):
+            if value < rule[1]:
+                raise error(f"{flag} must be at least {rule[1]}, not {value}.")
+        elif rule in ("finite>0", "finite>=0"):
+            ok = math.isfinite(value) and (value > 0 or (rule == "finite>=0" and value == 0))
+            if not ok:
+                raise error(f"{flag} must be a finite number {rule[6:]}, not {value}.")
+        elif rule == "0..1":
+            if not 0 <= value <= 1:
+                raise error(f"{flag} must be between 0 and 1, got {value}.")
+        else:
+            raise AssertionError(f"unknown rule {rule!r}")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# torchrun helpers
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def rank_world() -> tuple[int, int]:
+    """(rank, world size) under torchrun; (0, 1) in a single process."""
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def is_main() -> bool:
+    return rank_world()[0] == 0
+
+
+def barrier():
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def log(msg: str):
+    """One line to stderr that does not break the tqdm bars; prefixed with the rank under torchrun."""
+    from tqdm import tqdm
+
+    prefix = f"[rank {dist.get_rank()}] " if dist.is_initialized() else ""
+    tqdm.write(printable(f"{prefix}{msg}"), file=sys.stderr)
