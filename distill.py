@@ -48,6 +48,7 @@ from PIL import Image, ImageOps
 from tqdm import tqdm
 
 import student
+from checkpoints import save_student
 from files import TEMP_MARK, ImageError, WriteError, atomic_write, read_rgb, save_torch, write_json
 from student import BackboneError, autocast
 from teacher import Teacher, TeacherError, grid_size
@@ -702,20 +703,9 @@ def save_state(run, backbone, names, optimizer, scaler, state, settings, with_st
     position): a kill between the two makes --resume redo that step, which rewrites the same student.pt."""
     tower = backbone.image_tower()
     if with_student:
-        save_torch(
-            os.path.join(run, "student.pt"),
-            dict(
-                format=student.CHECKPOINT_FORMAT,
-                backbone=backbone.name,
-                settings=dict(
-                    settings,
-                    epochs_done=state["epoch"],
-                    step_in_epoch=state["step"],
-                    train_loss=state["kept"]["loss"] if state["kept"] else None,
-                ),
-                image_tower={k: v.detach().cpu() for k, v in tower.state_dict().items()},
-            ),
-        )
+        kept_loss = state["kept"]["loss"] if state["kept"] else None
+        info = dict(settings, epochs_done=state["epoch"], step_in_epoch=state["step"], train_loss=kept_loss)
+        save_student(os.path.join(run, "student.pt"), backbone, info)
     params = dict(tower.named_parameters())
     save_torch(
         os.path.join(run, "resume.pt"),

@@ -279,7 +279,8 @@ def test_cli_errors(tmp_path, fast_args, capsys):
 
 
 def test_cli_checkpoint_single_vs_pretrained(tmp_path, fast_args):
-    from student import CHECKPOINT_FORMAT, load_backbone
+    from checkpoints import CHECKPOINT_FORMAT
+    from student import load_backbone
 
     student = load_backbone("tiny", None)
     with torch.no_grad():

@@ -1,0 +1,235 @@
+"""Checkpoint files: reading and writing every format a backbone's weights come in (not a part of the paper).
+
+* `load_checkpoint`   -- a distilled student into a built backbone, recognised by content (`checkpoint_format`):
+                         ours (`save_student`, written by distill.py), the authors' released `.pth` and their
+                         Lightning `.ckpt`; read with weights_only=True and loaded STRICTLY (every key, every shape,
+                         checked before anything is assigned);
+* `save_student`      -- our format, written atomically: {"format": "spar-student", "backbone", "settings",
+                         "image_tower"};
+* `load_state_dict_file` -- a plain open_clip state dict (`--pretrained PATH`, e.g. the `tiny` miniature weights);
+* `BackboneError`     -- a backbone or its weights could not be built or loaded (one sentence: what, why, what to do).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn as nn
+
+from cli import UserError
+from files import save_torch
+
+
+class BackboneError(UserError):
+    """A backbone could not be built or loaded. The message is one sentence: what, why, what to do."""
+
+
+def friendly(exc: BaseException) -> str:
+    """Turn a loader exception into the short reason part of a one-sentence message."""
+    text = str(exc)
+    low = text.lower()
+    if any(
+        k in low for k in ("local cache", "connect", "huggingface.co", "offline", "resolve", "timed out", "network")
+    ):
+        return "the Hugging Face hub could not be reached and the files are not in the local cache"
+    if isinstance(exc, ImportError):
+        return f"a package is missing: {text.splitlines()[0][:120]}"
+    return f"{type(exc).__name__}: {text.splitlines()[0][:160] if text else ''}"
+
+
+CHECKPOINT_FORMAT = "spar-student"
+AUTHORS_PTH_PREFIX = "model."  # their eval wrapper holds the open_clip model as `model`
+AUTHORS_CKPT_PREFIX = "segmentor.net.model."  # the same wrapper inside their Lightning module
+FORMAT_NAMES = {
+    "ours": f"a SPAR student checkpoint from distill.py ('{CHECKPOINT_FORMAT}')",
+    "authors-pth": f"the authors' released .pth (their wrapper's state dict, keys '{AUTHORS_PTH_PREFIX}*')",
+    "authors-ckpt": f"the authors' Lightning .ckpt (state_dict keys '{AUTHORS_CKPT_PREFIX}*')",
+}
+# One key whose shape tells the architecture apart, for the "it looks like ..." hint of a refused file.
+SIGNATURES = {
+    "siglip2-b16": ("visual.trunk.pos_embed", (1, 1024, 768)),
+    "clip-b16": ("visual.positional_embedding", (197, 768)),
+    "tiny": ("visual.trunk.pos_embed", (1, 64, 128)),
+}
+
+
+def _read_torch_file(path: str, what: str = "checkpoint"):
+    """torch.load with weights_only=True (never unpickles code); memory-mapped when the file allows it."""
+    import pickle
+
+    try:
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except pickle.UnpicklingError:
+            raise
+        except Exception:  # legacy (non-zip) torch files cannot be memory-mapped
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        if "Unsupported global" not in str(exc):  # garbage bytes: not a torch file at all
+            raise BackboneError(
+                f"cannot read {what} '{path}' (not a torch file); the file is corrupt, truncated or not a torch file."
+            ) from exc
+        raise BackboneError(
+            f"cannot read {what} '{path}': it holds Python objects that safe loading "
+            f"(weights_only=True) refuses; save only its tensors (see the README)."
+        ) from exc
+    except Exception as exc:
+        raise BackboneError(
+            f"cannot read {what} '{path}' ({friendly(exc)}); the file is corrupt, truncated or not a torch file."
+        ) from exc
+
+
+def _is_state_dict(obj) -> bool:
+    return (
+        isinstance(obj, dict) and bool(obj) and all(isinstance(k, str) and torch.is_tensor(v) for k, v in obj.items())
+    )
+
+
+def checkpoint_format(obj) -> str:
+    """'ours' | 'authors-pth' | 'authors-ckpt' | 'state-dict' (plain open_clip weights) | 'unknown', by content."""
+    if isinstance(obj, dict) and obj.get("format") == CHECKPOINT_FORMAT:
+        return "ours"
+    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        return "authors-ckpt"
+    if _is_state_dict(obj):
+        return "authors-pth" if any(k.startswith(AUTHORS_PTH_PREFIX) for k in obj) else "state-dict"
+    return "unknown"
+
+
+def _authors_state(obj, fmt: str) -> dict:
+    """The open_clip model's state dict inside an authors' file: their prefix stripped.  Keys under the wrapper
+    that are not under its `model` stay prefixed (-> reported as unexpected); in a Lightning .ckpt, entries
+    outside `segmentor.net.` belong to the training module (losses, a teacher copy, ...) and are ignored."""
+    if fmt == "authors-pth":
+        items, prefix = obj.items(), AUTHORS_PTH_PREFIX
+    else:
+        items, prefix = (
+            ((k, v) for k, v in obj["state_dict"].items() if k.startswith("segmentor.net.")),
+            AUTHORS_CKPT_PREFIX,
+        )
+    return {(k[len(prefix) :] if k.startswith(prefix) else k): v for k, v in items}
+
+
+def _few(keys: list[str], n: int = 3) -> str:
+    return ", ".join(keys[:n]) + (", ..." if len(keys) > n else "")
+
+
+def _state_mismatch(target: dict, state: dict) -> str:
+    """'' when `state` fits `target` exactly (same keys, same shapes); else what does not fit, with key names."""
+    missing = [k for k in target if k not in state]
+    unexpected = [k for k in state if k not in target]
+    shapes = [
+        f"{k} {tuple(state[k].shape)} vs {tuple(target[k].shape)}"
+        for k in target
+        if k in state and tuple(state[k].shape) != tuple(target[k].shape)
+    ]
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} missing keys ({_few(missing)})")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected keys ({_few(unexpected)})")
+    if shapes:
+        parts.append(f"{len(shapes)} with another shape (file vs model: {_few(shapes, 2)})")
+    return "; ".join(parts)
+
+
+def _guess_hint(state: dict, name: str) -> str:
+    """'; it looks like a clip-b16 file, pass --backbone clip-b16' when a signature key says so."""
+    for other, (key, shape) in SIGNATURES.items():
+        if other != name and key in state and tuple(state[key].shape) == shape:
+            return f"; it looks like a {other} file, pass --backbone {other}"
+    return ""
+
+
+def load_checkpoint(backbone, path: str) -> dict:
+    """Load a distilled student into `backbone`; returns our checkpoint's settings ({} for the authors' files).
+
+    Three formats, recognised by content (`checkpoint_format`), all read with weights_only=True and loaded
+    STRICTLY -- every key present, none extra, every shape equal, checked before anything is assigned:
+    * ours (distill.py): {"format": "spar-student", "backbone": name, "settings": {...},
+      "image_tower": backbone.image_tower().state_dict()};
+    * the authors' released .pth: their eval wrapper's state dict, the open_clip model's keys (image AND text
+      tower) prefixed 'model.' -- SigLIP2 files fit `siglip2-b16`, MaskCLIP files fit `clip-b16`;
+    * the authors' Lightning .ckpt: {"state_dict": {"segmentor.net.model.<key>": ...}, ...}; other top-level
+      keys (optimizer state, epoch, ...) are ignored.
+    """
+    if not os.path.isfile(path):
+        raise BackboneError(
+            f"checkpoint '{path}' does not exist; pass the student.pt that distill.py wrote or "
+            f"the authors' released .pth / .ckpt."
+        )
+    ckpt = _read_torch_file(path)
+    fmt = checkpoint_format(ckpt)
+    if fmt == "state-dict":
+        raise BackboneError(
+            f"'{path}' is a plain state dict without the authors' '{AUTHORS_PTH_PREFIX}' prefix "
+            f"(e.g. {_few(list(ckpt))}); pass pre-trained open_clip weights with --pretrained."
+        )
+    if fmt == "unknown":
+        raise BackboneError(
+            f"'{path}' is not a SPAR student checkpoint (no '{CHECKPOINT_FORMAT}' format tag, no "
+            f"'{AUTHORS_PTH_PREFIX}*' state dict, no Lightning 'state_dict'); pass the student.pt "
+            f"that distill.py wrote or the authors' released .pth / .ckpt."
+        )
+    if fmt == "ours":
+        if ckpt.get("backbone") != backbone.name:
+            raise BackboneError(
+                f"checkpoint '{path}' was distilled from backbone '{ckpt.get('backbone')}', not "
+                f"'{backbone.name}'; pass --backbone {ckpt.get('backbone')}."
+            )
+        module, state = backbone.image_tower(), ckpt.get("image_tower")
+        if not _is_state_dict(state):
+            raise BackboneError(
+                f"checkpoint '{path}' is {FORMAT_NAMES[fmt]} but its 'image_tower' is not a "
+                f"state dict of tensors; the file is damaged."
+            )
+    else:
+        if fmt == "authors-ckpt" and not any(k.startswith(AUTHORS_CKPT_PREFIX) for k in ckpt["state_dict"]):
+            raise BackboneError(
+                f"'{path}' holds a Lightning 'state_dict' but no '{AUTHORS_CKPT_PREFIX}*' keys "
+                f"(e.g. {_few(list(ckpt['state_dict']))}); it is not an authors' SPAR checkpoint."
+            )
+        module, state = backbone.model, _authors_state(ckpt, fmt)
+    problem = _state_mismatch(module.state_dict(), state)  # validate everything before assigning anything
+    if problem:
+        raise BackboneError(
+            f"'{path}' is {FORMAT_NAMES[fmt]} but does not fit {backbone.name} (open_clip "
+            f"{backbone.source}): {problem}"
+            f"{_guess_hint(state if fmt != 'ours' else {}, backbone.name)}."
+        )
+    module.load_state_dict(state, strict=True)
+    return ckpt.get("settings", {}) if fmt == "ours" else {}
+
+
+def save_student(path: str, backbone, settings: dict):
+    """Our student checkpoint (the reader is `load_checkpoint`): the image tower's weights and the run's settings."""
+    tower = backbone.image_tower()
+    save_torch(
+        path,
+        dict(
+            format=CHECKPOINT_FORMAT,
+            backbone=backbone.name,
+            settings=settings,
+            image_tower={k: v.detach().cpu() for k, v in tower.state_dict().items()},
+        ),
+    )
+
+
+def load_state_dict_file(model: nn.Module, path: str, name: str):
+    """A plain state dict of the whole open_clip model (or {"state_dict": ...}), e.g. `tiny` weights, strictly."""
+    if not os.path.isfile(path):
+        raise BackboneError(f"cannot load {name}: weights file '{path}' does not exist.")
+    state = _read_torch_file(path, "weights file")
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not _is_state_dict(state):
+        raise BackboneError(
+            f"cannot load {name}: '{path}' does not match its architecture (it is not a state dict of tensors)."
+        )
+    problem = _state_mismatch(model.state_dict(), state)
+    if problem:
+        raise BackboneError(
+            f"cannot load {name}: '{path}' does not match its architecture ({problem}{_guess_hint(state, name)})."
+        )
+    model.load_state_dict(state)
