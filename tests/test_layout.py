@@ -35,6 +35,7 @@ ORDER = [
     "pictures",
     "segment",
     "evaluate",
+    "runfolder",
     "distill",
     "bench",
     "reproduce",
