@@ -133,7 +133,7 @@ def check_numbers(rules, error=UserError):
         elif rule in ("finite>0", "finite>=0"):
             ok = math.isfinite(value) and (value > 0 or (rule == "finite>=0" and value == 0))
             if not ok:
-                raise error(f"{flag} must be a finite number {rule[6:]}, not {value}.")
+                raise error(f"{flag} must be a finite number {'> 0' if rule == 'finite>0' else '>= 0'}, not {value}.")
         elif rule == "0..1":
             if not 0 <= value <= 1:
                 raise error(f"{flag} must be between 0 and 1, got {value}.")
