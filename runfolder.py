@@ -80,14 +80,16 @@ def flag(default, help: str, **argparse_options):
 
 
 def add_flags(parser: argparse.ArgumentParser, flags):
-    """One --flag-name per field of the dataclass `flags` (bool: a switch; int / float / str: typed, `flag`'s
-    default and help)."""
+    """One --flag-name per field of the dataclass `flags`, with `flag`'s default and help (bool: a switch;
+    int, float: typed; str: as given)."""
     for f in fields(flags):
         kind = f.type.split(" |")[0]  # "int | None" -> int
         if kind == "bool":
             options = dict(action="store_true")
-        else:
-            options = dict(type={"int": int, "float": float}.get(kind, str), default=f.default)
+        elif kind in ("int", "float"):
+            options = dict(type=int if kind == "int" else float, default=f.default)
+        else:  # str: argparse's own
+            options = dict(default=f.default)
         parser.add_argument("--" + f.name.replace("_", "-"), **options, **f.metadata)
 
 
