@@ -21,6 +21,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import distill  # noqa: E402
+import runfolder  # noqa: E402
 import student  # noqa: E402
 import teacher  # noqa: E402
 
@@ -122,13 +123,13 @@ def test_read_image_converts_every_mode_to_rgb8(tmp_path):
     Image.new("RGB", (50, 40), (10, 200, 30)).convert("P").save(tmp_path / "pal.gif")
     Image.new("CMYK", (50, 40), (0, 0, 0, 0)).save(tmp_path / "cmyk.jpg")
 
-    a = np.asarray(distill.read_image(str(tmp_path / "g16.png")))
+    a = np.asarray(runfolder.read_image(str(tmp_path / "g16.png")))
     assert a.shape == (40, 50, 3) and a[0, -1, 0] == 255 and a[0, 0, 0] == 128  # rescaled, not clipped
-    a = np.asarray(distill.read_image(str(tmp_path / "rgba.png")))
+    a = np.asarray(runfolder.read_image(str(tmp_path / "rgba.png")))
     assert tuple(a[0, 0]) == (200, 0, 0) and tuple(a[-1, 0]) == (255, 255, 255)  # alpha put on white
-    assert tuple(np.asarray(distill.read_image(str(tmp_path / "gray.png")))[0, 0]) == (77, 77, 77)
+    assert tuple(np.asarray(runfolder.read_image(str(tmp_path / "gray.png")))[0, 0]) == (77, 77, 77)
     for name in ("pal.gif", "cmyk.jpg"):
-        assert distill.read_image(str(tmp_path / name)).mode == "RGB"
+        assert runfolder.read_image(str(tmp_path / name)).mode == "RGB"
 
 
 def test_read_image_skips_unusable_files_with_a_reason(tmp_path):
@@ -141,7 +142,7 @@ def test_read_image_skips_unusable_files_with_a_reason(tmp_path):
     reasons = {}
     for name in ("empty.png", "noise.jpg", "cut.jpg", "dot.png", "strip.png"):
         with pytest.raises(distill.ImageSkip) as exc:
-            distill.read_image(str(tmp_path / name))
+            runfolder.read_image(str(tmp_path / name))
         reasons[name] = str(exc.value)
     assert "cannot read" in reasons["noise.jpg"] and "cannot read" in reasons["cut.jpg"]
     assert "patch" in reasons["dot.png"] and "aspect" in reasons["strip.png"]

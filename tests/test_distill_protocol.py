@@ -21,6 +21,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import distill  # noqa: E402
+import files  # noqa: E402
+import runfolder  # noqa: E402
 import student  # noqa: E402
 
 
@@ -179,7 +181,7 @@ def test_file_order_sorts_numbers_by_value(tmp_path):
     for n in names:
         (tmp_path / n).parent.mkdir(exist_ok=True)
         (tmp_path / n).write_bytes(b"")
-    assert distill.list_images(str(tmp_path)) == [
+    assert files.list_images(str(tmp_path)) == [
         "b.png",
         "sa_1.jpg",
         "sa_2.jpg",
@@ -189,7 +191,7 @@ def test_file_order_sorts_numbers_by_value(tmp_path):
         "x/sa_3.jpg",
     ]
     args = SimpleNamespace(images=str(tmp_path), heldout=None, num_heldout=1, max_images=3)
-    _, train, _, held = distill.split_images(args)
+    _, train, _, held = runfolder.split_images(args)
     assert train == ["b.png", "sa_1.jpg", "sa_2.jpg"] and held == ["x/sa_3.jpg"]  # --max-images: the first N
 
 
@@ -320,20 +322,20 @@ def test_train_blocks_is_a_deprecated_alias():
 
 def test_precision_defaults_and_target_dtype(tiny, monkeypatch):
     args = distill.build_parser().parse_args(["--backbone", "tiny", "--device", "cpu"])
-    distill.setup_device(distill.resolve_args(args))
+    runfolder.setup_device(distill.resolve_args(args))
     assert args.precision == "fp32" and args.target_dtype == "fp16" and args.batch_size == 2
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # what a GPU machine would choose
     args = distill.build_parser().parse_args(["--backbone", "tiny", "--device", "cuda"])
     args = distill.resolve_args(args)
     args.workers = 0
-    distill.setup_device(args)
+    runfolder.setup_device(args)
     assert args.precision == "fp16"
     monkeypatch.setenv("WORLD_SIZE", "2")  # global batch 3 on 2 processes
     args = distill.resolve_args(
         distill.build_parser().parse_args(["--backbone", "tiny", "--device", "cpu", "--batch-size", "3"])
     )
     with pytest.raises(distill.DistillError, match="divide"):
-        distill.setup_device(args)
+        runfolder.setup_device(args)
 
 
 def test_targets_are_cached_in_fp16_or_fp32(tiny, tmp_path):
@@ -347,5 +349,5 @@ def test_targets_are_cached_in_fp16_or_fp32(tiny, tmp_path):
     torch.testing.assert_close(half.float(), full, rtol=1e-3, atol=1e-4)
     a = SimpleNamespace(pretrained=None, stride=32, precision="fp32", target_dtype="fp16")
     b = SimpleNamespace(pretrained=None, stride=32, precision="fp32", target_dtype="fp32")
-    assert distill.teacher_key(tiny, a) != distill.teacher_key(tiny, b)  # a changed dtype recomputes the cache
+    assert runfolder.teacher_key(tiny, a) != runfolder.teacher_key(tiny, b)  # a changed dtype recomputes the cache
     assert F.mse_loss(half.float(), full).item() < 1e-8
