@@ -7,8 +7,9 @@
 * `save_student`      -- our format, written atomically: {"format": "spar-student", "backbone", "settings",
                          "image_tower"};
 * `load_state_dict_file` -- a plain open_clip state dict (`--pretrained PATH`, e.g. the `tiny` miniature weights);
-* `open_clip_model`   -- the pre-trained weights of a backbone: downloaded through open_clip (cached), a local file
-                         or random; the offline `tiny` model built and seeded here; `tokenizer_factory` likewise;
+* `BACKBONES`         -- where each backbone's pre-trained weights, input statistics and tokenizer come from;
+* `open_clip_model`   -- those weights: downloaded through open_clip (cached), a local file or random; the offline
+                         `tiny` model is built and seeded here; `tokenizer_factory` loads the text tokenizer;
 * `BackboneError`     -- a backbone or its weights could not be built or loaded (one sentence: what, why, what to do).
 """
 
