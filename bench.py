@@ -37,8 +37,9 @@ import time
 import torch
 import torch.nn.functional as F
 
-from files import DeviceError, WriteError, atomic_write, check_writable, parse_size, resolve_device, write_json
-from student import BACKBONES, autocast, load_backbone_or_exit, synchronize
+from cli import UserError, main_guard, parse_size, resolve_device
+from files import atomic_write, check_writable, write_json
+from student import BACKBONES, autocast, load_backbone, synchronize
 from teacher import Teacher, default_batch_size
 
 GiB = 2**30
@@ -147,9 +148,9 @@ def bare_trunk(backbone):
     import timm
 
     if backbone.name == "tiny":
-        from student import _register_tiny_timm_model
+        from checkpoints import register_tiny_timm_model
 
-        _register_tiny_timm_model()
+        register_tiny_timm_model()
         arch = "spar_tiny_siglip"
     else:
         import open_clip
@@ -294,6 +295,13 @@ def model_only(backbone, n: int, batch: int):
     return call
 
 
+def teacher_row(s, size, te, mo, n, flops, **kw) -> dict:
+    """One "teacher s=... vs model-only" row, measured or (extrapolated=True) estimated."""
+    return row(
+        f"teacher s={s} vs model-only", size, te, mo, windows=n, target=f"<= {TARGETS['teacher']}x", flops=flops, **kw
+    )
+
+
 def bench_teacher(backbone, sizes, strides, dense_s, args) -> list:
     """(2) teacher vs model-only at every size and stride, (3) speed-up of the single pass over stride 24."""
     dev, K, rows, batch = backbone.device, backbone.window, [], args.batch_size
@@ -321,36 +329,13 @@ def bench_teacher(backbone, sizes, strides, dense_s, args) -> list:
                 note = f"model-only = {n} windows x {per_window * 1e3:.1f} ms; " + (
                     f"teacher = that x the s={s} overhead at a smaller size" if ratio else "teacher not run"
                 )
-                rows.append(
-                    row(
-                        f"teacher s={s} vs model-only",
-                        (H, W),
-                        te,
-                        mo,
-                        windows=n,
-                        extrapolated=True,
-                        target=f"<= {TARGETS['teacher']}x",
-                        note=note,
-                        flops=fl,
-                    )
-                )
+                rows.append(teacher_row(s, (H, W), te, mo, n, fl, extrapolated=True, note=note))
             else:
                 x = backbone.normalize(torch.rand(1, 3, H, W, device=dev))
                 te, mo = measure(
                     [lambda: teacher(x), model_only(backbone, n, batch)], dev, args.warmup, args.reps, args.budget
                 )
-                rows.append(
-                    row(
-                        f"teacher s={s} vs model-only",
-                        (H, W),
-                        te,
-                        mo,
-                        windows=n,
-                        target=f"<= {TARGETS['teacher']}x",
-                        note=f"batch {batch}",
-                        flops=fl,
-                    )
-                )
+                rows.append(teacher_row(s, (H, W), te, mo, n, fl, note=f"batch {batch}"))
                 overhead[s] = rows[-1]["ratio"]
                 done_windows, done_seconds = done_windows + n, done_seconds + mo["seconds"]
                 del x
@@ -485,18 +470,26 @@ def verdicts(rows, meta) -> list:
             r["ratio"] <= TARGETS["train"],
             f"worst: {r['what'].split(' vs')[0]}",
         )
-    rs = [r for r in rows if r["what"].startswith("single pass: dense") and r["size"] == "%dx%d" % MEM_SIZE]
-    if rs and rs[0]["ours_peak_bytes"] is not None:
-        total = meta["image_tower_bytes"] + 3 * MEM_SIZE[0] * MEM_SIZE[1] * 4 + rs[0]["ours_peak_bytes"]
-        add(
-            f"single pass at 4096x4096 fits in {TARGETS['mem_gib']:g} GiB",
-            total / GiB,
-            total / GiB <= TARGETS["mem_gib"],
-            f"image-tower weights {meta['image_tower_bytes'] / GiB:.2f} + fp32 input "
-            f"{3 * MEM_SIZE[0] * MEM_SIZE[1] * 4 / GiB:.2f} + peak activations "
-            f"{rs[0]['ours_peak_bytes'] / GiB:.2f} GiB",
-        )
+    memory = memory_verdict(rows, meta)
+    if memory:
+        out.append(memory)
     return out
+
+
+def memory_verdict(rows, meta) -> dict | None:
+    """The single pass at 4096 x 4096: image-tower weights + fp32 input + peak activations vs the memory target."""
+    rs = [r for r in rows if r["what"].startswith("single pass: dense") and r["size"] == "%dx%d" % MEM_SIZE]
+    if not rs or rs[0]["ours_peak_bytes"] is None:
+        return None
+    total = meta["image_tower_bytes"] + 3 * MEM_SIZE[0] * MEM_SIZE[1] * 4 + rs[0]["ours_peak_bytes"]
+    return dict(
+        target=f"single pass at 4096x4096 fits in {TARGETS['mem_gib']:g} GiB",
+        value=total / GiB,
+        met=total / GiB <= TARGETS["mem_gib"],
+        detail=f"image-tower weights {meta['image_tower_bytes'] / GiB:.2f} + fp32 input "
+        f"{3 * MEM_SIZE[0] * MEM_SIZE[1] * 4 / GiB:.2f} + peak activations "
+        f"{rs[0]['ours_peak_bytes'] / GiB:.2f} GiB",
+    )
 
 
 def fmt_time(s):
@@ -579,10 +572,10 @@ def cpu_name() -> str:
 
 
 def parse_sizes(text: str, flag: str = "--sizes") -> list[tuple[int, int]]:
-    """'512x512,1024x2048' -> [(512, 512), (1024, 2048)]; ValueError with one sentence otherwise."""
+    """'512x512,1024x2048' -> [(512, 512), (1024, 2048)]; UserError with one sentence otherwise."""
     sizes = [parse_size(s, f"each size in {flag}") for s in text.split(",") if s.strip()]
     if not sizes:
-        raise ValueError(f"{flag} wants HxW[,HxW...], got '{text}'.")
+        raise UserError(f"{flag} wants HxW[,HxW...], got '{text}'.")
     return sizes
 
 
@@ -591,31 +584,27 @@ def parse_strides(text: str) -> list[int]:
     try:
         strides = [int(s) for s in text.split(",") if s.strip()]
     except ValueError:
-        raise ValueError(f"--strides wants positive integers like 128,48,24, got '{text}'.") from None
+        raise UserError(f"--strides wants positive integers like 128,48,24, got '{text}'.") from None
     if not strides or min(strides) < 1:
-        raise ValueError(f"--strides wants positive integers like 128,48,24, got '{text}'.")
+        raise UserError(f"--strides wants positive integers like 128,48,24, got '{text}'.")
     return strides
 
 
-def fail(msg: str):
-    print(f"error: {msg}", file=sys.stderr)
-    sys.exit(2)
+def defaults_flags(d: dict) -> str:
+    """One device's defaults as the flags that would set them, for --help."""
+    return (
+        f"--backbone {d['backbone']} --sizes {d['sizes']} --strides {d['strides']} --train-size {d['train_size']} "
+        f"--warmup {d['warmup']} --reps {d['reps']} --budget {d['budget']:g} --max-call {d['max_call']:g}"
+    )
 
 
 def build_parser(device_default: str) -> argparse.ArgumentParser:
     d = DEFAULTS["cuda" if device_default.startswith("cuda") else "cpu"]
-    cpu = DEFAULTS["cpu"]
     p = argparse.ArgumentParser(
         description="Speed and memory of the single pass (E3) vs the sliding-window teacher (E1-E2) and of one "
         "distillation step (E4), each against a bare reference, measured in one run. "
-        f"CPU defaults: --backbone {cpu['backbone']} --sizes {cpu['sizes']} --strides {cpu['strides']} "
-        f"--train-size {cpu['train_size']} --warmup {cpu['warmup']} --reps {cpu['reps']} "
-        f"--budget {cpu['budget']:g} --max-call {cpu['max_call']:g} (a few minutes on 2 cores). "
-        f"GPU defaults: --backbone "
-        f"{DEFAULTS['cuda']['backbone']} --sizes {DEFAULTS['cuda']['sizes']} --strides "
-        f"{DEFAULTS['cuda']['strides']} --train-size {DEFAULTS['cuda']['train_size']} --warmup "
-        f"{DEFAULTS['cuda']['warmup']} --reps {DEFAULTS['cuda']['reps']} --budget {DEFAULTS['cuda']['budget']:g} "
-        f"--max-call {DEFAULTS['cuda']['max_call']:g}."
+        f"CPU defaults: {defaults_flags(DEFAULTS['cpu'])} (a few minutes on 2 cores). "
+        f"GPU defaults: {defaults_flags(DEFAULTS['cuda'])}."
     )
     p.add_argument("--device", default=device_default)
     p.add_argument("--backbone", default=None, help=f"one of {', '.join(BACKBONES)} (default: per device, above)")
@@ -668,32 +657,25 @@ def build_parser(device_default: str) -> argparse.ArgumentParser:
     return p
 
 
-def main(argv=None):
-    dev_default = "cuda" if torch.cuda.is_available() else "cpu"
-    device = build_parser(dev_default).parse_known_args(argv)[0].device
-    args = build_parser(device).parse_args(argv)
-    try:
-        d = DEFAULTS["cuda" if resolve_device(args.device).type == "cuda" else "cpu"]
-        for k, v in d.items():
-            if getattr(args, k) is None:
-                setattr(args, k, v)
-        sizes, strides = parse_sizes(args.sizes), parse_strides(args.strides)
-        train_size = parse_sizes(args.train_size, "--train-size")[0]
-        for path in (args.json, args.markdown):
-            if path:
-                check_writable(path)  # before the minutes of measuring, not after
-    except (DeviceError, ValueError, WriteError) as exc:
-        fail(str(exc))
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    backbone = load_backbone_or_exit(args)
-    if max(strides) > backbone.window and not args.no_teacher:
-        fail(f"--strides must be at most the {backbone.window} px window of {backbone.name}, got {max(strides)}.")
-    ref = bare_trunk(backbone)
+def settle_args(args) -> tuple[list, list, tuple[int, int]]:
+    """Fill the per-device defaults into `args`; the sizes, strides and training size, checked; outputs writable."""
+    d = DEFAULTS["cuda" if resolve_device(args.device).type == "cuda" else "cpu"]
+    for k, v in d.items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    sizes, strides = parse_sizes(args.sizes), parse_strides(args.strides)
+    train_size = parse_sizes(args.train_size, "--train-size")[0]
+    for path in (args.json, args.markdown):
+        if path:
+            check_writable(path)  # before the minutes of measuring, not after
+    return sizes, strides, train_size
+
+
+def run_meta(backbone, ref, args, argv) -> dict:
+    """The header of the results: machine, versions, settings."""
     dev = backbone.device
     cuda = dev.type == "cuda"
-    args.batch_size = args.batch_size or default_batch_size(backbone, dev)  # once: free memory changes later
-    meta = dict(
+    return dict(
         backbone=backbone.name,
         pretrained=str(args.pretrained),
         window=backbone.window,
@@ -711,6 +693,23 @@ def main(argv=None):
         sdpa=getattr(backbone.blocks[0].attn, "fused_attn", None) if ref is not None else None,
         argv=sys.argv[1:] if argv is None else list(argv),
     )
+
+
+def _run(argv):
+    dev_default = "cuda" if torch.cuda.is_available() else "cpu"
+    device = build_parser(dev_default).parse_known_args(argv)[0].device
+    args = build_parser(device).parse_args(argv)
+    sizes, strides, train_size = settle_args(args)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    backbone = load_backbone(args.backbone, args.pretrained, args.device)
+    if max(strides) > backbone.window and not args.no_teacher:
+        raise UserError(
+            f"--strides must be at most the {backbone.window} px window of {backbone.name}, got {max(strides)}."
+        )
+    ref = bare_trunk(backbone)
+    args.batch_size = args.batch_size or default_batch_size(backbone, backbone.device)  # once: free memory changes
+    meta = run_meta(backbone, ref, args, argv)
     print(describe(meta), flush=True)
     if ref is not None:
         K = backbone.window
@@ -732,6 +731,10 @@ def main(argv=None):
     if not args.no_train:
         rows += bench_train(backbone, ref, train_size, args)
     return report(rows, meta, args, time.perf_counter() - t0, final=True)
+
+
+def main(argv=None):
+    return main_guard(_run, argv)
 
 
 def report(rows, meta, args, seconds, final: bool) -> dict:
@@ -758,13 +761,10 @@ def report(rows, meta, args, seconds, final: bool) -> dict:
     )
     if final:
         print("\n" + text, flush=True)
-    try:
-        if args.markdown:
-            atomic_write(args.markdown, lambda f: f.write(text.encode()))
-        if args.json:
-            write_json(args.json, dict(meta=meta, rows=rows, targets=checks))
-    except WriteError as exc:
-        fail(str(exc))
+    if args.markdown:  # a WriteError is one `error:` line (main_guard)
+        atomic_write(args.markdown, lambda f: f.write(text.encode()))
+    if args.json:
+        write_json(args.json, dict(meta=meta, rows=rows, targets=checks))
     return dict(meta=meta, rows=rows, targets=checks)
 
 

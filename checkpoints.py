@@ -7,12 +7,19 @@
 * `save_student`      -- our format, written atomically: {"format": "spar-student", "backbone", "settings",
                          "image_tower"};
 * `load_state_dict_file` -- a plain open_clip state dict (`--pretrained PATH`, e.g. the `tiny` miniature weights);
+* `BACKBONES`         -- where each backbone's pre-trained weights, input statistics and tokenizer come from;
+* `open_clip_model`   -- those weights: downloaded through open_clip (cached), a local file or random; the offline
+                         `tiny` model is built and seeded here; `tokenizer_factory` loads the text tokenizer;
 * `BackboneError`     -- a backbone or its weights could not be built or loaded (one sentence: what, why, what to do).
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import logging
 import os
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -233,3 +240,169 @@ def load_state_dict_file(model: nn.Module, path: str, name: str):
             f"cannot load {name}: '{path}' does not match its architecture ({problem}{_guess_hint(state, name)})."
         )
     model.load_state_dict(state)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Pre-trained weights: open_clip downloads (cached), local files, the offline `tiny` model
+# ----------------------------------------------------------------------------------------------------------------
+
+OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
+SIGLIP_MEAN = (0.5, 0.5, 0.5)
+SIGLIP_STD = (0.5, 0.5, 0.5)
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    """Where a backbone's weights, input statistics and tokenizer come from; `window` is K, its native resolution."""
+
+    name: str
+    kind: str  # "siglip" | "openclip"
+    openclip_name: str  # open_clip architecture name (offline config)
+    hub_name: str | None  # what `pretrained="default"` downloads
+    pretrained_tag: str | None
+    window: int
+    mean: tuple
+    std: tuple
+    tokenizer_name: str
+
+
+BACKBONES = {
+    "siglip2-b16": BackboneSpec(
+        "siglip2-b16",
+        "siglip",
+        "ViT-B-16-SigLIP2-512",
+        "hf-hub:timm/ViT-B-16-SigLIP2-512",
+        None,
+        512,
+        SIGLIP_MEAN,
+        SIGLIP_STD,
+        "hf-hub:timm/ViT-B-16-SigLIP2-512",
+    ),
+    "clip-b16": BackboneSpec(
+        "clip-b16", "openclip", "ViT-B-16", None, "laion2b_s34b_b88k", 224, OPENAI_MEAN, OPENAI_STD, "ViT-B-16"
+    ),
+    "tiny": BackboneSpec("tiny", "siglip", "spar-tiny", None, None, 128, SIGLIP_MEAN, SIGLIP_STD, "ViT-B-16"),
+}
+
+
+# `tiny`: the SigLIP2 structure (timm ViT trunk without CLS, attention-pool head, CLIP-style text tower) at a
+# size that runs in milliseconds on a laptop CPU.  Random weights, seeded, so every run builds the same model.
+TINY = dict(window=128, patch=16, width=128, depth=4, heads=4, text_width=128, text_layers=2, text_heads=4, seed=0)
+
+
+def register_tiny_timm_model():
+    """Register the tiny trunk with timm so that open_clip's TimmModel can build it like the real SigLIP2."""
+    import timm
+    from timm.models import register_model
+    from timm.models.vision_transformer import VisionTransformer
+
+    if "spar_tiny_siglip" in timm.list_models("spar_tiny_siglip"):
+        return
+
+    @register_model
+    def spar_tiny_siglip(pretrained=False, **kwargs):
+        args = dict(
+            img_size=TINY["window"],
+            patch_size=TINY["patch"],
+            embed_dim=TINY["width"],
+            depth=TINY["depth"],
+            num_heads=TINY["heads"],
+            class_token=False,
+            global_pool="map",
+        )
+        args.update({k: v for k, v in kwargs.items() if not k.startswith(("pretrained", "cache"))})
+        return VisionTransformer(**args)
+
+
+def _build_tiny():
+    from open_clip.model import CustomTextCLIP
+
+    register_tiny_timm_model()
+    vision_cfg = dict(
+        image_size=TINY["window"],
+        timm_model_name="spar_tiny_siglip",
+        timm_model_pretrained=False,
+        timm_pool="map",
+        timm_proj="none",
+    )
+    text_cfg = dict(
+        context_length=77,
+        vocab_size=49408,
+        width=TINY["text_width"],
+        heads=TINY["text_heads"],
+        layers=TINY["text_layers"],
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(TINY["seed"])
+        model = CustomTextCLIP(embed_dim=TINY["width"], vision_cfg=vision_cfg, text_cfg=text_cfg)
+    return model
+
+
+@contextlib.contextmanager
+def _quiet_logging():
+    """open_clip / huggingface_hub log every failed download at length; we report it in one sentence instead."""
+    logging.disable(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logging.disable(logging.NOTSET)
+
+
+def open_clip_model(spec: BackboneSpec, pretrained):
+    """The open_clip model of a backbone, in eval mode and frozen: pre-trained weights ("default": downloaded,
+    cached), a local weights file, or random (None or "none"); `tiny` is built offline."""
+    return _open_clip_model(spec, pretrained).eval().requires_grad_(False)
+
+
+def _open_clip_model(spec: BackboneSpec, pretrained):
+    import open_clip
+
+    if isinstance(pretrained, str) and pretrained.lower() == "none":
+        pretrained = None
+    if spec.name == "tiny":
+        model = _build_tiny()
+        if pretrained not in (None, "default"):
+            load_state_dict_file(model, pretrained, spec.name)
+        return model
+    if pretrained is None:
+        with _quiet_logging():  # silence open_clip's "initialized randomly" warning: we asked for it
+            return open_clip.create_model(spec.openclip_name, pretrained=None)
+    if pretrained != "default":
+        if not os.path.isfile(pretrained):
+            raise BackboneError(
+                f"cannot load {spec.name}: weights file '{pretrained}' does not exist; "
+                f"pass an existing open_clip checkpoint path, 'default' to download, or None."
+            )
+        return open_clip.create_model(spec.openclip_name, pretrained=pretrained)
+    try:
+        with _quiet_logging():
+            if spec.hub_name is not None:
+                return open_clip.create_model(spec.hub_name)
+            return open_clip.create_model(spec.openclip_name, pretrained=spec.pretrained_tag)
+    except Exception as exc:  # network, missing package, corrupt cache ... -> one clear sentence
+        source = spec.hub_name or f"{spec.openclip_name}/{spec.pretrained_tag}"
+        raise BackboneError(
+            f"cannot download the {spec.name} weights ({source}) through open_clip ({friendly(exc)}); "
+            f"connect to the internet once (the files are cached), or pass a local weights file with "
+            f"--pretrained PATH, or use --pretrained none / --backbone tiny to work offline."
+        ) from exc
+
+
+def tokenizer_factory(spec: BackboneSpec):
+    """A function that loads the text tokenizer of a backbone when it is first called, then returns the same one."""
+
+    @functools.cache
+    def make():
+        import open_clip
+
+        try:
+            with _quiet_logging():
+                return open_clip.get_tokenizer(spec.tokenizer_name)
+        except Exception as exc:
+            raise BackboneError(
+                f"cannot load the {spec.name} text tokenizer ({spec.tokenizer_name}) ({friendly(exc)}); it needs "
+                f"the `transformers` package and one download from the Hugging Face hub (then cached)."
+            ) from exc
+
+    return make

@@ -4,15 +4,14 @@
     (E2)  F_T = resize_{h x w}( sum_w place_w(up_r(F_w)) / sum_w place_w(1) )
 
 * `window_starts`     -- starts(L): 0, s, 2s, ... <= L-K, plus a last window at L-K (no padding);
-* `sub_patch_factor`  -- r: window offsets that are not multiples of p land on a grid of p/r-pixel cells;
-* `Stitcher`          -- streams batches of window maps into a canvas (sum + coverage count) with one
-                         `index_add_` per batch: no Python loop over windows or pixels;
+* `sub_patch_factor`  -- r: window maps are upsampled x r, so a window that starts half a patch in lands exactly
+                         on the grid of p/r-pixel cells;
+* `Stitcher`          -- streams batches of window maps into a canvas (sum + coverage count), one `index_add_`
+                         per batch: no Python loop over windows or pixels;
 * `stitch`            -- the one-shot version of the same, handy for tests and assignments.
 
 Run `python stitch.py --height 1024 --width 2048` to print the window grid the paper's teacher uses.
 """
-
-from __future__ import annotations
 
 import argparse
 import math
@@ -20,19 +19,15 @@ import math
 import torch
 import torch.nn.functional as F
 
+from cli import UserError, main_guard
+
 
 def window_starts(length: int, window: int, stride: int) -> list[int]:
-    """(E1) starts(L): 0, s, 2s, ... <= L - K, plus a final window at L - K when the last start is not L - K.
-
-    A side shorter than the window has no valid start; the teacher pads such images up to K first.
-    """
+    """(E1) starts(L): 0, s, 2s, ... <= L - K, plus a final window at L - K when the last start is not L - K."""
     if stride <= 0 or window <= 0:
-        raise ValueError(f"window ({window}) and stride ({stride}) must be positive")
+        raise UserError(f"window ({window}) and stride ({stride}) must be positive")
     if length < window:
-        raise ValueError(
-            f"side of {length} px is shorter than the {window} px window; pad the image to the "
-            f"window first (Teacher does this)"
-        )
+        raise UserError(f"side of {length} px is shorter than the {window} px window; pad the image to K first")
     # ASSIGNMENT 1 BEGIN: the window starts along one side (E1)
     starts = list(range(0, length - window + 1, stride))
     if starts[-1] != length - window:
@@ -49,10 +44,7 @@ def window_grid(height: int, width: int, window: int, stride: int) -> list[tuple
 
 
 def sub_patch_factor(stride: int, patch: int) -> int:
-    """Smallest r dividing p such that every stride is a multiple of the p/r-pixel cell (r = 2 for s = 24, p = 16).
-
-    Window maps are upsampled x r so a window that starts half a patch in lands exactly on the finer grid.
-    """
+    """Smallest r dividing p such that every stride is a multiple of the p/r-pixel cell (r = 2 for s = 24, p = 16)."""
     # ASSIGNMENT 2 BEGIN: the sub-patch factor r (E2)
     for r in range(1, patch + 1):
         if patch % r == 0 and stride % (patch // r) == 0:
@@ -118,23 +110,18 @@ def stitch(
     """
     H, W = image_hw
     if H % patch or W % patch:
-        raise ValueError(f"image {H}x{W} must be a multiple of the {patch} px patch; pad it first")
+        raise UserError(f"image {H}x{W} must be a multiple of the {patch} px patch; pad it first")
     r = sub_patch_factor(stride, patch)
     cell = patch // r
     starts = torch.tensor(starts_px, device=window_feats.device)
     if (starts % cell).any():
-        raise ValueError(f"window starts must be multiples of {cell} px for stride {stride}")
+        raise UserError(f"window starts must be multiples of {cell} px for stride {stride}")
     st = Stitcher(1, (H // cell, W // cell), window_feats.shape[-1], r, device=window_feats.device)
-    st.add(
-        window_feats,
-        torch.zeros(len(starts), dtype=torch.long, device=window_feats.device),
-        starts[:, 0] // cell,
-        starts[:, 1] // cell,
-    )
-    return st.result((H // patch, W // patch))[0]
+    st.add(window_feats, torch.zeros_like(starts[:, 0]), *(starts // cell).T)  # (E2) sum_w place_w(up_r(F_w))
+    return st.result((H // patch, W // patch))[0]  # (E2) / sum_w place_w(1), resize_{h x w}
 
 
-def main(argv=None):
+def _run(argv):
     parser = argparse.ArgumentParser(
         description="Print the teacher's window grid (E1) and stitching canvas (E2) for an image size."
     )
@@ -145,9 +132,8 @@ def main(argv=None):
     parser.add_argument("--patch", type=int, default=16, help="p")
     args = parser.parse_args(argv)
     p, K, s = args.patch, args.window, args.stride
-    H = max(K, math.ceil(args.height / p) * p)
-    W = max(K, math.ceil(args.width / p) * p)
-    ys, xs = window_starts(H, K, s), window_starts(W, K, s)
+    H, W = (max(K, math.ceil(side / p) * p) for side in (args.height, args.width))  # the grid, at least K
+    ys, xs = window_starts(H, K, s), window_starts(W, K, s)  # (E1)
     r = sub_patch_factor(s, p)
     print(f"image {args.height}x{args.width} -> padded to {H}x{W} (multiple of p={p}, at least K={K})")
     print(f"window K={K}, stride s={s}: {len(ys)} x {len(xs)} = {len(ys) * len(xs)} windows")
@@ -157,12 +143,16 @@ def main(argv=None):
         f"sub-patch factor r={r}: canvas of {p // r} px cells, {H * r // p} x {W * r // p}; "
         f"each window map {K // p}x{K // p} -> {K * r // p}x{K * r // p}"
     )
-    cover = torch.zeros(H * r // p, W * r // p)
-    for y in ys:
-        for x in xs:
-            cover[y * r // p : (y + K) * r // p, x * r // p : (x + K) * r // p] += 1
+    corners = torch.tensor(window_grid(H, W, K, s)) * r // p  # (E1) in cells
+    canvas = Stitcher(1, (H * r // p, W * r // p), 1, r)
+    canvas.add(torch.ones(len(corners), K // p, K // p, 1), torch.zeros_like(corners[:, 0]), *corners.T)
+    cover = canvas.count  # (E2) sum_w place_w(1)
     print(f"coverage per cell: min {int(cover.min())}, max {int(cover.max())}, mean {cover.mean():.1f}")
     print(f"output patch grid h x w = {math.ceil(args.height / p)} x {math.ceil(args.width / p)}")
+
+
+def main(argv=None):
+    return main_guard(_run, argv)
 
 
 if __name__ == "__main__":

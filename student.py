@@ -9,46 +9,30 @@ authors' wrapper of each backbone (`Backbone.grid_rule`): SigLIP2 (and `tiny`) z
 ceil(H/p) x ceil(W/p); OpenCLIP crops to the floor grid floor(H/p) x floor(W/p) (the last < p rows/columns are
 not seen).  This file holds:
 
-* `resize_pos_embed`      -- the position-embedding resize of (E3): bicubic, align_corners=False, no antialias;
-                             mode "size" (SigLIP2: an exact identity at the native grid) or "scale+0.1" (the
-                             authors' DINO-style OpenCLIP resize);
-* `Backbone`              -- the common interface (`normalize`, `grid_size`, `fit_to_grid`, `dense`,
-                             `encode_text`, `blocks`, ...);
-* `SigLIPBackbone`        -- timm trunk + attention-pool head; dense head = the pooling head with the attention
-                             removed (value path), as in the paper's SigLIP2 experiments;
-* `OpenCLIPBackbone`      -- OpenCLIP ViT; dense head = MaskCLIP-style value path in the last block;
-* `load_backbone(name)`   -- `siglip2-b16`, `clip-b16` and the offline `tiny` backbone;
-* `load_checkpoint`       -- a distilled student: ours (`distill.py`) or the authors' released `.pth` / `.ckpt`;
-* `autocast`              -- the precision switch every CLI uses ("auto", "fp32", "fp16", "bf16").
+* `resize_pos_embed`  -- (E3): bicubic, mode "size" (SigLIP2: identity at the native grid) or "scale+0.1" (OpenCLIP);
+* `Backbone`          -- the common interface (`normalize`, `grid_size`, `fit_to_grid`, `dense`, `encode_text`, ...);
+* `SigLIPBackbone`    -- dense head = the attention-pool head without its attention (the value path), as in the paper;
+* `OpenCLIPBackbone`  -- dense head = MaskCLIP's value path in the last block;
+* `load_backbone`     -- `siglip2-b16`, `clip-b16`, the offline `tiny` (weights, `load_checkpoint`: checkpoints.py);
+* `autocast`, `timed` -- the precision switch and the timing every CLI uses.
 
 Run `python student.py --backbone tiny` to see the dense-feature shapes and timings at a few resolutions.
 """
 
-from __future__ import annotations
-
 import argparse
 import contextlib
-import logging
 import math
-import os
-import sys
 import time
-from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from checkpoints import BackboneError, friendly, load_checkpoint, load_state_dict_file
-
-OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
-OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
-SIGLIP_MEAN = (0.5, 0.5, 0.5)
-SIGLIP_STD = (0.5, 0.5, 0.5)
-
+from checkpoints import BACKBONES, BackboneError, load_checkpoint, open_clip_model, tokenizer_factory
+from cli import UserError, add_backbone_args, main_guard, parse_size, resolve_device
 
 # ----------------------------------------------------------------------------------------------------------------
-# (E3) position-embedding resize
+# (E3) the single pass: position-embedding resize, the backbone interface, the two dense heads
 # ----------------------------------------------------------------------------------------------------------------
 
 POS_RESIZE_MODES = ("size", "scale+0.1")
@@ -92,71 +76,28 @@ def resize_pos_embed(
     # ASSIGNMENT 3 END
 
 
-def pad_to_multiple(x: torch.Tensor, multiple: int) -> torch.Tensor:
-    """Zero-pad a normalised (B, 3, H, W) batch at the bottom/right so H and W are multiples of `multiple`.
-
-    This is the paper's SigLIP2 convention (ceil grid, `Backbone.grid_rule == "ceil"`).
-    """
-    H, W = x.shape[-2:]
-    ph, pw = (-H) % multiple, (-W) % multiple
-    return F.pad(x, (0, pw, 0, ph)) if (ph or pw) else x
-
-
-PRECISIONS = ("auto", "fp32", "fp16", "bf16")
-
-
-def autocast(device: torch.device | str, precision: str = "auto"):
-    """The mixed-precision context every CLI runs its forward passes in.
-
-    precision "auto": bf16 autocast on GPUs that support it, fp16 on other GPUs;
-              "fp32": no autocast (the authors evaluate in fp32);
-              "fp16" / "bf16": autocast to that dtype on CUDA (the authors train and make teacher targets in fp16).
-    On CPU every precision is a no-op (fp32): CPU half-precision autocast is slow on most CPUs and would make
-    the CPU tests inexact, so it buys nothing here.
-    """
-    if precision not in PRECISIONS:
-        raise ValueError(f"unknown precision '{precision}'; choose one of {', '.join(PRECISIONS)}.")
-    device = torch.device(device)
-    if device.type != "cuda" or precision == "fp32":
-        return contextlib.nullcontext()
-    if precision == "auto":
-        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    else:
-        dtype = torch.float16 if precision == "fp16" else torch.bfloat16
-    return torch.autocast("cuda", dtype=dtype)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# The common interface
-# ----------------------------------------------------------------------------------------------------------------
-
-
 class Backbone(nn.Module):
     """A frozen-or-trainable vision-language ViT that gives dense, text-aligned features at any resolution.
 
-    Attributes: `model` (the open_clip model), `name`, `patch_size` (p), `window` (K, native resolution),
-    `dim` (C), `mean`, `std` (3-tuples), `grid_rule` ("ceil": zero-pad to ceil(H/p) x ceil(W/p); "floor": crop
-    to floor(H/p) x floor(W/p), as the authors' wrapper of each backbone does).  Subclasses implement `dense`
-    and `blocks`.
+    `grid_rule`: "ceil" zero-pads to ceil(H/p) x ceil(W/p), "floor" crops to floor(H/p) x floor(W/p), as the
+    authors' wrapper of each backbone does.  Subclasses implement `dense` and `blocks`.
     """
 
     grid_rule: str = "ceil"
+    patch_size: int = 16  # p, the same for every backbone here
 
-    def __init__(
-        self, model: nn.Module, name: str, patch_size: int, window: int, dim: int, mean, std, tokenizer_factory
-    ):
+    def __init__(self, model: nn.Module, spec, dim: int):
         super().__init__()
-        self.model = model
-        self.name = name
-        self.patch_size = patch_size
-        self.window = window
-        self.dim = dim
-        self.mean = tuple(mean)
-        self.std = tuple(std)
-        self._tokenizer_factory = tokenizer_factory
-        self._tokenizer = None
-        self.register_buffer("_mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("_std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
+        self.model = model  # the open_clip model: image tower `model.visual`, text tower `model.encode_text`
+        self.name = spec.name
+        self.window = spec.window  # K, the native resolution
+        self.dim = dim  # C
+        self.mean = tuple(spec.mean)
+        self.std = tuple(spec.std)
+        self.source = spec.hub_name or spec.openclip_name  # named in the messages of refused checkpoints
+        self._tokenizer = tokenizer_factory(spec)  # loaded on first use, then cached
+        self.register_buffer("_mean", torch.tensor(spec.mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("_std", torch.tensor(spec.std).view(1, 3, 1, 1), persistent=False)
 
     @property
     def native_grid(self) -> tuple[int, int]:
@@ -207,9 +148,7 @@ class Backbone(nn.Module):
 
     @property
     def tokenizer(self):
-        if self._tokenizer is None:
-            self._tokenizer = self._tokenizer_factory()
-        return self._tokenizer
+        return self._tokenizer()
 
     def encode_text(self, texts: list[str], batch_size: int = 256) -> torch.Tensor:
         """Raw (un-normalised) text embeddings, (N, C), in the same space as `dense`."""
@@ -241,8 +180,7 @@ class SigLIPBackbone(Backbone):
         """Trunk output tokens after the final norm: (B, h*w, C) and the grid (h, w)."""
         trunk = self.trunk
         x = self.fit_to_grid(x)  # ceil grid, zero padding
-        # timm's PatchEmbed asserts the native image size, so call its projection directly.
-        x = trunk.patch_embed.proj(x)  # (B, C, h, w)
+        x = trunk.patch_embed.proj(x)  # (B, C, h, w); not patch_embed(x), which asserts the native size
         h, w = x.shape[-2:]
         x = trunk.patch_embed.norm(x.flatten(2).transpose(1, 2))  # (B, h*w, C)
         x = x + resize_pos_embed(trunk.pos_embed, self.native_grid, (h, w)).to(x.dtype)  # (E3)
@@ -261,9 +199,8 @@ class SigLIPBackbone(Backbone):
         # ASSIGNMENT 4 END
 
     def dense(self, x):
-        B = x.shape[0]
         tokens, (h, w) = self.tokens(x)
-        return self.head(tokens).reshape(B, h, w, -1)
+        return self.head(tokens).unflatten(1, (h, w))  # (B, h, w, C)
 
 
 class OpenCLIPBackbone(Backbone):
@@ -297,13 +234,11 @@ class OpenCLIPBackbone(Backbone):
         cls = (vis.class_embedding + pos[0]).to(x.dtype).expand(B, 1, -1)
         x = torch.cat([cls, x + patch_pos.to(x.dtype)], dim=1)  # (B, 1 + h*w, C)
         x = vis.ln_pre(vis.patch_dropout(x))
-        batch_first = getattr(vis.transformer, "batch_first", True)
-        if not batch_first:
-            x = x.transpose(0, 1)
+        seq_first = not getattr(vis.transformer, "batch_first", True)  # an open_clip built sequence-first
+        x = x.transpose(0, 1) if seq_first else x
         for blk in self.blocks[:-1]:
             x = blk(x)
-        if not batch_first:
-            x = x.transpose(0, 1)
+        x = x.transpose(0, 1) if seq_first else x
         x = self._value_block(self.blocks[-1], x)
         x = vis.ln_post(x)
         if vis.proj is not None:
@@ -315,164 +250,14 @@ class OpenCLIPBackbone(Backbone):
         """Last block with self-attention replaced by its value path (MaskCLIP)."""
         attn = blk.attn
         C = x.shape[-1]
-        v = F.linear(
-            blk.ln_1(x),
-            attn.in_proj_weight[2 * C :],
-            attn.in_proj_bias[2 * C :] if attn.in_proj_bias is not None else None,
-        )
+        w, b = attn.in_proj_weight[2 * C :], attn.in_proj_bias  # V: the last third of the in-projection
+        v = F.linear(blk.ln_1(x), w, b[2 * C :] if b is not None else None)
         x = x + blk.ls_1(attn.out_proj(v))
         return x + blk.ls_2(blk.mlp(blk.ln_2(x)))
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Loading
-# ----------------------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class BackboneSpec:
-    name: str
-    kind: str  # "siglip" | "openclip"
-    openclip_name: str  # open_clip architecture name (offline config)
-    hub_name: str | None  # what `pretrained="default"` downloads
-    pretrained_tag: str | None
-    window: int
-    mean: tuple
-    std: tuple
-    tokenizer_name: str
-
-
-BACKBONES = {
-    "siglip2-b16": BackboneSpec(
-        "siglip2-b16",
-        "siglip",
-        "ViT-B-16-SigLIP2-512",
-        "hf-hub:timm/ViT-B-16-SigLIP2-512",
-        None,
-        512,
-        SIGLIP_MEAN,
-        SIGLIP_STD,
-        "hf-hub:timm/ViT-B-16-SigLIP2-512",
-    ),
-    "clip-b16": BackboneSpec(
-        "clip-b16", "openclip", "ViT-B-16", None, "laion2b_s34b_b88k", 224, OPENAI_MEAN, OPENAI_STD, "ViT-B-16"
-    ),
-    "tiny": BackboneSpec("tiny", "siglip", "spar-tiny", None, None, 128, SIGLIP_MEAN, SIGLIP_STD, "ViT-B-16"),
-}
-
-# `tiny`: the SigLIP2 structure (timm ViT trunk without CLS, attention-pool head, CLIP-style text tower) at a
-# size that runs in milliseconds on a laptop CPU.  Random weights, seeded, so every run builds the same model.
-TINY = dict(window=128, patch=16, width=128, depth=4, heads=4, text_width=128, text_layers=2, text_heads=4, seed=0)
-
-
-def _register_tiny_timm_model():
-    """Register the tiny trunk with timm so that open_clip's TimmModel can build it like the real SigLIP2."""
-    import timm
-    from timm.models import register_model
-    from timm.models.vision_transformer import VisionTransformer
-
-    if "spar_tiny_siglip" in timm.list_models("spar_tiny_siglip"):
-        return
-
-    @register_model
-    def spar_tiny_siglip(pretrained=False, **kwargs):
-        args = dict(
-            img_size=TINY["window"],
-            patch_size=TINY["patch"],
-            embed_dim=TINY["width"],
-            depth=TINY["depth"],
-            num_heads=TINY["heads"],
-            class_token=False,
-            global_pool="map",
-        )
-        args.update({k: v for k, v in kwargs.items() if not k.startswith(("pretrained", "cache"))})
-        return VisionTransformer(**args)
-
-
-def _build_tiny():
-    from open_clip.model import CustomTextCLIP
-
-    _register_tiny_timm_model()
-    vision_cfg = dict(
-        image_size=TINY["window"],
-        timm_model_name="spar_tiny_siglip",
-        timm_model_pretrained=False,
-        timm_pool="map",
-        timm_proj="none",
-    )
-    text_cfg = dict(
-        context_length=77,
-        vocab_size=49408,
-        width=TINY["text_width"],
-        heads=TINY["text_heads"],
-        layers=TINY["text_layers"],
-    )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(TINY["seed"])
-        model = CustomTextCLIP(embed_dim=TINY["width"], vision_cfg=vision_cfg, text_cfg=text_cfg)
-    return model
-
-
-@contextlib.contextmanager
-def _quiet_logging():
-    """open_clip / huggingface_hub log every failed download at length; we report it in one sentence instead."""
-    logging.disable(logging.CRITICAL)
-    try:
-        yield
-    finally:
-        logging.disable(logging.NOTSET)
-
-
-def _load_open_clip_model(spec: BackboneSpec, pretrained):
-    import open_clip
-
-    if spec.name == "tiny":
-        model = _build_tiny()
-        if pretrained not in (None, "default"):
-            load_state_dict_file(model, pretrained, spec.name)
-        return model
-    if pretrained is None:
-        with _quiet_logging():  # silence open_clip's "initialized randomly" warning: we asked for it
-            return open_clip.create_model(spec.openclip_name, pretrained=None)
-    if pretrained != "default":
-        if not os.path.isfile(pretrained):
-            raise BackboneError(
-                f"cannot load {spec.name}: weights file '{pretrained}' does not exist; "
-                f"pass an existing open_clip checkpoint path, 'default' to download, or None."
-            )
-        return open_clip.create_model(spec.openclip_name, pretrained=pretrained)
-    try:
-        with _quiet_logging():
-            if spec.hub_name is not None:
-                return open_clip.create_model(spec.hub_name)
-            return open_clip.create_model(spec.openclip_name, pretrained=spec.pretrained_tag)
-    except Exception as exc:  # network, missing package, corrupt cache ... -> one clear sentence
-        source = spec.hub_name or f"{spec.openclip_name}/{spec.pretrained_tag}"
-        raise BackboneError(
-            f"cannot download the {spec.name} weights ({source}) through open_clip ({friendly(exc)}); "
-            f"connect to the internet once (the files are cached), or pass a local weights file with "
-            f"--pretrained PATH, or use --pretrained none / --backbone tiny to work offline."
-        ) from exc
-
-
-def _tokenizer_factory(spec: BackboneSpec):
-    def make():
-        import open_clip
-
-        try:
-            with _quiet_logging():
-                return open_clip.get_tokenizer(spec.tokenizer_name)
-        except Exception as exc:
-            raise BackboneError(
-                f"cannot load the {spec.name} text tokenizer ({spec.tokenizer_name}) ({friendly(exc)}); it needs "
-                f"the `transformers` package and one download from the Hugging Face hub (then cached)."
-            ) from exc
-
-    return make
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Distilled checkpoints: ours and the authors' released files, recognised by content
+# Plumbing every CLI shares: loading a backbone by name, precision, timing
 # ----------------------------------------------------------------------------------------------------------------
 
 
@@ -493,42 +278,37 @@ def load_backbone(
     if name not in BACKBONES:
         raise BackboneError(f"unknown backbone '{name}'; choose one of: {', '.join(BACKBONES)}.")
     spec = BACKBONES[name]
-    if isinstance(pretrained, str) and pretrained.lower() == "none":
-        pretrained = None
-    model = _load_open_clip_model(spec, pretrained)
-    model.eval().requires_grad_(False)
+    model = open_clip_model(spec, pretrained)
     cls = SigLIPBackbone if spec.kind == "siglip" else OpenCLIPBackbone
     if spec.kind == "siglip":
         dim = model.visual.trunk.embed_dim
     else:
         dim = model.visual.proj.shape[1] if model.visual.proj is not None else model.visual.transformer.width
-    patch = 16
-    backbone = cls(model, spec.name, patch, spec.window, dim, spec.mean, spec.std, _tokenizer_factory(spec))
-    backbone.source = spec.hub_name or spec.openclip_name  # named in the messages of refused checkpoints
+    backbone = cls(model, spec, dim)
     if checkpoint:
         load_checkpoint(backbone, checkpoint)
     return backbone.to(device)
 
 
-def add_backbone_args(parser: argparse.ArgumentParser, default: str = "tiny"):
-    """The --backbone / --pretrained / --device flags shared by every CLI."""
-    parser.add_argument("--backbone", default=default, help=f"one of {', '.join(BACKBONES)} (default: {default})")
-    parser.add_argument(
-        "--pretrained",
-        default="default",
-        help="'default' (download through open_clip, cached), 'none' (random weights, offline), "
-        "or a local open_clip weights file",
-    )
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+PRECISIONS = ("auto", "fp32", "fp16", "bf16")
 
 
-def load_backbone_or_exit(args) -> Backbone:
-    """CLI helper: load the backbone named on the command line or print one sentence and exit with status 2."""
-    try:
-        return load_backbone(args.backbone, args.pretrained, args.device)
-    except BackboneError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
+def autocast(device: torch.device | str, precision: str = "auto"):
+    """The mixed-precision context every CLI runs its forward passes in.
+
+    precision "auto": bf16 autocast on GPUs that support it, fp16 on other GPUs; "fp32": no autocast (the authors
+    evaluate in fp32); "fp16" / "bf16": autocast to that dtype on CUDA (the authors train and make teacher targets
+    in fp16).  On CPU every precision is a no-op (fp32): CPU half-precision autocast is slow on most CPUs and would
+    make the CPU tests inexact, so it buys nothing here.
+    """
+    if precision not in PRECISIONS:
+        raise UserError(f"unknown precision '{precision}'; choose one of {', '.join(PRECISIONS)}.")
+    device = torch.device(device)
+    if device.type != "cuda" or precision == "fp32":
+        return contextlib.nullcontext()
+    if precision == "auto":
+        precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return torch.autocast("cuda", dtype=torch.float16 if precision == "fp16" else torch.bfloat16)
 
 
 def synchronize(device):
@@ -536,34 +316,44 @@ def synchronize(device):
         torch.cuda.synchronize()
 
 
-def main(argv=None):
+def timed(fn, device, warmup: bool = True):
+    """(fn(), its wall time in seconds): after one untimed warm-up call, synchronised around the timed call on CUDA."""
+    if warmup:
+        fn()
+    synchronize(device)
+    t0 = time.perf_counter()
+    out = fn()
+    synchronize(device)
+    return out, time.perf_counter() - t0
+
+
+def _run(argv):
     parser = argparse.ArgumentParser(
         description="Single-pass dense features at any resolution (E3): prints the "
         "patch grid, feature shape and time for a few image sizes."
     )
-    add_backbone_args(parser)
+    add_backbone_args(parser, BACKBONES)
     parser.add_argument(
         "--sizes", default="128x128,256x512,512x1024", help="comma-separated HxW sizes (default: %(default)s)"
     )
     args = parser.parse_args(argv)
-    backbone = load_backbone_or_exit(args)
+    sizes = [parse_size(size, "each size in --sizes") for size in args.sizes.split(",")]
+    backbone = load_backbone(args.backbone, args.pretrained, resolve_device(args.device))
     print(
         f"backbone {backbone.name}: patch {backbone.patch_size}, native window K={backbone.window}, "
         f"dim C={backbone.dim}, device {args.device}"
     )
     print(f"{'input HxW':>12} {'grid hxw':>10} {'features':>22} {'seconds':>8}")
-    for size in args.sizes.split(","):
-        H, W = (int(v) for v in size.lower().split("x"))
-        x = backbone.normalize(torch.rand(1, 3, H, W, device=args.device))
-        with torch.inference_mode(), autocast(args.device):
-            backbone.dense(x)  # warm-up
-            synchronize(args.device)
-            t0 = time.perf_counter()
-            feats = backbone.dense(x)
-            synchronize(args.device)
-            dt = time.perf_counter() - t0
+    for H, W in sizes:
+        x = backbone.normalize(torch.rand(1, 3, H, W, device=backbone.device))
+        with torch.inference_mode(), autocast(backbone.device):
+            feats, dt = timed(lambda: backbone.dense(x), backbone.device)
         h, w = feats.shape[1:3]
         print(f"{H:>5}x{W:<6} {h:>4}x{w:<5} {str(tuple(feats.shape)):>22} {dt:8.3f}")
+
+
+def main(argv=None):
+    return main_guard(_run, argv)
 
 
 if __name__ == "__main__":

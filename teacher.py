@@ -7,63 +7,101 @@ each window exactly as the student would at K x K, and stitches them back into o
     (E1)  windows  W(H, W; K, s),  F_w = f(x[:, y:y+K, x:x+K])
     (E2)  F_T = resize_{h x w}( sum_w place_w(up_r(F_w)) / sum_w place_w(1) )
 
-Image sizes: the teacher follows the backbone's grid rule, so teacher and student live on the same h x w grid
-(`Backbone.grid_size`) and every window offset lands on the p/r cell grid: SigLIP2 (and `tiny`) zero-pad the image
-(in normalised space) at the bottom/right to the ceil grid ceil(H/p) x ceil(W/p); OpenCLIP crops it to the floor
-grid floor(H/p) x floor(W/p), as the authors' wrapper does (`Backbone.fit_to_grid`).  A side shorter than K is
-then zero-padded up to K (one window row/column), and the padded cells are cropped from the result; the image is
-never rescaled, so object scale stays what the student sees.
-
-Precision: `Teacher(..., precision=)` "auto" (bf16 autocast on GPUs that support it, else fp16; fp32 on CPU),
-"fp32", "fp16" or "bf16".  The authors generate distillation targets in fp16 and evaluate in fp32.
-
-An optional per-window `head` maps each window's features before stitching, e.g. to cosine logits (B, h, w, Q):
-segment.py's `slidelogitN` averages logits where windows overlap, `slideN` averages features.
+Teacher and student share one h x w grid: the image is fitted to the backbone's grid (`Backbone.fit_to_grid`: the
+ceil grid, zero-padded, for SigLIP2 and `tiny`; the floor grid, cropped, for OpenCLIP, as the authors' wrappers
+do), a side shorter than K is zero-padded up to K, and those cells are cropped from the result.  The image is never
+rescaled, so object scale stays what the student sees.  The authors make distillation targets in fp16.
 
 Run `python teacher.py --backbone tiny --image photo.jpg` to compare teacher and single-pass student features.
 """
 
-from __future__ import annotations
-
 import argparse
-import math
-import sys
-import time
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from files import DeviceError, ImageError, load_image, parse_size, resolve_device
+from cli import UserError, add_backbone_args, main_guard, parse_size, resolve_device
+from files import load_image
 from stitch import Stitcher, sub_patch_factor, window_starts
-from student import (
-    PRECISIONS,
-    Backbone,
-    BackboneError,
-    add_backbone_args,
-    autocast,
-    load_backbone,
-    pad_to_multiple,
-    synchronize,
-)
+from student import BACKBONES, PRECISIONS, Backbone, autocast, load_backbone, timed
 
 
-class TeacherError(ValueError):
+class TeacherError(UserError):
     """Bad teacher settings (stride, window, batch size, precision). The message is one sentence."""
 
 
-def fit_to_grid(backbone, x: torch.Tensor) -> torch.Tensor:
-    """The image the backbone's patch grid covers: pad to the ceil grid or crop to the floor grid (OpenCLIP)."""
-    fit = getattr(backbone, "fit_to_grid", None)
-    return fit(x) if fit is not None else pad_to_multiple(x, backbone.patch_size)
+class Teacher(nn.Module):
+    """Frozen sliding-window teacher: normalised (B, 3, H, W) -> stitched (B, h, w, C), the grid of `dense`.
 
+    window: K (default: the backbone's); stride: s in px; batch_size: windows per forward (default: from the free
+    memory); precision: as `student.autocast`; head: an optional map of each window's (n, k, k, C) features before
+    stitching, e.g. to cosine logits (segment.py's `slidelogitN` averages logits where windows overlap).
+    """
 
-def grid_size(backbone, H: int, W: int) -> tuple[int, int]:
-    """The backbone's (h, w) patch grid for an H x W image (its grid rule; ceil when it has none)."""
-    if hasattr(backbone, "grid_size"):
-        return tuple(backbone.grid_size(H, W))
-    return math.ceil(H / backbone.patch_size), math.ceil(W / backbone.patch_size)
+    def __init__(self, backbone, window=None, stride=24, batch_size=None, progress=False, precision="auto", head=None):
+        super().__init__()
+        self.backbone = backbone
+        self.window = window or backbone.window
+        self.stride = stride
+        self.batch_size = batch_size
+        self.progress = progress
+        self.precision = precision
+        self.head = head
+        p = backbone.patch_size
+        if self.window % p:
+            raise TeacherError(f"window {self.window} must be a multiple of the patch size {p}.")
+        if not 0 < stride <= self.window:  # a stride above K leaves strips that no window sees
+            raise TeacherError(f"the stride must be between 1 and the {self.window} px window, got {stride}.")
+        if batch_size is not None and batch_size < 1:
+            raise TeacherError(f"the batch size must be at least 1 window, got {batch_size}.")
+        if precision not in PRECISIONS:
+            raise TeacherError(f"unknown precision '{precision}'; use one of {', '.join(PRECISIONS)}.")
+        self.r = sub_patch_factor(stride, p)
+
+    def windows(self, H: int, W: int) -> tuple[int, int, list[int], list[int]]:
+        """Canvas size (the fitted grid, at least K) and (E1) row / column starts for an H x W image."""
+        p, K = self.backbone.patch_size, self.window
+        h, w = self.backbone.grid_size(H, W)
+        Hp, Wp = max(K, h * p), max(K, w * p)
+        return Hp, Wp, window_starts(Hp, K, self.stride), window_starts(Wp, K, self.stride)
+
+    def num_windows(self, H: int, W: int) -> int:
+        _, _, ys, xs = self.windows(H, W)
+        return len(ys) * len(xs)
+
+    @torch.inference_mode()
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, _, H, W = x.shape
+        p, K, r = self.backbone.patch_size, self.window, self.r
+        cell = p // r
+        Hp, Wp, ys, xs = self.windows(H, W)
+        h, w = self.backbone.grid_size(H, W)
+        x = self.backbone.fit_to_grid(x)  # (B, 3, h*p, w*p): pad (ceil) / crop (floor)
+        x = F.pad(x, (0, Wp - x.shape[-1], 0, Hp - x.shape[-2]))  # up to K; zero = mean colour after normalising
+        device = x.device
+
+        # All windows of all images as index vectors: image b, top-left (y, x) in pixels.   (E1)
+        corners = torch.cartesian_prod(torch.tensor(ys), torch.tensor(xs)).to(device).repeat(B, 1)  # (n, 2)
+        b_idx = torch.arange(B, device=device).repeat_interleave(len(ys) * len(xs))
+        y_idx, x_idx = corners.T
+        n = len(corners)
+
+        stitcher = None
+        batch = self.batch_size or default_batch_size(self.backbone, device)
+        starts = range(0, n, batch)
+        for i in tqdm(starts, desc=f"teacher: {n} windows", unit="batch", disable=not self.progress, leave=False):
+            b, y0, x0 = b_idx[i : i + batch], y_idx[i : i + batch], x_idx[i : i + batch]
+            crops = crop_windows(x, b, y0, x0, K)  # (n_b, 3, K, K)
+            with autocast(device, self.precision):
+                feats = self.backbone.dense(crops)  # (n_b, k, k, C): F_w = f(x[:, y:y+K, x:x+K])   (E1)
+            if self.head is not None:
+                feats = self.head(feats.float())  # (n_b, k, k, D), e.g. cosine logits
+            if stitcher is None:
+                stitcher = Stitcher(B, (Hp // cell, Wp // cell), feats.shape[-1], r, device=device)
+            stitcher.add(feats, b, y0 // cell, x0 // cell)  # (E2) place_w(up_r(F_w))
+        return stitcher.result((h, w))  # (E2) / sum_w place_w(1), resize_{h x w}
 
 
 def default_batch_size(backbone: Backbone, device) -> int:
@@ -91,98 +129,17 @@ def gather_windows(x: torch.Tensor, b: torch.Tensor, y0: torch.Tensor, x0: torch
     launches); the same values as slicing each window."""
     offs = torch.arange(K, device=x.device)
     chans = torch.arange(x.shape[1], device=x.device)
-    return x[
-        b[:, None, None, None],
-        chans[None, :, None, None],
-        (y0[:, None] + offs)[:, None, :, None],
-        (x0[:, None] + offs)[:, None, None, :],
-    ]
+    rows = (y0[:, None] + offs)[:, None, :, None]  # (n, 1, K, 1)
+    cols = (x0[:, None] + offs)[:, None, None, :]  # (n, 1, 1, K)
+    return x[b[:, None, None, None], chans[None, :, None, None], rows, cols]  # (n, 3, K, K)
 
 
-class Teacher(nn.Module):
-    """Frozen sliding-window teacher: normalised (B, 3, H, W) -> stitched (B, h, w, C), the grid of `dense`."""
-
-    def __init__(
-        self,
-        backbone: Backbone,
-        window: int | None = None,
-        stride: int = 24,
-        batch_size: int | None = None,
-        progress: bool = False,
-        precision: str = "auto",
-        head=None,
-    ):
-        super().__init__()
-        self.backbone = backbone
-        self.window = window or backbone.window
-        self.stride = stride
-        self.batch_size = batch_size
-        self.progress = progress
-        self.precision = precision
-        self.head = head  # optional (n, k, k, C) -> (n, k, k, D) per window, before stitching
-        p = backbone.patch_size
-        if self.window % p:
-            raise TeacherError(f"window {self.window} must be a multiple of the patch size {p}.")
-        if not 0 < stride <= self.window:  # a stride above K leaves strips that no window sees
-            raise TeacherError(f"the stride must be between 1 and the {self.window} px window, got {stride}.")
-        if batch_size is not None and batch_size < 1:
-            raise TeacherError(f"the batch size must be at least 1 window, got {batch_size}.")
-        if precision not in PRECISIONS:
-            raise TeacherError(f"unknown precision '{precision}'; use one of {', '.join(PRECISIONS)}.")
-        self.r = sub_patch_factor(stride, p)
-
-    def windows(self, H: int, W: int) -> tuple[int, int, list[int], list[int]]:
-        """Canvas size (the fitted grid, at least K) and (E1) row / column starts for an H x W image."""
-        p, K = self.backbone.patch_size, self.window
-        h, w = grid_size(self.backbone, H, W)
-        Hp, Wp = max(K, h * p), max(K, w * p)
-        return Hp, Wp, window_starts(Hp, K, self.stride), window_starts(Wp, K, self.stride)
-
-    def num_windows(self, H: int, W: int) -> int:
-        _, _, ys, xs = self.windows(H, W)
-        return len(ys) * len(xs)
-
-    @torch.inference_mode()
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        B, _, H, W = x.shape
-        p, K, r = self.backbone.patch_size, self.window, self.r
-        cell = p // r
-        Hp, Wp, ys, xs = self.windows(H, W)
-        h, w = grid_size(self.backbone, H, W)
-        x = fit_to_grid(self.backbone, x)  # (B, 3, h*p, w*p): pad (ceil) / crop (floor)
-        x = F.pad(x, (0, Wp - x.shape[-1], 0, Hp - x.shape[-2]))  # up to K; zero = mean colour after normalising
-        device = x.device
-
-        # All windows of all images as index vectors: image b, top-left (y, x) in pixels.   (E1)
-        ys_t = torch.tensor(ys, device=device)
-        xs_t = torch.tensor(xs, device=device)
-        b_idx = torch.arange(B, device=device).repeat_interleave(len(ys) * len(xs))
-        y_idx = ys_t.repeat_interleave(len(xs)).repeat(B)
-        x_idx = xs_t.repeat(len(ys) * B)
-        n = b_idx.numel()
-
-        stitcher = None
-        batch = self.batch_size or default_batch_size(self.backbone, device)
-        starts = range(0, n, batch)
-        for i in tqdm(starts, desc=f"teacher: {n} windows", unit="batch", disable=not self.progress, leave=False):
-            b, y0, x0 = b_idx[i : i + batch], y_idx[i : i + batch], x_idx[i : i + batch]
-            crops = crop_windows(x, b, y0, x0, K)  # (n_b, 3, K, K)
-            with autocast(device, self.precision):
-                feats = self.backbone.dense(crops)  # (n_b, k, k, C)
-            if self.head is not None:
-                feats = self.head(feats.float())  # (n_b, k, k, D), e.g. cosine logits
-            if stitcher is None:
-                stitcher = Stitcher(B, (Hp // cell, Wp // cell), feats.shape[-1], r, device=device)
-            stitcher.add(feats, b, y0 // cell, x0 // cell)  # (E2) place_w(up_r(F_w))
-        return stitcher.result((h, w))
-
-
-def main(argv=None):
+def _run(argv):
     parser = argparse.ArgumentParser(
         description="Sliding-window teacher (E1-E2) vs single-pass student (E3): "
         "prints the grid, window count, timings and their agreement."
     )
-    add_backbone_args(parser)
+    add_backbone_args(parser, BACKBONES)
     parser.add_argument("--image", help="image file (default: random noise of --size)")
     parser.add_argument("--size", default="512x1024", help="HxW used when --image is not given (default: %(default)s)")
     parser.add_argument("--stride", type=int, default=24, help="window stride s in pixels, 1..K (paper: 24)")
@@ -194,22 +151,11 @@ def main(argv=None):
         help="auto: bf16/fp16 autocast on GPU, fp32 on CPU (default: %(default)s)",
     )
     args = parser.parse_args(argv)
-
-    try:
-        device = resolve_device(args.device)
-        size = parse_size(args.size, "--size") if not args.image else None
-        backbone = load_backbone(args.backbone, args.pretrained, device)
-        teacher = Teacher(
-            backbone, stride=args.stride, batch_size=args.batch_size, progress=True, precision=args.precision
-        )
-        img = (
-            load_image(args.image)
-            if args.image
-            else torch.rand(1, 3, *size, generator=torch.Generator().manual_seed(0))
-        )
-    except (DeviceError, BackboneError, TeacherError, ImageError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
+    device = resolve_device(args.device)
+    size = parse_size(args.size, "--size") if not args.image else None
+    backbone = load_backbone(args.backbone, args.pretrained, device)
+    teacher = Teacher(backbone, stride=args.stride, batch_size=args.batch_size, progress=True, precision=args.precision)
+    img = load_image(args.image) if args.image else torch.rand(1, 3, *size, generator=torch.Generator().manual_seed(0))
     x = backbone.normalize(img.to(device))
     H, W = x.shape[-2:]
     print(
@@ -217,23 +163,17 @@ def main(argv=None):
         f"image {H}x{W}, grid {backbone.grid_size(H, W)}"
     )
     print(f"stride {args.stride}: {teacher.num_windows(H, W)} windows, sub-patch factor r={teacher.r}")
-
     with torch.inference_mode(), autocast(device, args.precision):
-        backbone.dense(x)  # warm-up
-        synchronize(device)
-        t0 = time.perf_counter()
-        student = backbone.dense(x).float()
-        synchronize(device)
-        t_student = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    target = teacher(x)
-    synchronize(device)
-    t_teacher = time.perf_counter() - t0
-
+        student, t_student = timed(lambda: backbone.dense(x).float(), device)
+    target, t_teacher = timed(lambda: teacher(x), device, warmup=False)
     cos = F.cosine_similarity(student, target, dim=-1).mean().item()
     mse = F.mse_loss(student, target).item()
     print(f"single pass: {t_student:8.3f} s   teacher: {t_teacher:8.3f} s   ({t_teacher / t_student:.1f}x slower)")
     print(f"teacher vs single pass: mean cosine {cos:.4f}, MSE {mse:.4g}")
+
+
+def main(argv=None):
+    return main_guard(_run, argv)
 
 
 if __name__ == "__main__":

@@ -81,7 +81,7 @@ def test_decompression_bomb_header_is_one_sentence_in_read_rgb_and_main(tmp_path
 
 
 def test_resolve_device_and_parse_size_say_it_in_one_sentence():
-    from files import DeviceError, parse_size, resolve_device
+    from cli import DeviceError, parse_size, resolve_device
 
     assert resolve_device("cpu") == torch.device("cpu")
     for name, message in (("bogus", "unknown device"), ("cuda:99", "GPU"), ("meta", "not supported")):
@@ -101,7 +101,7 @@ def test_resolve_device_and_parse_size_say_it_in_one_sentence():
 def test_display_name_survives_non_utf8_bytes():
     import os
 
-    from files import display_name
+    from cli import display_name
 
     name = os.fsdecode(b"caf\xe9.png")
     assert display_name(name) == "caf\ufffd.png"

@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from student import Backbone, load_backbone, pad_to_multiple
+from student import Backbone, load_backbone
 from teacher import Teacher, TeacherError
 from tests.reference import bilinear_resize, teacher_reference
 
@@ -25,9 +25,12 @@ class PatchMeanBackbone(nn.Module):
     """
 
     patch_size, window, dim = 16, 64, 3
+    grid_rule = "ceil"
+    grid_size = Backbone.grid_size  # the teacher fits images to the backbone's grid through these
+    fit_to_grid = Backbone.fit_to_grid
 
     def dense(self, x):
-        x = pad_to_multiple(x, 16)
+        x = self.fit_to_grid(x)  # zero-pad bottom/right to a multiple of 16
         return F.avg_pool2d(x, 16).permute(0, 2, 3, 1)
 
 
