@@ -50,7 +50,7 @@ import runfolder
 from cli import add_backbone_args, barrier, is_main, log, main_guard, rank_world
 from runfolder import TRAIN_PARTS, DistillError, ImageSkip, flag, parse_train, train_parameters
 from student import BACKBONES, autocast, load_backbone
-from teacher import Teacher, TeacherError
+from teacher import Teacher
 
 PAPER_TRAIN = "blk_-1,blk_-2"  # the last two blocks
 EVAL_LONG_SIDES = (1024, 3072)  # held-out report: inside / beyond the paper's training sizes
@@ -400,10 +400,7 @@ def run(args) -> dict | None:
         if args.precision != "fp32" and not args.device.startswith("cuda") and is_main():
             log(f"note: --precision {args.precision} has no effect on {args.device}; it computes in fp32.")
         backbone = load_backbone(args.backbone, args.pretrained, args.device)
-        try:
-            teacher = Teacher(backbone, stride=args.stride, batch_size=args.teacher_batch, precision=args.precision)
-        except TeacherError as exc:  # TEMPORARY, until teacher.TeacherError derives from cli.UserError
-            raise DistillError(str(exc)) from exc
+        teacher = Teacher(backbone, stride=args.stride, batch_size=args.teacher_batch, precision=args.precision)
         select_trainable(backbone, parse_train(args.train))  # a part this backbone lacks: before any work
         backbone.requires_grad_(False)
         runfolder.clean_leftovers(args.out)
