@@ -54,16 +54,15 @@ class DatasetError(UserError):
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def parse_class_lines(lines: list[str], error=DatasetError) -> list[list[str]]:
-    """One class per line, comma-separated synonyms: ["sky, wall", "cat"] -> [["sky", "wall"], ["cat"]].
-    `error`: the exception an empty list raises (segment.py's --classes passes its own)."""
+def parse_class_lines(lines: list[str]) -> list[list[str]]:
+    """One class per line, comma-separated synonyms: ["sky, wall", "cat"] -> [["sky", "wall"], ["cat"]]."""
     classes = []
     for line in lines:
         names = [n.strip() for n in line.split(",") if n.strip()]
         if names:
             classes.append(names)
     if not classes:
-        raise error("the class list is empty; give at least one class name.")
+        raise DatasetError("the class list is empty; give at least one class name.")
     return classes
 
 
@@ -74,6 +73,23 @@ def read_class_file(path: str | os.PathLike) -> list[list[str]]:
     except OSError as exc:
         raise DatasetError(f"cannot read class file '{path}' ({exc.strerror or exc}).") from exc
     return parse_class_lines(text.splitlines())
+
+
+def parse_classes(text: str) -> list[list[str]]:
+    """The --classes argument: "road, car, sky" is three classes; with ';' the classes are separated by ';' and
+    commas give synonyms, like the lines of a class file: "road; car, truck; sky" (car and truck -> class 1)."""
+    return parse_class_lines(text.split(";") if ";" in text else text.split(","))
+
+
+def class_list(classes: str | None, class_file: str | None) -> list[list[str]]:
+    """The class list of the command line: --classes or --class-file (one of them), no name given twice."""
+    if classes and class_file:
+        raise DatasetError("give either --classes or --class-file, not both.")
+    if classes is None and not class_file:
+        raise DatasetError('no classes given; pass --classes "a, b, c" or --class-file FILE.')
+    out = read_class_file(class_file) if class_file else parse_classes(classes)
+    check_duplicates(out)
+    return out
 
 
 def check_duplicates(classes: list[list[str]]):
@@ -337,23 +353,20 @@ DATASETS = {
 }
 
 
+SETTINGS = ("logit_scale", "prob_thd", "area_thd", "short_side", "long_side")  # per dataset, each a flag of evaluate.py
 # Per-backbone exceptions to a dataset's settings, as in the authors' evaluation configs.
 BACKBONE_SETTINGS = {
     ("clip-b16", "voc21"): dict(prob_thd=0.1, area_thd=0.1),
 }
 
 
-def settings_for(dataset: str, backbone: str) -> dict:
-    """The (backbone, dataset) evaluation settings: logit_scale, prob_thd, area_thd, short_side, long_side."""
+def settings_for(dataset: str, backbone: str, **overrides) -> dict:
+    """The (backbone, dataset) evaluation settings: logit_scale, prob_thd, area_thd, short_side, long_side; the
+    `overrides` that are not None (evaluate.py's flags) replace them."""
     spec = DATASETS[dataset]
-    out = dict(
-        logit_scale=spec.logit_scale,
-        prob_thd=spec.prob_thd,
-        area_thd=spec.area_thd,
-        short_side=spec.short_side,
-        long_side=spec.long_side,
-    )
+    out = {key: getattr(spec, key) for key in SETTINGS}
     out.update(BACKBONE_SETTINGS.get((backbone, dataset), {}))
+    out.update({k: v for k, v in overrides.items() if k in out and v is not None})
     return out
 
 

@@ -23,30 +23,18 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
 import math
-import os
 import re
 import sys
-from pathlib import Path
 
 import numpy as np
 import torch
 
+import datasets
 from cli import UserError, add_backbone_args, check_numbers, display_name, main_guard, resolve_device
-from datasets import (
-    DATASETS,
-    DEFAULT_TEMPLATES,
-    IGNORE,
-    DatasetError,
-    benchmark,
-    make_synthetic,
-    read_templates,
-    sample_loader,
-    settings_for,
-)
-from files import check_writable, read_json, write_json
+from files import check_writable, write_json
 from pictures import speed_accuracy_plot
+from results import out_path, resumed, run_settings
 from segment import (
     SegmentSettings,
     add_settings_args,
@@ -59,10 +47,8 @@ from segment import (
 from student import BACKBONES, autocast, load_backbone
 from textcache import cache_dir_arg
 
-HERE = Path(__file__).resolve().parent
 
-
-def confusion(pred, label, num_classes: int, ignore_index: int = IGNORE) -> torch.Tensor:
+def confusion(pred, label, num_classes: int, ignore_index: int = datasets.IGNORE) -> torch.Tensor:
     """(K, K) int64 confusion matrix, rows = ground truth, columns = prediction; pixels labelled `ignore_index`
     are skipped.  pred, label: integer tensors (or arrays) of the same shape, on any device (the result stays
     there)."""
@@ -143,12 +129,12 @@ def evaluate_mode(backbone, samples, text, how: SegmentSettings, state: dict, sa
     teacher = window_teacher(backbone, how, text) if how.mode != "single" else None
     with torch.inference_mode(), autocast(device, "auto" if how.amp else "fp32"):  # warm-up: kernels, cudnn
         backbone.dense(backbone.normalize(torch.zeros(1, 3, backbone.window, backbone.window, device=device)))
-    loader = sample_loader(samples[done:], workers, pin_memory=device.type == "cuda")
+    loader = datasets.sample_loader(samples[done:], workers, pin_memory=device.type == "cuda")
     bar = tqdm(loader, total=len(samples), initial=done, desc=desc, unit="img", leave=False)
     try:
         for image, label, n_bad, warning, error in bar:
             if error:
-                raise DatasetError(error)
+                raise datasets.DatasetError(error)
             if n_bad:  # counted, and said once per file, with its name
                 state["out_of_range_pixels"] = state.get("out_of_range_pixels", 0) + int(n_bad)
                 bar.write(warning, file=sys.stderr)
@@ -174,14 +160,14 @@ def evaluate_mode(backbone, samples, text, how: SegmentSettings, state: dict, sa
 
 
 def build_parser() -> argparse.ArgumentParser:
-    layouts = "; ".join(f"{n}: {DATASETS[n].layout}" for n in ("voc21", "context60", "cityscapes", "ade20k"))
+    layouts = "; ".join(f"{n}: {datasets.DATASETS[n].layout}" for n in ("voc21", "context60", "cityscapes", "ade20k"))
     p = argparse.ArgumentParser(
         description="Zero-shot segmentation mIoU on VOC21/VOC20/Context60/Context59/Cityscapes/ADE20K, per mode "
         "(single pass, pre-trained single pass, sliding-window teacher), with seconds per image, a JSON "
         "of the results and (several modes) the speed-accuracy plot of Fig. 1.",
         epilog="layouts: " + layouts,
     )
-    p.add_argument("--dataset", required=True, choices=list(DATASETS))
+    p.add_argument("--dataset", required=True, choices=list(datasets.DATASETS))
     p.add_argument("--root", help="dataset folder (see the layouts below / README)")
     add_backbone_args(p, BACKBONES, default="siglip2-b16")
     p.add_argument("--checkpoint", help="student.pt from distill.py, used by the 'single' mode")
@@ -195,11 +181,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--max-images", type=int, default=None, help="only the first N images of the split")
     what = "segmentation settings (default: the (backbone, dataset)'s, datasets.settings_for)"
-    add_settings_args(
-        p.add_argument_group(what), skip=("mode", "stride"), logit_scale=None, prob_thd=None, area_thd=None
-    )
+    add_settings_args(p.add_argument_group(what), skip=("mode", "stride"), **dict.fromkeys(datasets.SETTINGS))
     p.add_argument("--workers", type=int, default=None, help="image-reading workers (default: 2 on GPU, 0 on CPU)")
-    p.add_argument("--templates", default=str(DEFAULT_TEMPLATES))
+    p.add_argument("--templates", default=str(datasets.DEFAULT_TEMPLATES))
     p.add_argument("--text-cache", default=None, help="text-embedding cache folder ('none' disables)")
     p.add_argument(
         "--out",
@@ -213,36 +197,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def file_stamp(path: str | None) -> tuple[str, int, int] | None:
-    """A file's identity for resuming (evaluate.py's results, reproduce.py's finished runs): absolute path, size and
-    modification time in whole seconds; None when it is not a file."""
-    if not path or not os.path.isfile(path):
-        return None
-    st = os.stat(path)
-    return os.path.abspath(path), st.st_size, int(st.st_mtime)
-
-
-def read_settings(args, samples: list, templates: list[str]) -> dict:
-    """The run's settings, as the results JSON records them: a rerun with other settings starts over."""
-    stamp = file_stamp(args.checkpoint)  # a missing checkpoint is reported by load_backbone
-    settings = dict(
-        dataset=args.dataset,
-        root=os.path.abspath(args.root),
-        num_images=len(samples),
-        backbone=args.backbone,
-        pretrained=args.pretrained,
-        checkpoint=":".join(str(v) for v in stamp) if stamp else (args.checkpoint or None),
-        **settings_for(args.dataset, args.backbone),
-        protocol=args.protocol,
-        amp=args.amp,
-        templates=hashlib.sha256("\n".join(templates).encode()).hexdigest()[:16],
-    )
-    for key in ("logit_scale", "prob_thd", "area_thd", "short_side", "long_side"):  # the flags that override
-        if getattr(args, key) is not None:
-            settings[key] = getattr(args, key)
-    return settings
-
-
 def prepare(args):
     """Everything checked and loaded before the first image: the split, the models, the text, the settings."""
     device = resolve_device(args.device)
@@ -251,9 +205,9 @@ def prepare(args):
     check_writable(out_path(args))  # before any work
     modes = parse_modes(args.modes)
     check_numbers([("--max-images", args.max_images, (">=", 1))])
-    samples, classes = benchmark(args.dataset, args.root, args.max_images)
-    templates = read_templates(args.templates)
-    settings = read_settings(args, samples, templates)
+    samples, classes = datasets.benchmark(args.dataset, args.root, args.max_images)
+    templates = datasets.read_templates(args.templates)
+    settings = run_settings(args, len(samples), templates, {k: getattr(args, k) for k in datasets.SETTINGS})
     needs_pretrained = any(k != "single" for _, k, _ in modes) and args.checkpoint
     backbone = load_backbone(args.backbone, args.pretrained, device, checkpoint=args.checkpoint)
     base = load_backbone(args.backbone, args.pretrained, device) if needs_pretrained else backbone
@@ -266,34 +220,11 @@ def prepare(args):
     return samples, modes, settings, backbone, base, text
 
 
-def out_path(args) -> Path:
-    tag = f"-{Path(args.checkpoint).stem}" if args.checkpoint else ""
-    return Path(args.out) if args.out else HERE / "runs" / "eval" / f"{args.dataset}-{args.backbone}{tag}.json"
-
-
-def resumed(out: Path, record: dict, no_resume: bool) -> dict:
-    """`record` with the finished modes of `out` when it holds a run with the same settings."""
-    old = read_json(out) if out.is_file() and not no_resume else None
-    if old is None:
-        return record
-    if not isinstance(old, dict) or not isinstance(old.get("modes", {}), dict):
-        raise UserError(
-            f"--out '{out}' holds JSON that is not a results file of evaluate.py (a {type(old).__name__}); "
-            f"give another --out or remove it."
-        )
-    if old.get("settings") == record["settings"]:
-        record["modes"] = old.get("modes", {})
-        print(f"resuming from {display_name(out)}")
-    elif old:
-        print(f"note: {display_name(out)} holds results for other settings; starting over (it will be overwritten).")
-    return record
-
-
 def _run(argv=None):
     args = build_parser().parse_args(argv)
-    spec = DATASETS[args.dataset]
+    spec = datasets.DATASETS[args.dataset]
     if args.make_synthetic:
-        root = make_synthetic(args.dataset, args.make_synthetic, args.num_synthetic)
+        root = datasets.make_synthetic(args.dataset, args.make_synthetic, args.num_synthetic)
         print(f"wrote a synthetic {args.dataset} dataset ({args.num_synthetic} images) to {root}")
         return
     if not args.root:

@@ -26,6 +26,12 @@ def class_colours(n: int) -> np.ndarray:
     return voc_palette(n + 1)[1:]
 
 
+def class_shares(labels: np.ndarray, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """Each class's share of the pixels, and the classes ordered largest share first (ties: in class order)."""
+    shares = np.bincount(labels.reshape(-1), minlength=num_classes) / labels.size
+    return shares, np.argsort(-shares, kind="stable")
+
+
 def overlay_path(out: str | os.PathLike) -> Path:
     out = Path(out)
     return out.with_name(out.stem + "_overlay.png")
@@ -73,8 +79,8 @@ def save_overlay(
 
     colours = class_colours(len(names)).astype(np.float32) / 255
     overlay = (1 - alpha) * image + alpha * colours[labels]
-    shares = np.bincount(labels.reshape(-1), minlength=len(names)) / labels.size
-    order = [k for k in np.argsort(-shares, kind="stable") if shares[k] > 0][:max_legend]
+    shares, order = class_shares(labels, len(names))
+    order = [k for k in order if shares[k] > 0][:max_legend]
     H, W = labels.shape
     panel_h, legend_w = 4.0, 2.4  # inches
     fig, axes = plt.subplots(

@@ -20,7 +20,6 @@ of each dataset's typical evaluation size (random weights, so no download) and e
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import subprocess
@@ -118,25 +117,11 @@ def run_tee(cmd: list[str]) -> tuple[int, str]:
     return code, last or f"exit status {code}"
 
 
-def complete_modes(path: Path) -> dict:
-    """{mode: mIoU %} of the modes of an evaluate.py results JSON that covered the whole split."""
-    try:
-        record = json.loads(path.read_text())
-        total = record["settings"]["num_images"]
-        return {
-            m: 100 * r["miou"]
-            for m, r in record["modes"].items()
-            if r.get("images_done", 0) >= total and r.get("miou") is not None
-        }
-    except (OSError, ValueError, KeyError, TypeError):
-        return {}
-
-
 def run_all(args, results: dict, errors: list[str]):
     """Evaluate every (row backbone, dataset) that has a root, filling results[(backbone, model, dataset)] = mIoU %
     and `errors` as runs finish (so an interrupted reproduction still tables what is done)."""
-    from evaluate import file_stamp
     from files import read_json, write_json
+    from results import complete_modes, file_stamp
 
     out_dir = Path(args.out)
     done_path = out_dir / "done.json"  # run key -> the command that finished it

@@ -35,14 +35,13 @@ import time
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
 from cli import UserError, add_backbone_args, check_numbers, display_name, main_guard, resolve_device
-from datasets import DEFAULT_TEMPLATES, check_duplicates, parse_class_lines, read_class_file, read_templates
+from datasets import DEFAULT_TEMPLATES, check_duplicates, class_list, parse_classes, read_templates  # noqa: F401 (API)
 from files import load_image
-from pictures import check_mask_path, overlay_path, save_mask, save_overlay
+from pictures import check_mask_path, class_shares, overlay_path, save_mask, save_overlay
 from student import BACKBONES, Backbone, autocast, load_backbone, synchronize
 from teacher import Teacher
 from textcache import CACHE_ENV, cache_dir_arg, cached
@@ -96,8 +95,8 @@ def text_embeddings(
     progress: bool = False,
 ) -> ClassText:
     """Text embeddings of a class list (synonyms = separate queries), cached per backbone + text weights +
-    queries + templates: in memory, and on disk in `cache_dir` (True -> `default_cache_dir()`, False/None -> no
-    disk cache).  Raises BackboneError when the backbone's tokenizer is unavailable (SigLIP2 offline)."""
+    queries + templates: in memory, and on disk in `cache_dir` (True -> `textcache.default_cache_dir()`, False/None
+    -> no disk cache).  Raises BackboneError when the backbone's tokenizer is unavailable (SigLIP2 offline)."""
     templates = list(templates) if templates is not None else read_templates()
     if not classes or not all(classes):
         raise SegmentError("the class list is empty; give at least one class name.")
@@ -331,12 +330,6 @@ def check_stride(stride: int, backbone: Backbone, what: str = "--stride"):
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def parse_classes(text: str) -> list[list[str]]:
-    """The --classes argument: "road, car, sky" is three classes; with ';' the classes are separated by ';' and
-    commas give synonyms, like the lines of a class file: "road; car, truck; sky" (car and truck -> class 1)."""
-    return parse_class_lines(text.split(";") if ";" in text else text.split(","), SegmentError)
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description="Open-vocabulary segmentation of one image (SPAR, E5): writes a colour mask (palette PNG, "
@@ -382,21 +375,13 @@ def check_settings_args(args, skip=()):
     check_numbers([("--" + name.replace("_", "-"), getattr(args, name), rule) for name, rule in rules])
 
 
-def read_args(args) -> tuple[SegmentSettings, list[list[str]]]:
-    """The settings (the flags named for its fields) and the class list of the command line, every number
-    checked: one sentence each, before any work."""
+def read_args(args) -> tuple[SegmentSettings, list[list[str]], torch.device]:
+    """The settings (the flags are named for its fields), the class list and the device of the command line, every
+    number checked: one sentence each, before any work."""
     check_settings_args(args)
     check_mask_path(Path(args.out))
     device = resolve_device(args.device)
-    if args.classes and args.class_file:
-        raise SegmentError("give either --classes or --class-file, not both.")
-    if args.class_file:
-        classes = read_class_file(args.class_file)
-    elif args.classes is not None:
-        classes = parse_classes(args.classes)
-    else:
-        raise SegmentError('no classes given; pass --classes "a, b, c" or --class-file FILE.')
-    check_duplicates(classes)
+    classes = class_list(args.classes, args.class_file)
     settings = SegmentSettings(**{f.name: getattr(args, f.name) for f in fields(SegmentSettings)})
     return settings, classes, device
 
@@ -435,9 +420,9 @@ def _run(argv=None):
         + f", mode {how}, protocol {args.protocol}, "
         + f"{'amp' if args.amp else 'fp32'}, {text.num_classes} classes"
     )
-    shares = np.bincount(labels.reshape(-1), minlength=text.num_classes) / labels.size
+    shares, order = class_shares(labels, text.num_classes)
     width = max(len(n) for n in text.names)
-    for k in np.argsort(-shares, kind="stable"):
+    for k in order:
         print(f"  {text.names[k]:<{width}}  {100 * shares[k]:6.2f} %")
     print(
         f"segmentation {seg.seconds:.3f} s (model load {t_loaded - t_start:.2f} s, text {t_text - t_loaded:.2f} s, "

@@ -45,7 +45,7 @@ def template_file(tmp_path):
 def test_parse_classes_commas_and_semicolons():
     assert segment.parse_classes("road, car, person, sky") == [["road"], ["car"], ["person"], ["sky"]]
     assert segment.parse_classes("road; car, truck; sky") == [["road"], ["car", "truck"], ["sky"]]
-    with pytest.raises(SegmentError, match="empty"):
+    with pytest.raises(DatasetError, match="empty"):
         segment.parse_classes(" , ,")
 
 
