@@ -37,8 +37,8 @@ from pictures import speed_accuracy_plot
 from results import out_path, resumed, run_settings
 from segment import (
     SegmentSettings,
-    add_settings_args,
-    check_settings_args,
+    add_flags,
+    check_flag_numbers,
     check_stride,
     segment,
     text_embeddings,
@@ -181,7 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--max-images", type=int, default=None, help="only the first N images of the split")
     what = "segmentation settings (default: the (backbone, dataset)'s, datasets.settings_for)"
-    add_settings_args(p.add_argument_group(what), skip=("mode", "stride"), **dict.fromkeys(datasets.SETTINGS))
+    add_flags(p.add_argument_group(what), SegmentSettings, ("mode", "stride"), **dict.fromkeys(datasets.SETTINGS))
     p.add_argument("--workers", type=int, default=None, help="image-reading workers (default: 2 on GPU, 0 on CPU)")
     p.add_argument("--templates", default=str(datasets.DEFAULT_TEMPLATES))
     p.add_argument("--text-cache", default=None, help="text-embedding cache folder ('none' disables)")
@@ -200,7 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
 def prepare(args):
     """Everything checked and loaded before the first image: the split, the models, the text, the settings."""
     device = resolve_device(args.device)
-    check_settings_args(args, skip=("mode", "stride"))
+    check_flag_numbers(args, SegmentSettings, skip=("mode", "stride"))
     check_numbers([("--save-every", args.save_every, (">=", 1)), ("--workers", args.workers, (">=", 0))])
     check_writable(out_path(args))  # before any work
     modes = parse_modes(args.modes)

@@ -14,16 +14,13 @@ soft-maxed over all queries, max-reduced over each class's synonyms; optionally 
 of the image are dropped (`area_thd`, the authors' OpenCLIP VOC21 setting); arg-maxed; pixels whose best
 probability is below `prob_thd` become class 0.
 
-Two protocols for the resizes around the model (`protocol=`, see `upsample_logits`): `paper`, the authors' code
-(the image resized without antialias, the cosine map resized ONCE from the model's grid to the label size), and
-`aligned`, ours (antialiased shrinking, the map cropped to the pixels the grid covers).  Modes: `single` one pass
-(E3); `slide` the teacher (E1)-(E2), features averaged where windows overlap, then cosine; `slidelogit` the teacher
-with cosine logits averaged where windows overlap.  fp32 unless `amp=True` (bf16/fp16 autocast on GPU).
+Protocols for the resizes around the model (`protocol=`, see `upsample_logits`): `paper`, the authors' code, and
+`aligned`, ours.  Modes: `single` one pass (E3); `slide` the teacher (E1)-(E2), features averaged where windows
+overlap, then cosine; `slidelogit` the teacher with per-window cosine logits averaged.  fp32 unless `amp=True`.
 
     text = text_embeddings(backbone, parse_classes("road; car, truck; sky"))  # cached in memory and on disk
     seg = segment(backbone, load_image("street.jpg"), text, SegmentSettings(short_side=672), return_logits=True)
     seg.labels  # (1, H, W) class indices at the image's size;  seg.logits  # (1, K, H, W)
-    python segment.py IMAGE --classes "road, car, person, sky" --out seg.png    # + seg_overlay.png
 """
 
 from __future__ import annotations
@@ -122,30 +119,29 @@ def query_logits(feats: torch.Tensor, text: ClassText) -> torch.Tensor:
     return cosine(feats, text).permute(0, 3, 1, 2)
 
 
-def setting(default, help: str, check=None, **argparse_options):
-    """A field of SegmentSettings that is also a flag of segment.py and evaluate.py: default, --help and number check
-    (`cli.check_numbers`' rule) said once."""
+def flag(default, help: str, check=None, **argparse_options):
+    """A dataclass field that is also a command-line flag: its default, its --help and its number check (a
+    `cli.check_numbers` rule), said once."""
     return field(default=default, metadata=dict(help=help, check=check, **argparse_options))
 
 
 @dataclass(frozen=True)
 class SegmentSettings:
-    """How `segment` makes a label map.  The defaults are the API's; the CLIs set their own (`add_settings_args`)."""
+    """How `segment` makes a label map.  The defaults are the API's; each field is also a flag of segment.py and
+    evaluate.py (`add_flags`), which set their own defaults."""
 
-    mode: str = setting(
+    mode: str = flag(
         "single", "single (E3); slide: the teacher's features (E1-E2); slidelogit: its logits", choices=MODES
     )
-    stride: int = setting(24, "teacher stride in px, 1..K, for the slide modes", (">=", 1))
-    logit_scale: float = setting(40.0, "softmax temperature (paper: 40; VOC21 65, Context60 50), bias 0")
-    prob_thd: float = setting(0.0, "pixels whose best probability is below this become class 0 (0: off)", "0..1")
-    area_thd: float = setting(0.0, "drop classes with at most this share of the argmax map (0: off)", "0..1")
-    short_side: int | None = setting(None, "resize keeping the ratio to this short side (0: keep the size)", (">=", 0))
-    long_side: int | None = setting(None, "... but the long side at most this (0: no cap)", (">=", 0))
-    protocol: str = setting(
-        "paper", "paper: the authors' resizes; aligned: ours (see upsample_logits)", choices=PROTOCOLS
-    )
-    amp: bool = setting(False, "bf16/fp16 autocast on GPU (default: fp32, as the authors)")
-    batch_size: int | None = setting(None, "teacher windows per forward (default: auto)", (">=", 1))
+    stride: int = flag(24, "teacher stride in px, 1..K, for the slide modes", (">=", 1))
+    logit_scale: float = flag(40.0, "softmax temperature (paper: 40; VOC21 65, Context60 50), bias 0")
+    prob_thd: float = flag(0.0, "pixels whose best probability is below this become class 0 (0: off)", "0..1")
+    area_thd: float = flag(0.0, "drop classes with at most this share of the argmax map (0: off)", "0..1")
+    short_side: int | None = flag(None, "resize keeping the ratio to this short side (0: keep the size)", (">=", 0))
+    long_side: int | None = flag(None, "... but the long side at most this (0: no cap)", (">=", 0))
+    protocol: str = flag("paper", "paper: the authors' resizes; aligned: ours (see upsample_logits)", choices=PROTOCOLS)
+    amp: bool = flag(False, "bf16/fp16 autocast on GPU (default: fp32, as the authors)")
+    batch_size: int | None = flag(None, "teacher windows per forward (default: auto)", (">=", 1))
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -344,41 +340,39 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--checkpoint", help="student.pt from distill.py (single mode; the teacher is the pre-trained model)"
     )
-    add_settings_args(p, protocol="aligned", short_side=672, long_side=2048)  # this CLI's defaults
+    add_flags(p, SegmentSettings, protocol="aligned", short_side=672, long_side=2048)  # this CLI's defaults
     p.add_argument("--templates", default=str(DEFAULT_TEMPLATES), help="prompt templates, one per line with {}")
     p.add_argument("--text-cache", help=f"text-embedding cache folder ('none': off; default ${CACHE_ENV} or ~/.cache)")
     p.add_argument("--out", default="seg.png", help="mask PNG; the overlay goes to <out stem>_overlay.png")
     return p
 
 
-def add_settings_args(p, skip=(), **defaults):
-    """One --flag per field of SegmentSettings but `skip`, with this CLI's `defaults` (else the field's)."""
-    for f in fields(SegmentSettings):
+def add_flags(parser, flags, skip=(), **defaults):
+    """One --flag-name per field of the dataclass `flags` but `skip` (bool: a switch; int / float / str: typed), with
+    this CLI's `defaults` (else the field's); a default other than None is shown in the help."""
+    for f in fields(flags):
         if f.name in skip:
             continue
         options = {k: v for k, v in f.metadata.items() if k != "check"}
-        if f.type == "bool":
+        kind = f.type.split(" |")[0]  # "int | None" -> int
+        if kind == "bool":
             options.update(action="store_true")
         else:
-            kind = {"int": int, "float": float}.get(f.type.split(" |")[0], str)
-            options.update(type=kind, default=defaults.get(f.name, f.default))
-            if options["default"] is not None:
-                options["help"] += " (default: %(default)s)"
-        p.add_argument("--" + f.name.replace("_", "-"), **options)
+            options.update(type={"int": int, "float": float}.get(kind, str), default=defaults.get(f.name, f.default))
+            options["help"] += " (default: %(default)s)" if options["default"] is not None else ""
+        parser.add_argument("--" + f.name.replace("_", "-"), **options)
 
 
-def check_settings_args(args, skip=()):
-    """The number checks of the settings' flags (`setting`'s `check`), one sentence each, before any work."""
-    rules = [
-        (f.name, f.metadata["check"]) for f in fields(SegmentSettings) if f.metadata["check"] and f.name not in skip
-    ]
-    check_numbers([("--" + name.replace("_", "-"), getattr(args, name), rule) for name, rule in rules])
+def check_flag_numbers(args, flags, skip=()):
+    """The number checks of the fields of `flags` (`flag(check=...)`), one sentence each, before any work."""
+    checked = [f for f in fields(flags) if f.metadata.get("check") and f.name not in skip]
+    check_numbers([("--" + f.name.replace("_", "-"), getattr(args, f.name), f.metadata["check"]) for f in checked])
 
 
 def read_args(args) -> tuple[SegmentSettings, list[list[str]], torch.device]:
     """The settings (the flags are named for its fields), the class list and the device of the command line, every
     number checked: one sentence each, before any work."""
-    check_settings_args(args)
+    check_flag_numbers(args, SegmentSettings)
     check_mask_path(Path(args.out))
     device = resolve_device(args.device)
     classes = class_list(args.classes, args.class_file)
@@ -392,13 +386,14 @@ def _run(argv=None):
     settings, classes, device = read_args(args)
     templates = read_templates(args.templates)
     image = load_image(args.image)  # (1, 3, H, W) in [0, 1]
-    checkpoint = args.checkpoint if args.mode == "single" else None
-    if args.checkpoint and args.mode != "single":
+    single = args.mode == "single"
+    checkpoint = args.checkpoint if single else None
+    if args.checkpoint and not single:
         print(
             "note: --checkpoint is ignored in slide mode (the teacher uses the pre-trained weights).", file=sys.stderr
         )
     backbone = load_backbone(args.backbone, args.pretrained, device, checkpoint=checkpoint)
-    if args.mode != "single":
+    if not single:
         check_stride(args.stride, backbone)
     run_h, run_w = run_size(*image.shape[-2:], settings, backbone.patch_size)  # before any work
     t_loaded = time.perf_counter()
@@ -406,7 +401,7 @@ def _run(argv=None):
     t_text = time.perf_counter()
     seg = segment(backbone, image, text, settings)
     labels = seg.labels[0].cpu().numpy()  # the one host copy
-    how = f"{args.mode}" + (f", stride {args.stride}" if args.mode != "single" else "")
+    how = f"{args.mode}" + ("" if single else f", stride {args.stride}")
     name = display_name(args.image)  # printable even if not UTF-8
     title = f"{Path(name).name} - {backbone.name}" + (" + student" if checkpoint else "") + f" ({how})"
     out = Path(args.out)
