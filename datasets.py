@@ -14,10 +14,12 @@ Six benchmarks, each with the paper's class names (data/classes/*.txt), logit sc
 Settings are looked up per (backbone, dataset) (`settings_for`): the authors use prob_thd 0.1 and area_thd 0.1
 for OpenCLIP (clip-b16) on VOC21, the table above otherwise (area_thd off).
 
-* `read_class_file`, `parse_class_lines`, `check_duplicates`, `read_templates` -- class lists (one class per line,
-  synonyms comma-separated) and prompt templates (`{}` for the name; the paper's 80 ImageNet ones by default);
-* `DATASETS`, `dataset_samples`, `read_sample` -- each benchmark's split in a fixed order, read into evaluated
-  class indices (255 = ignore); a mis-laid folder is a `DatasetError` that says what was expected;
+* `read_class_file`, `parse_classes`, `class_list`, `check_duplicates`, `read_templates` -- class lists (one class
+  per line, synonyms comma-separated; or segment.py's --classes) and prompt templates (`{}` for the name; the
+  paper's 80 ImageNet ones by default);
+* `DATASETS`, `settings_for`, `benchmark`, `dataset_samples`, `read_sample`, `sample_loader` -- each benchmark's
+  settings, class list and split in a fixed order, read into evaluated class indices (255 = ignore); a mis-laid
+  folder is a `DatasetError` that says what was expected;
 * `make_synthetic` -- a small fake dataset in any of the layouts (for trying the CLIs and for the tests);
 * `render_scene`, `write_world` -- the toy world of `miniature.py` (`--dataset miniature`);
 * `voc_palette` -- the PASCAL VOC colour map: VOC's label PNGs and the masks of `pictures.py`.

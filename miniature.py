@@ -2,9 +2,9 @@
 
 A toy world stands in for natural images, and `tiny` (4 blocks, width 128, p = 16, K = 128) stands in for SigLIP2:
 
-  1. world     synthetic scenes of any size: grey shapes on a grey background whose CLASS is the colour of a thin
-               border stroke (red, green, blue, yellow; the label is the whole object).  Nothing inside a large
-               object tells its class, so a token must gather it from the object's border -- locally;
+  1. world     synthetic scenes of any size (datasets.py): grey shapes on a grey background whose CLASS is the
+               colour of a thin border stroke (red, green, blue, yellow; the label is the whole object).  Nothing
+               inside a large object tells its class, so a token must gather it from the object's border -- locally;
   2. pretrain  `tiny` at its native 128 x 128 ONLY (image AND text tower: cosine between dense features and the
                text embeddings of the class names, per-pixel cross-entropy), saved as a weights file that every CLI
                loads with `--backbone tiny --pretrained PATH` (`--set pretrain.big_frac=F` trains a fraction F
