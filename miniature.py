@@ -2,9 +2,9 @@
 
 A toy world stands in for natural images, and `tiny` (4 blocks, width 128, p = 16, K = 128) stands in for SigLIP2:
 
-  1. world     synthetic scenes of any size: grey shapes on a grey background whose CLASS is the colour of a thin
-               border stroke (red, green, blue, yellow; the label is the whole object).  Nothing inside a large
-               object tells its class, so a token must gather it from the object's border -- locally;
+  1. world     synthetic scenes of any size (datasets.py): grey shapes on a grey background whose CLASS is the
+               colour of a thin border stroke (red, green, blue, yellow; the label is the whole object).  Nothing
+               inside a large object tells its class, so a token must gather it from the object's border -- locally;
   2. pretrain  `tiny` at its native 128 x 128 ONLY (image AND text tower: cosine between dense features and the
                text embeddings of the class names, per-pixel cross-entropy), saved as a weights file that every CLI
                loads with `--backbone tiny --pretrained PATH` (`--set pretrain.big_frac=F` trains a fraction F
@@ -31,9 +31,7 @@ from __future__ import annotations
 import argparse
 import copy
 import hashlib
-import io
 import json
-import math
 import os
 import subprocess
 import sys
@@ -44,16 +42,17 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from cli import UserError, main_guard, parse_size, resolve_device
+from datasets import WORLD, read_templates, render_scene, scene_rng, write_world
+from files import read_json, save_torch, write_json
+from pictures import speed_accuracy_plot
+
 HERE = Path(__file__).resolve().parent
 CLASSES = ("background", "red", "green", "blue", "yellow")
-COLOURS = np.array([(0.90, 0.12, 0.10), (0.10, 0.72, 0.15), (0.12, 0.25, 0.92), (0.92, 0.85, 0.10)], np.float32)
-SHAPES = ("disc", "square", "triangle", "plus")
 
 DEFAULTS = {
-    # the world: what a scene looks like (sizes in px, densities per 128 x 128 area)
-    "world": dict(
-        radius=[40, 60], density=[0.7, 2.0], border=3, noise=0.06, tint=0.05, fill_spread=0.0, contrast=[0.2, 0.35]
-    ),
+    # the world (datasets.py): what a scene looks like (sizes in px, densities per 128 x 128 area)
+    "world": WORLD,
     # pretraining of tiny at 128^2 only (image + text tower); big_frac > 0 makes a fraction of the steps use
     # big_size^2 scenes (same pixels per step: fewer scenes), position embeddings resized by (E3) as at test time
     "pretrain": dict(
@@ -89,109 +88,6 @@ SEEDS = dict(native=101, large=102, distill=103, pretrain=104)  # one stream per
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# 1. The world
-# ----------------------------------------------------------------------------------------------------------------
-
-
-def shape_sdf(kind: str, u: np.ndarray, v: np.ndarray, R: float) -> np.ndarray:
-    """Signed distance (px, > 0 inside) of a shape of circumradius ~R centred at 0, in rotated coordinates u, v."""
-    if kind == "disc":
-        return R - np.hypot(u, v)
-    if kind == "square":
-        a = 0.75 * R
-        return np.minimum(a - np.abs(u), a - np.abs(v))
-    if kind == "triangle":  # equilateral: inradius R / 2, three half-planes
-        d = [0.5 * R - (u * math.cos(t) + v * math.sin(t)) for t in (math.pi / 2, math.pi * 7 / 6, math.pi * 11 / 6)]
-        return np.minimum(np.minimum(d[0], d[1]), d[2])
-    w = 0.38 * R  # plus: union of two bars
-    return np.maximum(np.minimum(R - np.abs(u), w - np.abs(v)), np.minimum(w - np.abs(u), R - np.abs(v)))
-
-
-def render_scene(rng: np.random.Generator, H: int, W: int, cfg: dict) -> tuple[np.ndarray, np.ndarray]:
-    """One scene: (H, W, 3) uint8 image and (H, W) uint8 label (0 background, 1..4 = border colour).
-
-    Objects of radius U(radius) at `density` per 128^2 area, never overlapping, cut by the image border; every
-    object has the same fill grey (+- fill_spread), the background a contrasting grey, a small colour tint, and
-    pixel noise.  Only a `border`-px stroke carries the class.
-    """
-    fill = rng.uniform(0.3, 0.7)
-    sign = rng.choice([-1.0, 1.0])
-    if not 0.05 < fill + sign * cfg["contrast"][1] < 0.95:
-        sign = -sign
-    bg = fill + sign * rng.uniform(*cfg["contrast"])
-    img = np.empty((H, W, 3), np.float32)
-    img[:] = bg + rng.uniform(-cfg["tint"], cfg["tint"], 3)
-    label = np.zeros((H, W), np.uint8)
-    target = rng.uniform(*cfg["density"]) * H * W / 128**2
-    n = int(target) + (rng.random() < target - int(target))
-    placed: list[tuple[float, float, float]] = []
-    for _ in range(30 * n):
-        if len(placed) >= n:
-            break
-        R = rng.uniform(*cfg["radius"])
-        cy, cx = rng.uniform(0, H), rng.uniform(0, W)
-        if any((cy - y) ** 2 + (cx - x) ** 2 < (1.08 * (R + r) + 2) ** 2 for y, x, r in placed):
-            continue  # no overlap (circumradius of the plus is ~1.07 R)
-        placed.append((cy, cx, R))
-        y0, y1 = max(0, int(cy - 1.1 * R)), min(H, int(cy + 1.1 * R) + 1)
-        x0, x1 = max(0, int(cx - 1.1 * R)), min(W, int(cx + 1.1 * R) + 1)
-        if y0 >= y1 or x0 >= x1:
-            continue
-        yy, xx = np.mgrid[y0:y1, x0:x1].astype(np.float32)
-        t = rng.uniform(0, 2 * math.pi)
-        dy, dx = yy + 0.5 - cy, xx + 0.5 - cx
-        u, v = dx * math.cos(t) + dy * math.sin(t), -dx * math.sin(t) + dy * math.cos(t)
-        sdf = shape_sdf(SHAPES[rng.integers(len(SHAPES))], u, v, R)
-        inside = sdf > 0
-        cls = rng.integers(4)
-        colour = np.where(
-            (sdf <= cfg["border"])[..., None],
-            COLOURS[cls],
-            fill + rng.uniform(-cfg["fill_spread"], cfg["fill_spread"]) + rng.uniform(-cfg["tint"], cfg["tint"], 3),
-        )
-        patch = img[y0:y1, x0:x1]
-        patch[inside] = colour[inside]
-        label[y0:y1, x0:x1][inside] = cls + 1
-    img += rng.normal(0, cfg["noise"], img.shape).astype(np.float32)
-    return (np.clip(img, 0, 1) * 255 + 0.5).astype(np.uint8), label
-
-
-def scene_rng(seed: int, index: int) -> np.random.Generator:
-    return np.random.default_rng([seed, index])
-
-
-def write_world(out: str | os.PathLike, H: int, W: int, count: int, seed: int, cfg: dict | None = None) -> Path:
-    """A labelled set: out/images/<i>.png (RGB) and out/labels/<i>.png (class indices); skipped when `out`
-    already holds it with the same settings, otherwise (re)written whole, stale extra scenes removed.
-
-    `evaluate.py --dataset miniature --root out` reads it; `distill.py --images out/images` trains on it."""
-    from PIL import Image
-
-    from files import atomic_write, write_json
-
-    cfg = cfg or DEFAULTS["world"]
-    out = Path(out)
-    for sub in ("images", "labels"):
-        (out / sub).mkdir(parents=True, exist_ok=True)
-    key = dict(size=[H, W], count=count, seed=seed, world=cfg)
-    meta = out / "world.json"
-    if read_json(meta) == key:
-        return out  # finished earlier with the same settings
-    for i in range(count):
-        image, label = render_scene(scene_rng(seed, i), H, W, cfg)
-        for sub, arr in (("images", image), ("labels", label)):
-            buf = io.BytesIO()
-            Image.fromarray(arr).save(buf, format="PNG", compress_level=1)
-            atomic_write(out / sub / f"{i:05d}.png", lambda f, b=buf.getvalue(): f.write(b))
-    for sub in ("images", "labels"):
-        for stale in (out / sub).glob("*.png"):
-            if stale.stem.isdigit() and int(stale.stem) >= count:
-                stale.unlink()
-    write_json(meta, key)  # written last: its presence means "done"
-    return out
-
-
-# ----------------------------------------------------------------------------------------------------------------
 # 2. Pretraining tiny at 128^2 only: dense features against text embeddings of the class names
 # ----------------------------------------------------------------------------------------------------------------
 
@@ -224,8 +120,6 @@ def step_size(step: int, cfg: dict) -> tuple[int, int]:
 def pretrain(out_path: Path, cfg: dict, world: dict, device: str = "cpu") -> dict:
     """Train every weight of `tiny` on 128^2 scenes (and big_size^2 on a big_frac of the steps, which leaves the
     model less bound to its native size); per-pixel CE on logit_scale * cos(F(i), t_c). Deterministic."""
-    from files import save_torch
-    from segment import read_templates
     from student import load_backbone
 
     torch.manual_seed(cfg["seed"])
@@ -354,15 +248,8 @@ def distill_cmd(d: dict, run: Path, images: Path, weights: Path, device: str) ->
     return cmd + (d["extra"].split() if d["extra"] else [])
 
 
-class MiniatureError(RuntimeError):
+class MiniatureError(UserError):
     """A stage failed; the message says which and that a rerun resumes."""
-
-
-def read_json(path: Path):
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
 
 
 def config_hash(obj) -> str:
@@ -377,8 +264,6 @@ def experiment(out: Path, cfg: dict, device: str = "cpu", until: str = "spar") -
     t0 = time.time()
     out.mkdir(parents=True, exist_ok=True)
     W, P, E, D = cfg["world"], cfg["pretrain"], cfg["eval"], cfg["distill"]
-    from files import parse_size, write_json
-
     res_path = out / "results.json"
     res = read_json(res_path) or {}
     pre_key, dist_key = config_hash([W, P, E]), config_hash([W, P, E, D])
@@ -406,8 +291,21 @@ def experiment(out: Path, cfg: dict, device: str = "cpu", until: str = "spar") -
         save()
     res["pretrained_weights"] = str(weights)
 
+    evaluate_pretrained(res, save, out / f"eval-{pre_key}", native, large, weights, E, device)
+    if until == "teacher":
+        return res
+    distill_and_evaluate(res, save, out, dist_key, native, large, weights, cfg, device)
+    gap = res["teacher"] - res["single"]
+    res["gap_closed"] = (res["spar"] - res["single"]) / gap if gap > 0 else float("nan")
+    res["seconds"] = round(res.get("seconds", 0.0) + time.time() - t0, 1)  # summed over resumed runs
+    save()
+    plot(res, out / "results.png")
+    return res
+
+
+def evaluate_pretrained(res: dict, save, ev: Path, native: Path, large: Path, weights: Path, E: dict, device: str):
+    """Stage 3: the pre-trained model at its native 128^2, and on the large scenes in one pass vs the teacher."""
     print("3/5 evaluate the pre-trained model: native 128^2, and large scenes single pass vs teacher", flush=True)
-    ev = out / f"eval-{pre_key}"
     if "native" not in res:
         r = evaluate(native, weights, "pretrained", ev / "native.json", device)["pretrained"]
         res["native"], res["native_s"] = 100 * r["miou"], r["seconds_per_image"]
@@ -422,14 +320,16 @@ def experiment(out: Path, cfg: dict, device: str = "cpu", until: str = "spar") -
             teacher_s=r[teacher_mode]["seconds_per_image"],
         )
         save()
-    if until == "teacher":
-        return res
 
+
+def distill_and_evaluate(res: dict, save, out: Path, key: str, native, large, weights: Path, cfg: dict, device):
+    """Stages 4 and 5: distill.py on unlabelled scenes, then the student in one pass (large and native scenes)."""
     print("4/5 distill.py: the single-pass student regresses the sliding-window teacher (E4)", flush=True)
+    W, D = cfg["world"], cfg["distill"]
     dist_set = write_world(
         out / "world" / f"distill-{D['size']}-{D['images']}", *parse_size(D["size"]), D["images"], SEEDS["distill"], W
     )
-    run = out / f"distill-{dist_key}"
+    run = out / f"distill-{key}"
     ckpt = run / "student.pt"
     if not (run / "metrics.json").is_file():
         cmd = distill_cmd(D, run, dist_set / "images", weights, device)
@@ -443,18 +343,10 @@ def experiment(out: Path, cfg: dict, device: str = "cpu", until: str = "spar") -
         r = evaluate(native, weights, "single", run / "eval-native.json", device, ckpt)["single"]
         res["spar_native"] = 100 * r["miou"]
         save()
-    gap = res["teacher"] - res["single"]
-    res["gap_closed"] = (res["spar"] - res["single"]) / gap if gap > 0 else float("nan")
-    res["seconds"] = round(res.get("seconds", 0.0) + time.time() - t0, 1)  # summed over resumed runs
-    save()
-    plot(res, out / "results.png")
-    return res
 
 
 def plot(res: dict, path: Path):
     """Fig. 1 in miniature: seconds per image against mIoU on the large scenes (evaluate.py's plot)."""
-    from evaluate import speed_accuracy_plot
-
     pts = {
         "single pass (pre-trained)": dict(seconds_per_image=res["single_s"], miou=res["single"] / 100),
         f"slide{res['config']['eval']['stride']} (teacher)": dict(
@@ -482,7 +374,7 @@ def apply_sets(cfg: dict, sets: list[str]) -> dict:
         key, _, value = item.partition("=")
         section, _, name = key.partition(".")
         if section not in cfg or name not in cfg[section]:
-            raise ValueError(
+            raise UserError(
                 f"--set '{item}': unknown key '{key}'; known: "
                 + ", ".join(f"{s}.{k}" for s in cfg for k in cfg[s])
                 + "."
@@ -494,33 +386,30 @@ def apply_sets(cfg: dict, sets: list[str]) -> dict:
     return cfg
 
 
-def main(argv=None):
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["world"]:
-        p = argparse.ArgumentParser(
-            prog="miniature.py world",
-            description="Write a labelled set of toy scenes "
-            "(images/ and labels/), read by evaluate.py --dataset miniature.",
-        )
-        p.add_argument("--out", required=True)
-        p.add_argument("--size", default="512x1024", help="HxW (default %(default)s)")
-        p.add_argument("--count", type=int, default=32)
-        p.add_argument("--seed", type=int, default=0)
-        p.add_argument("--set", action="append", default=[], help="world.KEY=VALUE, e.g. world.fill_spread=0.1")
-        a = p.parse_args(argv[1:])
-        from files import parse_size
+def world(argv: list[str]):
+    """`python miniature.py world ...`: write a labelled set of scenes."""
+    p = argparse.ArgumentParser(
+        prog="miniature.py world",
+        description="Write a labelled set of toy scenes "
+        "(images/ and labels/), read by evaluate.py --dataset miniature.",
+    )
+    p.add_argument("--out", required=True)
+    p.add_argument("--size", default="512x1024", help="HxW (default %(default)s)")
+    p.add_argument("--count", type=int, default=32)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--set", action="append", default=[], help="world.KEY=VALUE, e.g. world.fill_spread=0.1")
+    a = p.parse_args(argv)
+    H, W = parse_size(a.size)
+    if a.count < 1:
+        raise UserError(f"--count must be at least 1, got {a.count}.")
+    cfg = apply_sets(DEFAULTS, a.set)["world"]
+    write_world(a.out, H, W, a.count, a.seed, cfg)
+    print(f"wrote {a.count} scenes of {H}x{W} to {a.out} (images/, labels/)")
 
-        try:
-            H, W = parse_size(a.size)
-            if a.count < 1:
-                raise ValueError(f"--count must be at least 1, got {a.count}.")
-            cfg = apply_sets(DEFAULTS, a.set)["world"]
-        except ValueError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            sys.exit(2)
-        write_world(a.out, H, W, a.count, a.seed, cfg)
-        print(f"wrote {a.count} scenes of {H}x{W} to {a.out} (images/, labels/)")
-        return
+
+def _run(argv: list[str]):
+    if argv[:1] == ["world"]:
+        return world(argv[1:])
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -547,27 +436,21 @@ def main(argv=None):
         help="teacher: stop before distillation (world, pretraining, pre-trained numbers only)",
     )
     a = p.parse_args(argv)
-    try:
-        cfg = apply_sets(DEFAULTS, a.set)
-        from files import resolve_device
-
-        resolve_device(a.device)  # a DeviceError is a ValueError
-    except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
+    cfg = apply_sets(DEFAULTS, a.set)
+    resolve_device(a.device)
     if a.threads:  # also for the evaluate.py / distill.py it runs
         torch.set_num_threads(a.threads)
         os.environ["OMP_NUM_THREADS"] = str(a.threads)
-    try:
-        res = experiment(Path(a.out), cfg, a.device, a.until)
-    except MiniatureError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
+    res = experiment(Path(a.out), cfg, a.device, a.until)
     if a.until == "teacher":
         print(json.dumps({k: res[k] for k in ("native", "single", "teacher")}))
         return
     print_table(res)
     print(f"saved {Path(a.out) / 'results.json'} and {Path(a.out) / 'results.png'}")
+
+
+def main(argv=None):
+    return main_guard(_run, list(sys.argv[1:] if argv is None else argv))
 
 
 if __name__ == "__main__":

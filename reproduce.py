@@ -20,7 +20,6 @@ of each dataset's typical evaluation size (random weights, so no download) and e
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import subprocess
@@ -64,22 +63,9 @@ def say(msg: str):
     print(msg, flush=True)
 
 
-def fail(msg: str, code: int = 2):
-    print(f"error: {msg}", file=sys.stderr)
-    sys.exit(code)
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # Running evaluate.py, resumably
 # ----------------------------------------------------------------------------------------------------------------
-
-
-def _file_id(path: str | None):
-    """A checkpoint's identity for 'already done': absolute path, size, modification time."""
-    if not path:
-        return None
-    st = os.stat(path)
-    return [os.path.abspath(path), st.st_size, int(st.st_mtime)]
 
 
 def evaluate_command(args, backbone: str, dataset: str, root: str, ckpt: str | None, out: Path) -> list[str]:
@@ -131,31 +117,15 @@ def run_tee(cmd: list[str]) -> tuple[int, str]:
     return code, last or f"exit status {code}"
 
 
-def complete_modes(path: Path) -> dict:
-    """{mode: mIoU %} of the modes of an evaluate.py results JSON that covered the whole split."""
-    try:
-        record = json.loads(path.read_text())
-        total = record["settings"]["num_images"]
-        return {
-            m: 100 * r["miou"]
-            for m, r in record["modes"].items()
-            if r.get("images_done", 0) >= total and r.get("miou") is not None
-        }
-    except (OSError, ValueError, KeyError, TypeError):
-        return {}
-
-
 def run_all(args, results: dict, errors: list[str]):
     """Evaluate every (row backbone, dataset) that has a root, filling results[(backbone, model, dataset)] = mIoU %
     and `errors` as runs finish (so an interrupted reproduction still tables what is done)."""
-    from files import write_json
+    from files import read_json, write_json
+    from results import complete_modes, file_stamp
 
     out_dir = Path(args.out)
     done_path = out_dir / "done.json"  # run key -> the command that finished it
-    try:
-        done = json.loads(done_path.read_text())
-    except (OSError, ValueError):
-        done = {}
+    done = read_json(done_path) or {}
     for backbone in args.backbones:
         ckpt = getattr(args, ROWS[backbone][1])
         arch = args.smoke_backbone or backbone
@@ -170,7 +140,7 @@ def run_all(args, results: dict, errors: list[str]):
             out = out_dir / backbone / f"{dataset}{'-spar' if ckpt else ''}.json"
             cmd = evaluate_command(args, arch, dataset, root, ckpt, out)
             key = f"{backbone}/{dataset}{'-spar' if ckpt else ''}"
-            stamp = {"cmd": cmd[1:], "checkpoint": _file_id(ckpt)}
+            stamp = {"cmd": cmd[1:], "checkpoint": list(file_stamp(ckpt)) if ckpt else None}
             modes = complete_modes(out)
             wanted = ("pretrained", "single") if ckpt else ("pretrained",)
             if done.get(key) == stamp and all(m in modes for m in wanted):
@@ -336,12 +306,10 @@ def time_backbone(name: str, args) -> list[dict]:
 def timing(args) -> int:
     import torch
 
-    from files import WriteError, resolve_device, write_json
+    from cli import resolve_device
+    from files import write_json
 
-    try:
-        args.device = str(resolve_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu")))
-    except ValueError as exc:
-        fail(str(exc))
+    args.device = str(resolve_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu")))
     say(
         f"seconds per image, random weights, device {args.device}, precision {args.precision}, stride-24 teacher"
         + (" (--quick: small images, not the evaluation sizes)" if args.quick else "")
@@ -363,19 +331,10 @@ def timing(args) -> int:
                 f"{r['backbone']:<12} {d:<11} {split[d]:>6} {split[d] * r['single_s'] / 60:11.1f} "
                 f"{split[d] * r['teacher_s'] / 60:12.1f}"
             )
-    try:
-        write_json(
-            Path(args.out) / "timing.json",
-            {
-                "device": args.device,
-                "precision": args.precision,
-                "quick": args.quick,
-                "rows": rows,
-                "split_images": split,
-            },
-        )
-    except WriteError as exc:
-        fail(str(exc))
+    write_json(
+        Path(args.out) / "timing.json",
+        {"device": args.device, "precision": args.precision, "quick": args.quick, "rows": rows, "split_images": split},
+    )
     say(f"saved {Path(args.out) / 'timing.json'}")
     return 0
 
@@ -439,15 +398,18 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv=None) -> int:
+def _run(argv=None) -> int:
+    from cli import UserError
+    from files import atomic_write
+
     args = build_parser().parse_args(argv)
     args.backbones = [b.strip() for b in args.backbones.split(",") if b.strip()]
     for b in args.backbones:
         if b not in ROWS:
-            fail(f"unknown row backbone '{b}'; choose from {', '.join(ROWS)}.")
+            raise UserError(f"unknown row backbone '{b}'; choose from {', '.join(ROWS)}.")
     for flag in ("max_images", "short_side", "teacher_windows", "repeats"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
-            fail(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}.")
+            raise UserError(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}.")
     if args.timing:
         if args.quick:
             args.teacher_windows = args.teacher_windows or 2
@@ -456,9 +418,7 @@ def main(argv=None) -> int:
     for b in args.backbones:
         ckpt = getattr(args, ROWS[b][1])
         if ckpt and not os.path.isfile(ckpt):
-            fail(f"checkpoint '{ckpt}' (--{ROWS[b][1].replace('_', '-')}) does not exist.")
-
-    from files import WriteError, atomic_write
+            raise UserError(f"checkpoint '{ckpt}' (--{ROWS[b][1].replace('_', '-')}) does not exist.")
 
     results, errors, code = {}, [], 0
     try:
@@ -468,14 +428,17 @@ def main(argv=None) -> int:
         say("\ninterrupted; finished runs are kept, run the same command again to resume.")
     table = markdown_table(results, args.backbones, table_notes(args))
     path = Path(args.out) / "table1.md"
-    try:
-        atomic_write(path, lambda f: f.write(table.encode()))
-    except WriteError as exc:
-        fail(str(exc))
+    atomic_write(path, lambda f: f.write(table.encode()))
     say("\n" + table + f"saved {path}")
     for e in errors:
         print(f"error: {e}", file=sys.stderr)
     return code or (2 if errors else 0)
+
+
+def main(argv=None) -> int:
+    from cli import main_guard
+
+    return main_guard(_run, argv)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
 """Zero-shot, open-vocabulary segmentation of any image (SPAR, CVPR 2026: how the distilled single-pass student is
-used, Fig. 1; the segmentation half of (E4)).
+used, Sec. 4 and Fig. 1).
 
 Dense features F (B, h, w, C) come either from ONE pass of the backbone over the whole image at any H x W (mode
 `single`, (E3): the pre-trained model or a distilled SPAR student) or from the sliding-window teacher (mode
@@ -7,144 +7,53 @@ Dense features F (B, h, w, C) come either from ONE pass of the backbone over the
 is described by text:
 
     t_q = normalize( mean_{80 templates} normalize( text(template.format(query_q)) ) )       one per query q
-    (E4)  logits_q(i) = < F(i) / ||F(i)||, t_q >                                           cosine, patch grid
+    (E5)  logits_q(i) = < F(i) / ||F(i)||, t_q >                                           cosine, patch grid
 
 then the logits are upsampled bilinearly to the original image size, scaled by `logit_scale` (bias 0),
 soft-maxed over all queries, max-reduced over each class's synonyms; optionally classes covering too small a share
 of the image are dropped (`area_thd`, the authors' OpenCLIP VOC21 setting); arg-maxed; pixels whose best
 probability is below `prob_thd` become class 0.
 
-Two protocols for the resizes around the model (`protocol=`):
-  paper    the authors' code: the image is resized bilinearly WITHOUT antialias (OpenCV INTER_LINEAR), and the
-           (Q, h, w) cosine map is resized ONCE, bilinearly, from the model's grid (padding included) straight to
-           the label size -- a ceil-grid map is stretched by < 1 patch, a floor-grid (OpenCLIP) one over the
-           unseen < p px strip;
-  aligned  ours: the image is shrunk with antialias, and the cosine map is upsampled x p, cropped to the pixels
-           the grid really covers (or edge-extended over a floor grid's unseen strip), then resized.
-Modes: `single` one pass (E3); `slide` the teacher (E1)-(E2), features averaged where windows overlap, then
-cosine; `slidelogit` the teacher with cosine logits computed per window and averaged where windows overlap.
-Precision: fp32 unless `amp=True` (bf16/fp16 autocast on GPU); the authors evaluate in fp32.
+Protocols for the resizes around the model (`protocol=`, see `upsample_logits`): `paper`, the authors' code, and
+`aligned`, ours.  Modes: `single` one pass (E3); `slide` the teacher (E1)-(E2), features averaged where windows
+overlap, then cosine; `slidelogit` the teacher with per-window cosine logits averaged.  fp32 unless `amp=True`.
 
-* `read_class_file`, `parse_classes`   -- class lists; comma-separated synonyms are separate queries of one class;
-* `text_embeddings`                    -- the t_q above, cached in memory and on disk (atomic writes);
-* `dense_features`, `query_logits`, `upsample_logits`, `segment` -- image -> label map (and optionally logits);
-* CLI: `python segment.py IMAGE --classes "road, car, person, sky" --out seg.png` writes the colour mask
-  (a palette PNG whose pixel values are the class indices) and `seg_overlay.png` (overlay + legend).
-
-API:
-    backbone = load_backbone("siglip2-b16", checkpoint="run/student.pt")
-    text = text_embeddings(backbone, parse_classes("road; car, truck; sky"))
-    seg = segment(backbone, load_image("street.jpg"), text, "single", short_side=672, return_logits=True)
+    text = text_embeddings(backbone, parse_classes("road; car, truck; sky"))  # cached in memory and on disk
+    seg = segment(backbone, load_image("street.jpg"), text, SegmentSettings(short_side=672), return_logits=True)
     seg.labels  # (1, H, W) class indices at the image's size;  seg.logits  # (1, K, H, W)
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
-import json
 import os
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
-from files import (
-    DeviceError,
-    ImageError,
-    WriteError,
-    atomic_write,
-    check_writable,
-    display_name,
-    load_image,
-    resolve_device,
-    save_torch,
-)
-from student import Backbone, BackboneError, add_backbone_args, autocast, load_backbone, synchronize
-from teacher import Teacher, TeacherError
+from cli import UserError, add_backbone_args, check_numbers, display_name, main_guard, resolve_device
+from datasets import DEFAULT_TEMPLATES, check_duplicates, class_list, parse_classes, read_templates  # noqa: F401 (API)
+from files import load_image
+from pictures import check_mask_path, class_shares, overlay_path, save_mask, save_overlay
+from student import BACKBONES, Backbone, autocast, load_backbone, synchronize
+from teacher import Teacher
+from textcache import CACHE_ENV, cache_dir_arg, cached
 
 MODES = ("single", "slide", "slidelogit")
 PROTOCOLS = ("paper", "aligned")
 
-HERE = Path(__file__).resolve().parent
-DEFAULT_TEMPLATES = HERE / "data" / "imagenet_templates.txt"
-CACHE_ENV = "SPAR_TEXT_CACHE"  # directory for cached text embeddings; "none" disables the disk cache
 
-
-class SegmentError(ValueError):
+class SegmentError(UserError):
     """Bad input for segmentation (class list, image, mode). The message is one sentence."""
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Class lists and prompt templates
-# ----------------------------------------------------------------------------------------------------------------
-
-
-def parse_class_lines(lines: list[str]) -> list[list[str]]:
-    """One class per line, comma-separated synonyms: ["sky, wall", "cat"] -> [["sky", "wall"], ["cat"]]."""
-    classes = []
-    for line in lines:
-        names = [n.strip() for n in line.split(",") if n.strip()]
-        if names:
-            classes.append(names)
-    if not classes:
-        raise SegmentError("the class list is empty; give at least one class name.")
-    return classes
-
-
-def read_class_file(path: str | os.PathLike) -> list[list[str]]:
-    """A class file as in the paper's code (data/classes/*.txt): one class per line, synonyms comma-separated."""
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except OSError as exc:
-        raise SegmentError(f"cannot read class file '{path}' ({exc.strerror or exc}).") from exc
-    return parse_class_lines(text.splitlines())
-
-
-def parse_classes(text: str) -> list[list[str]]:
-    """The --classes argument: "road, car, sky" is three classes; with ';' the classes are separated by ';' and
-    commas give synonyms, like the lines of a class file: "road; car, truck; sky" (car and truck -> class 1)."""
-    if ";" in text:
-        return parse_class_lines(text.split(";"))
-    return parse_class_lines([n for n in text.split(",")])
-
-
-def check_duplicates(classes: list[list[str]]):
-    """A name given for two classes makes one of them always empty (a pixel's max goes to one): refuse it."""
-    first = {}
-    for k, syns in enumerate(classes):
-        for name in syns:
-            key = " ".join(name.lower().split())
-            if first.setdefault(key, k) != k:
-                raise SegmentError(
-                    f"'{name}' is given for two classes ({first[key] + 1} and {k + 1}); one of them "
-                    f"could never win a pixel, so remove the duplicate."
-                )
-
-
-def read_templates(path: str | os.PathLike = DEFAULT_TEMPLATES) -> list[str]:
-    """Prompt templates, one per line, `{}` standing for the class name (the paper uses the 80 ImageNet ones)."""
-    try:
-        lines = [t.strip() for t in Path(path).read_text(encoding="utf-8").splitlines() if t.strip()]
-    except OSError as exc:
-        raise SegmentError(f"cannot read template file '{path}' ({exc.strerror or exc}).") from exc
-    if not lines or any("{}" not in t for t in lines):
-        raise SegmentError(f"template file '{path}' must hold one template per line, each with '{{}}' for the name.")
-    return lines
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Text embeddings t_q, cached
-# ----------------------------------------------------------------------------------------------------------------
 
 
 @dataclass
 class ClassText:
-    """The text side of (E4) for a class list."""
+    """The text side of (E5) for a class list."""
 
     names: list[str]  # display name of each class (its first synonym), K entries
     queries: list[str]  # every synonym, Q >= K entries, in class order
@@ -157,52 +66,6 @@ class ClassText:
 
     def to(self, device) -> "ClassText":
         return ClassText(self.names, self.queries, self.query_class.to(device), self.embeddings.to(device))
-
-
-_MEMORY_CACHE: dict[str, torch.Tensor] = {}
-
-
-def default_cache_dir() -> Path | None:
-    """$SPAR_TEXT_CACHE, else $XDG_CACHE_HOME/spar/text, else ~/.cache/spar/text; None if the env var is 'none'."""
-    env = os.environ.get(CACHE_ENV)
-    if env:
-        return None if env.lower() == "none" else Path(env)
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "spar" / "text"
-
-
-def text_weights_fingerprint(backbone: Backbone) -> str:
-    """A cheap identity of the TEXT tower's weights (everything outside `model.visual`).
-
-    A distilled checkpoint only replaces the image tower, so it shares the cache with its base model, while
-    random weights (`--pretrained none`) and real weights never do.  Up to 256 evenly spaced values of each
-    tensor are hashed: one device->host copy, milliseconds even for SigLIP2's large text tower.
-    """
-    names, samples = [], []
-    for name, p in backbone.model.named_parameters():
-        if name.startswith("visual."):
-            continue
-        flat = p.detach().reshape(-1)
-        samples.append(flat[:: max(1, flat.numel() // 256)][:256].float())
-        names.append(f"{name}:{tuple(p.shape)}")
-    h = hashlib.sha256("|".join(names).encode())
-    if samples:
-        h.update(torch.cat(samples).cpu().numpy().tobytes())
-    return h.hexdigest()[:16]
-
-
-def _cache_key(backbone: Backbone, queries: list[str], templates: list[str]) -> str:
-    blob = json.dumps(
-        {
-            "backbone": backbone.name,
-            "weights": text_weights_fingerprint(backbone),
-            "precision": "fp32",
-            "queries": queries,
-            "templates": templates,
-        },
-        ensure_ascii=False,
-    )
-    return f"{backbone.name}-{hashlib.sha256(blob.encode()).hexdigest()[:20]}"
 
 
 @torch.inference_mode()
@@ -229,41 +92,62 @@ def text_embeddings(
     progress: bool = False,
 ) -> ClassText:
     """Text embeddings of a class list (synonyms = separate queries), cached per backbone + text weights +
-    queries + templates: in memory, and on disk in `cache_dir` (True -> `default_cache_dir()`, False/None -> no
-    disk cache).  Raises BackboneError when the backbone's tokenizer is unavailable (SigLIP2 offline)."""
+    queries + templates: in memory, and on disk in `cache_dir` (True -> `textcache.default_cache_dir()`, False/None
+    -> no disk cache).  Raises BackboneError when the backbone's tokenizer is unavailable (SigLIP2 offline)."""
     templates = list(templates) if templates is not None else read_templates()
     if not classes or not all(classes):
         raise SegmentError("the class list is empty; give at least one class name.")
     check_duplicates(classes)
     queries = [q for syns in classes for q in syns]
     query_class = torch.tensor([k for k, syns in enumerate(classes) for _ in syns], dtype=torch.long)
-    key = _cache_key(backbone, queries, templates)
-    if cache_dir is True:
-        cache_dir = default_cache_dir()
-    path = Path(cache_dir) / f"{key}.pt" if cache_dir else None
-
-    emb = _MEMORY_CACHE.get(key)
-    if emb is None and path is not None and path.is_file():
-        try:
-            saved = torch.load(path, map_location="cpu", weights_only=True)
-            if saved.get("queries") == queries and saved.get("templates") == templates:
-                emb = saved["embeddings"]
-        except Exception:  # a corrupt cache file is simply recomputed
-            emb = None
-    if emb is None:
-        emb = embed_queries(backbone, queries, templates, progress=progress).cpu()
-        if path is not None:
-            try:
-                save_torch(path, {"queries": queries, "templates": templates, "embeddings": emb})
-            except WriteError as exc:
-                print(f"warning: the text cache is not saved ({exc}); continuing.", file=sys.stderr)
-    _MEMORY_CACHE[key] = emb
+    emb = cached(
+        backbone, queries, templates, cache_dir, lambda: embed_queries(backbone, queries, templates, progress=progress)
+    )
     return ClassText([syns[0] for syns in classes], queries, query_class, emb).to(backbone.device)
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Image -> label map
-# ----------------------------------------------------------------------------------------------------------------
+def cosine(feats: torch.Tensor, text: ClassText) -> torch.Tensor:
+    """(E5) cosine between L2-normalised features and each query, channels last: (..., C) -> (..., Q)."""
+    # ASSIGNMENT 6 BEGIN: cosine logits between patch features and queries (E5)
+    f = F.normalize(feats.float(), dim=-1)
+    return f @ text.embeddings.to(f.device, f.dtype).T
+    # ASSIGNMENT 6 END
+
+
+def query_logits(feats: torch.Tensor, text: ClassText) -> torch.Tensor:
+    """(E5) cosine between each L2-normalised patch feature and each query: (B, h, w, C) -> (B, Q, h, w)."""
+    return cosine(feats, text).permute(0, 3, 1, 2)
+
+
+def flag(default, help: str, check=None, **argparse_options):
+    """A dataclass field that is also a command-line flag: its default, its --help and its number check (a
+    `cli.check_numbers` rule), said once."""
+    return field(default=default, metadata=dict(help=help, check=check, **argparse_options))
+
+
+@dataclass(frozen=True)
+class SegmentSettings:
+    """How `segment` makes a label map.  The defaults are the API's; each field is also a flag of segment.py and
+    evaluate.py (`add_flags`), which set their own defaults."""
+
+    mode: str = flag(
+        "single", "single (E3); slide: the teacher's features (E1-E2); slidelogit: its logits", choices=MODES
+    )
+    stride: int = flag(24, "teacher stride in px, 1..K, for the slide modes", (">=", 1))
+    logit_scale: float = flag(40.0, "softmax temperature (paper: 40; VOC21 65, Context60 50), bias 0")
+    prob_thd: float = flag(0.0, "pixels whose best probability is below this become class 0 (0: off)", "0..1")
+    area_thd: float = flag(0.0, "drop classes with at most this share of the argmax map (0: off)", "0..1")
+    short_side: int | None = flag(None, "resize keeping the ratio to this short side (0: keep the size)", (">=", 0))
+    long_side: int | None = flag(None, "... but the long side at most this (0: no cap)", (">=", 0))
+    protocol: str = flag("paper", "paper: the authors' resizes; aligned: ours (see upsample_logits)", choices=PROTOCOLS)
+    amp: bool = flag(False, "bf16/fp16 autocast on GPU (default: fp32, as the authors)")
+    batch_size: int | None = flag(None, "teacher windows per forward (default: auto)", (">=", 1))
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise SegmentError(f"unknown mode '{self.mode}'; use one of {', '.join(MODES)}.")
+        if self.protocol not in PROTOCOLS:
+            raise SegmentError(f"unknown protocol '{self.protocol}'; use one of {', '.join(PROTOCOLS)}.")
 
 
 def resized_hw(H: int, W: int, short_side: int | None, long_side: int | None = None) -> tuple[int, int]:
@@ -281,6 +165,19 @@ def resized_hw(H: int, W: int, short_side: int | None, long_side: int | None = N
     return max(1, int(H * s + 0.5)), max(1, int(W * s + 0.5))
 
 
+def run_size(H: int, W: int, settings: SegmentSettings, patch: int) -> tuple[int, int]:
+    """The size an H x W image runs at (`resized_hw`), refused when a side is smaller than one patch."""
+    hw = resized_hw(H, W, settings.short_side, settings.long_side)
+    if min(H, W, *hw) < patch:
+        raise SegmentError(
+            f"the image is {W}x{H} px"
+            + (f", resized to {hw[1]}x{hw[0]}," if hw != (H, W) else "")
+            + f" smaller than one {patch} px patch on a side; there is nothing to segment"
+            + ("; use a larger short side (paper: 672) or none to keep its size." if hw != (H, W) else ".")
+        )
+    return hw
+
+
 def resize_image(image: torch.Tensor, hw: tuple[int, int], antialias: bool = True) -> torch.Tensor:
     """(B, 3, H, W) -> (B, 3, h', w') bilinear (align_corners=False); with `antialias`, anti-aliased when shrinking
     (protocol 'aligned'); without, OpenCV's INTER_LINEAR behaviour (protocol 'paper')."""
@@ -290,62 +187,26 @@ def resize_image(image: torch.Tensor, hw: tuple[int, int], antialias: bool = Tru
     return F.interpolate(image.float(), size=hw, mode="bilinear", align_corners=False, antialias=antialias and shrink)
 
 
-def cosine(feats: torch.Tensor, text: ClassText) -> torch.Tensor:
-    """(E4) cosine between L2-normalised features and each query, channels last: (..., C) -> (..., Q)."""
-    # ASSIGNMENT 6 BEGIN: cosine logits between patch features and queries (E4)
-    f = F.normalize(feats.float(), dim=-1)
-    return f @ text.embeddings.to(f.device, f.dtype).T
-    # ASSIGNMENT 6 END
+def window_teacher(backbone: Backbone, settings: SegmentSettings, text: ClassText | None = None) -> Teacher:
+    """The teacher of a slide mode at `settings.stride`: `slide` stitches features; `slidelogit` stitches
+    per-window cosine logits (E5) with `text`."""
+    head = (lambda f: cosine(f, text)) if settings.mode == "slidelogit" else None
+    precision = "auto" if settings.amp else "fp32"
+    return Teacher(backbone, stride=settings.stride, batch_size=settings.batch_size, precision=precision, head=head)
 
 
-def query_logits(feats: torch.Tensor, text: ClassText) -> torch.Tensor:
-    """(E4) cosine between each L2-normalised patch feature and each query: (B, h, w, C) -> (B, Q, h, w)."""
-    return cosine(feats, text).permute(0, 3, 1, 2)
-
-
-def window_teacher(
-    backbone: Backbone,
-    mode: str,
-    text: ClassText | None,
-    stride: int = 24,
-    batch_size: int | None = None,
-    amp: bool = False,
-    progress: bool = False,
-) -> Teacher:
-    """The teacher of a slide mode: `slide` stitches features; `slidelogit` stitches per-window cosine logits."""
-    head = (lambda f: cosine(f, text)) if mode == "slidelogit" else None
-    return Teacher(
-        backbone,
-        stride=stride,
-        batch_size=batch_size,
-        precision="auto" if amp else "fp32",
-        head=head,
-        progress=progress,
-    )
-
-
-def dense_features(
-    backbone: Backbone,
-    x: torch.Tensor,
-    mode: str = "single",
-    stride: int = 24,
-    batch_size: int | None = None,
-    teacher=None,
-    amp: bool = False,
-) -> torch.Tensor:
+def dense_features(backbone: Backbone, x: torch.Tensor, settings: SegmentSettings, teacher: Teacher | None = None):
     """Normalised (B, 3, H, W) -> float32 features (B, h, w, C) on the backbone's grid (`Backbone.grid_size`).
 
-    single: (E3), one pass at the image's resolution.   slide: (E1)-(E2), the teacher at `stride`.
-    fp32 unless `amp` (then bf16/fp16 autocast on GPU; a given `teacher` keeps its own precision).
+    single: (E3), one pass at the image's resolution.   slide: (E1)-(E2), the teacher at `settings.stride`.
+    fp32 unless `settings.amp` (then bf16/fp16 autocast on GPU; a given `teacher` keeps its own precision).
     """
-    if mode == "single":
-        with torch.inference_mode(), autocast(x.device, "auto" if amp else "fp32"):
+    if settings.mode == "single":
+        with torch.inference_mode(), autocast(x.device, "auto" if settings.amp else "fp32"):
             return backbone.dense(x).float()
-    if mode == "slide":
-        if teacher is None:
-            teacher = window_teacher(backbone, mode, None, stride, batch_size, amp)
-        return teacher(x).float()
-    raise SegmentError(f"unknown mode '{mode}'; use 'single' or 'slide' (slidelogit gives logits, see segment).")
+    if settings.mode == "slide":
+        return (teacher or window_teacher(backbone, settings))(x).float()
+    raise SegmentError("mode 'slidelogit' gives logits, not features (see segment).")
 
 
 def upsample_logits(
@@ -412,150 +273,52 @@ def segment(
     backbone: Backbone,
     image: torch.Tensor,
     text: ClassText,
-    mode: str = "single",
-    stride: int = 24,
-    logit_scale: float = 40.0,
-    prob_thd: float = 0.0,
-    short_side: int | None = None,
-    long_side: int | None = None,
+    settings: SegmentSettings | None = None,
+    teacher: Teacher | None = None,
     out_hw: tuple[int, int] | None = None,
-    batch_size: int | None = None,
-    teacher=None,
     return_logits: bool = False,
-    area_thd: float = 0.0,
-    protocol: str = "paper",
-    amp: bool = False,
 ) -> Segmentation:
     """Label map of RGB images in [0, 1], (B, 3, H0, W0) -> Segmentation(labels (B, *out_hw)).
 
-    The image is resized keeping its ratio (`short_side` / `long_side`, see `resized_hw`; None keeps the size),
-    run through `mode` ('single', or 'slide' / 'slidelogit' at `stride`; a prepared `teacher` may be passed, see
-    `window_teacher`), and the logits come back at `out_hw` (default: H0 x W0) by `protocol` ('paper' or
-    'aligned', see `upsample_logits`).  fp32 unless `amp`.  Everything stays on the backbone's device.
+    The image is resized keeping its ratio (`settings.short_side` / `long_side`), run through `settings.mode` (a
+    prepared `teacher` may be passed, see `window_teacher`), and the logits come back at `out_hw` (default:
+    H0 x W0) by `settings.protocol`.  Everything stays on the backbone's device.
     """
+    s = settings or SegmentSettings()
     if image.dim() != 4 or image.shape[1] != 3:
         raise SegmentError(f"expected an image batch of shape (B, 3, H, W), got {tuple(image.shape)}.")
-    if mode not in MODES:
-        raise SegmentError(f"unknown mode '{mode}'; use one of {', '.join(MODES)}.")
-    if protocol not in PROTOCOLS:
-        raise SegmentError(f"unknown protocol '{protocol}'; use one of {', '.join(PROTOCOLS)}.")
-    H0, W0 = image.shape[-2:]
-    hw = resized_hw(H0, W0, short_side, long_side)
-    if min(H0, W0, *hw) < backbone.patch_size:
-        raise SegmentError(
-            f"the image is {W0}x{H0} px"
-            + (f", resized to {hw[1]}x{hw[0]}," if hw != (H0, W0) else "")
-            + f" smaller than one {backbone.patch_size} px patch on a side; there is nothing to "
-            f"segment."
-        )
-    out_hw = tuple(out_hw) if out_hw is not None else (H0, W0)
-    device = backbone.device
-    if mode == "slidelogit" and teacher is None:
-        teacher = window_teacher(backbone, mode, text, stride, batch_size, amp)
-    elif mode == "slidelogit" and getattr(teacher, "head", None) is None:
+    hw = run_size(*image.shape[-2:], s, backbone.patch_size)
+    out_hw = tuple(out_hw) if out_hw is not None else tuple(image.shape[-2:])
+    if s.mode == "slidelogit" and teacher is None:
+        teacher = window_teacher(backbone, s, text)
+    elif s.mode == "slidelogit" and getattr(teacher, "head", None) is None:
         raise SegmentError("mode 'slidelogit' needs a teacher with a per-window cosine head (see window_teacher).")
-    synchronize(device)
+    synchronize(backbone.device)
     t0 = time.perf_counter()
-    x = resize_image(image.to(device, non_blocking=True), hw, antialias=protocol == "aligned")
+    x = resize_image(image.to(backbone.device, non_blocking=True), hw, antialias=s.protocol == "aligned")
     x = backbone.normalize(x)
     with torch.inference_mode():
-        if mode == "slidelogit":  # (E4) per window, stitched
+        if s.mode == "slidelogit":  # (E5) per window, stitched
             cos = teacher(x).float().permute(0, 3, 1, 2)  # (B, Q, h, w)
-        else:  # (E4) on the stitched map
-            cos = query_logits(dense_features(backbone, x, mode, stride, batch_size, teacher, amp), text)
-        cos = upsample_logits(cos, backbone.patch_size, x.shape[-2:], out_hw, protocol)  # (B, Q, H, W)
-        scaled = logit_scale * cos  # + bias 0
+        else:  # (E5) on the stitched map
+            cos = query_logits(dense_features(backbone, x, s, teacher), text)
+        cos = upsample_logits(cos, backbone.patch_size, x.shape[-2:], out_hw, s.protocol)  # (B, Q, H, W)
+        scaled = s.logit_scale * cos  # + bias 0
         probs = max_over_synonyms(scaled.softmax(dim=1), text)  # (B, K, H, W)
-        if area_thd > 0:
-            probs = drop_small_classes(probs, area_thd)
+        if s.area_thd > 0:
+            probs = drop_small_classes(probs, s.area_thd)
         best, labels = probs.max(dim=1)  # (B, H, W)
-        if prob_thd > 0:
-            labels[best < prob_thd] = 0
+        if s.prob_thd > 0:
+            labels[best < s.prob_thd] = 0
         logits = max_over_synonyms(scaled, text) if return_logits else None
-    synchronize(device)
+    synchronize(backbone.device)
     return Segmentation(labels, logits, time.perf_counter() - t0)
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Pictures
-# ----------------------------------------------------------------------------------------------------------------
-
-
-def palette(n: int) -> np.ndarray:
-    """(n, 3) uint8 colours: the PASCAL VOC colour map from its second entry on (no black class)."""
-    out = np.zeros((n, 3), dtype=np.uint8)
-    for k in range(n):
-        c, rgb = k + 1, [0, 0, 0]
-        for j in range(8):
-            for ch in range(3):
-                rgb[ch] |= ((c >> ch) & 1) << (7 - j)
-            c >>= 3
-        out[k] = rgb
-    return out
-
-
-def save_mask(labels: np.ndarray, num_classes: int, path: str | os.PathLike):
-    """Colour-coded mask at the image's size: a palette PNG whose pixel values are the class indices."""
-    from PIL import Image
-
-    colours = palette(num_classes)
-    if num_classes <= 256:
-        im = Image.fromarray(labels.astype(np.uint8), mode="P")
-        im.putpalette(colours.reshape(-1).tolist())
-    else:  # more classes than a palette holds: plain RGB
-        im = Image.fromarray(colours[labels])
-    atomic_write(path, lambda f: im.save(f, format="PNG"))
-
-
-def save_overlay(
-    image: np.ndarray,
-    labels: np.ndarray,
-    names: list[str],
-    path: str | os.PathLike,
-    title: str = "",
-    alpha: float = 0.5,
-    max_legend: int = 30,
-):
-    """Image | overlay side by side and a legend of the classes present, largest share first."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.patches import Patch
-
-    colours = palette(len(names)).astype(np.float32) / 255
-    overlay = (1 - alpha) * image + alpha * colours[labels]
-    shares = np.bincount(labels.reshape(-1), minlength=len(names)) / labels.size
-    order = [k for k in np.argsort(-shares, kind="stable") if shares[k] > 0][:max_legend]
-    H, W = labels.shape
-    panel_h, legend_w = 4.0, 2.4  # inches
-    fig, axes = plt.subplots(
-        1,
-        3,
-        figsize=(2 * panel_h * W / H + legend_w, panel_h + 0.6),
-        gridspec_kw={"width_ratios": [W / H, W / H, legend_w / panel_h]},
-    )
-    for ax, pic, sub in zip(axes, (image, overlay), ("image", "segmentation")):
-        ax.imshow(pic, interpolation="nearest")
-        ax.set_title(sub, fontsize=10)
-        ax.axis("off")
-    handles = [Patch(facecolor=colours[k], edgecolor="k", label=f"{names[k]}  {100 * shares[k]:.1f}%") for k in order]
-    axes[2].axis("off")
-    axes[2].legend(
-        handles=handles, loc="center left", fontsize=8, frameon=False, title="class  pixel share", title_fontsize=8
-    )
-    if title:
-        fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    try:
-        atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100))
-    finally:
-        plt.close(fig)
-
-
-def overlay_path(out: str | os.PathLike) -> Path:
-    out = Path(out)
-    return out.with_name(out.stem + "_overlay.png")
+def check_stride(stride: int, backbone: Backbone, what: str = "--stride"):
+    """A teacher stride above the window K leaves strips that no window sees: refuse it before any work."""
+    if not 0 < stride <= backbone.window:
+        raise SegmentError(f"{what} must be between 1 and the {backbone.window} px window, got {stride}.")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -565,184 +328,96 @@ def overlay_path(out: str | os.PathLike) -> Path:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        description="Open-vocabulary segmentation of one image (SPAR, E4): writes a colour mask (palette PNG, "
+        description="Open-vocabulary segmentation of one image (SPAR, E5): writes a colour mask (palette PNG, "
         "pixel value = class index), an overlay with a legend, and prints per-class pixel shares.",
         epilog='example: python segment.py assets/rocket.jpg --classes "sky; smoke, cloud; rocket; tower; sea" '
         "--backbone siglip2-b16 --checkpoint run/student.pt --out rocket_seg.png",
     )
     p.add_argument("image", help="image file (any size and aspect ratio)")
+    p.add_argument("--classes", help='class names: "road, car, sky"; with ";" commas give synonyms: "road; car, truck"')
+    p.add_argument("--class-file", help="one class per line, synonyms comma-separated (e.g. data/classes/voc21.txt)")
+    add_backbone_args(p, BACKBONES, default="siglip2-b16")
     p.add_argument(
-        "--classes",
-        help='comma-separated class names, e.g. "road, car, person, sky"; with ";" the '
-        'classes are ";"-separated and commas give synonyms: "road; car, truck; sky"',
+        "--checkpoint", help="student.pt from distill.py (single mode; the teacher is the pre-trained model)"
     )
-    p.add_argument(
-        "--class-file", help="class file, one class per line, synonyms comma-separated (e.g. data/classes/voc21.txt)"
-    )
-    add_backbone_args(p, default="siglip2-b16")
-    p.add_argument(
-        "--checkpoint",
-        help="student.pt from distill.py (single mode; the slide teacher always uses the pre-trained weights)",
-    )
-    p.add_argument(
-        "--mode",
-        choices=MODES,
-        default="single",
-        help="single: one pass over the whole image (E3); slide: the sliding-window teacher (E1-E2), "
-        "features averaged over windows; slidelogit: the teacher with cosine logits averaged",
-    )
-    p.add_argument(
-        "--stride", type=int, default=24, help="teacher stride in px, 1..K, for the slide modes (default 24)"
-    )
-    p.add_argument("--batch-size", type=int, default=None, help="teacher windows per forward (default: auto)")
-    p.add_argument(
-        "--prob-thd",
-        type=float,
-        default=0.0,
-        help="pixels whose best probability is below this become class 0 (default 0: off)",
-    )
-    p.add_argument(
-        "--area-thd",
-        type=float,
-        default=0.0,
-        help="drop classes whose share of the argmax map is at most this (default 0: off)",
-    )
-    p.add_argument(
-        "--protocol",
-        choices=PROTOCOLS,
-        default="aligned",
-        help="aligned (default here): antialiased shrinking, logits cropped to the pixels the grid "
-        "covers; paper: the authors' resizes, as evaluate.py uses",
-    )
-    p.add_argument("--amp", action="store_true", help="bf16/fp16 autocast on GPU (default: fp32, as the authors)")
-    p.add_argument("--logit-scale", type=float, default=40.0, help="softmax temperature (paper: 40; VOC21 65)")
-    p.add_argument(
-        "--short-side",
-        type=int,
-        default=672,
-        help="resize so the short side is this (paper: 672); 0 keeps the image's size (up to --long-side)",
-    )
-    p.add_argument("--long-side", type=int, default=2048, help="... but the long side at most this (0: no cap)")
+    add_flags(p, SegmentSettings, protocol="aligned", short_side=672, long_side=2048)  # this CLI's defaults
     p.add_argument("--templates", default=str(DEFAULT_TEMPLATES), help="prompt templates, one per line with {}")
-    p.add_argument(
-        "--text-cache",
-        default=None,
-        help=f"folder for cached text embeddings ('none' to disable; default ${CACHE_ENV} or ~/.cache/spar/text)",
-    )
+    p.add_argument("--text-cache", help=f"text-embedding cache folder ('none': off; default ${CACHE_ENV} or ~/.cache)")
     p.add_argument("--out", default="seg.png", help="mask PNG; the overlay goes to <out stem>_overlay.png")
     return p
 
 
-def check_out(out: Path):
-    """Refuse an output the mask cannot be written to BEFORE any work: not .png, or an unwritable place."""
-    if out.suffix.lower() != ".png":
-        raise SegmentError(
-            f"--out '{display_name(out)}' must end in .png: the mask is a palette PNG whose pixel "
-            f"values are the class indices (a JPEG would blur them)."
-        )
-    check_writable(out)
-    check_writable(overlay_path(out))
+def add_flags(parser, flags, skip=(), **defaults):
+    """One --flag-name per field of the dataclass `flags` but `skip` (bool: a switch; int / float / str: typed), with
+    this CLI's `defaults` (else the field's); a default other than None is shown in the help."""
+    for f in fields(flags):
+        if f.name in skip:
+            continue
+        options = {k: v for k, v in f.metadata.items() if k != "check"}
+        kind = f.type.split(" |")[0]  # "int | None" -> int
+        if kind == "bool":
+            options.update(action="store_true")
+        else:
+            options.update(type={"int": int, "float": float}.get(kind, str), default=defaults.get(f.name, f.default))
+            options["help"] += " (default: %(default)s)" if options["default"] is not None else ""
+        parser.add_argument("--" + f.name.replace("_", "-"), **options)
 
 
-def check_args(args):
-    """Numbers that would give a silently wrong or crashing run: one sentence each, before any work."""
-    for flag, value in (("--short-side", args.short_side), ("--long-side", args.long_side)):
-        if value < 0:
-            raise SegmentError(f"{flag} must be 0 (off) or a size in px, got {value}.")
-    if args.batch_size is not None and args.batch_size < 1:
-        raise SegmentError(f"--batch-size must be at least 1, got {args.batch_size}.")
-    if args.stride <= 0:
-        raise SegmentError(f"--stride must be positive, got {args.stride}.")
-    for flag, value in (("--prob-thd", args.prob_thd), ("--area-thd", args.area_thd)):
-        if not 0 <= value <= 1:
-            raise SegmentError(f"{flag} must be between 0 and 1, got {value}.")
+def check_flag_numbers(args, flags, skip=()):
+    """The number checks of the fields of `flags` (`flag(check=...)`), one sentence each, before any work."""
+    checked = [f for f in fields(flags) if f.metadata.get("check") and f.name not in skip]
+    check_numbers([("--" + f.name.replace("_", "-"), getattr(args, f.name), f.metadata["check"]) for f in checked])
 
 
-def cache_dir_arg(value: str | None):
-    if value is None:
-        return True
-    return None if value.lower() == "none" else value
+def read_args(args) -> tuple[SegmentSettings, list[list[str]], torch.device]:
+    """The settings (the flags are named for its fields), the class list and the device of the command line, every
+    number checked: one sentence each, before any work."""
+    check_flag_numbers(args, SegmentSettings)
+    check_mask_path(Path(args.out))
+    device = resolve_device(args.device)
+    classes = class_list(args.classes, args.class_file)
+    settings = SegmentSettings(**{f.name: getattr(args, f.name) for f in fields(SegmentSettings)})
+    return settings, classes, device
 
 
-def main(argv=None):
+def _run(argv=None):
     args = build_parser().parse_args(argv)
     t_start = time.perf_counter()
-    out = Path(args.out)
-    try:
-        check_args(args)
-        check_out(out)
-        device = resolve_device(args.device)
-        if args.classes and args.class_file:
-            raise SegmentError("give either --classes or --class-file, not both.")
-        if args.class_file:
-            classes = read_class_file(args.class_file)
-        elif args.classes is not None:
-            classes = parse_classes(args.classes)
-        else:
-            raise SegmentError('no classes given; pass --classes "a, b, c" or --class-file FILE.')
-        check_duplicates(classes)
-        templates = read_templates(args.templates)
-        image = load_image(args.image)  # (1, 3, H, W) in [0, 1]
-        checkpoint = args.checkpoint if args.mode == "single" else None
-        if args.checkpoint and args.mode != "single":
-            print(
-                "note: --checkpoint is ignored in slide mode (the teacher uses the pre-trained weights).",
-                file=sys.stderr,
-            )
-        backbone = load_backbone(args.backbone, args.pretrained, device, checkpoint=checkpoint)
-        if args.mode != "single" and not 0 < args.stride <= backbone.window:
-            raise SegmentError(f"--stride must be between 1 and the {backbone.window} px window, got {args.stride}.")
-        run_hw = resized_hw(*image.shape[-2:], args.short_side or None, args.long_side or None)
-        if min(run_hw) < backbone.patch_size:
-            raise SegmentError(
-                f"--short-side {args.short_side} / --long-side {args.long_side} would run the image at "
-                f"{run_hw[1]}x{run_hw[0]} px, smaller than one {backbone.patch_size} px patch; use "
-                f"a larger size (paper: 672) or 0 to keep the image's size."
-            )
-        t_loaded = time.perf_counter()
-        text = text_embeddings(backbone, classes, templates, cache_dir_arg(args.text_cache), progress=True)
-        t_text = time.perf_counter()
-        seg = segment(
-            backbone,
-            image,
-            text,
-            args.mode,
-            args.stride,
-            args.logit_scale,
-            args.prob_thd,
-            args.short_side or None,
-            args.long_side or None,
-            batch_size=args.batch_size,
-            area_thd=args.area_thd,
-            protocol=args.protocol,
-            amp=args.amp,
+    settings, classes, device = read_args(args)
+    templates = read_templates(args.templates)
+    image = load_image(args.image)  # (1, 3, H, W) in [0, 1]
+    single = args.mode == "single"
+    checkpoint = args.checkpoint if single else None
+    if args.checkpoint and not single:
+        print(
+            "note: --checkpoint is ignored in slide mode (the teacher uses the pre-trained weights).", file=sys.stderr
         )
-    except (SegmentError, BackboneError, ImageError, DeviceError, TeacherError, WriteError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
-
+    backbone = load_backbone(args.backbone, args.pretrained, device, checkpoint=checkpoint)
+    if not single:
+        check_stride(args.stride, backbone)
+    run_h, run_w = run_size(*image.shape[-2:], settings, backbone.patch_size)  # before any work
+    t_loaded = time.perf_counter()
+    text = text_embeddings(backbone, classes, templates, cache_dir_arg(args.text_cache), progress=True)
+    t_text = time.perf_counter()
+    seg = segment(backbone, image, text, settings)
     labels = seg.labels[0].cpu().numpy()  # the one host copy
-    H, W = labels.shape
+    how = f"{args.mode}" + ("" if single else f", stride {args.stride}")
     name = display_name(args.image)  # printable even if not UTF-8
-    how = f"{args.mode}" + (f", stride {args.stride}" if args.mode != "single" else "")
     title = f"{Path(name).name} - {backbone.name}" + (" + student" if checkpoint else "") + f" ({how})"
-    try:
-        save_mask(labels, text.num_classes, out)
-        save_overlay(image[0].permute(1, 2, 0).numpy(), labels, text.names, overlay_path(out), title)
-    except WriteError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
+    out = Path(args.out)
+    save_mask(labels, text.num_classes, out)
+    save_overlay(image[0].permute(1, 2, 0).numpy(), labels, text.names, overlay_path(out), title)
 
-    run_h, run_w = resized_hw(H, W, args.short_side or None, args.long_side or None)
+    H, W = labels.shape
     print(
         f"{name}: {W}x{H} px (run at {run_w}x{run_h}), backbone {backbone.name}"
         + (f" + {display_name(checkpoint)}" if checkpoint else "")
         + f", mode {how}, protocol {args.protocol}, "
         + f"{'amp' if args.amp else 'fp32'}, {text.num_classes} classes"
     )
-    shares = np.bincount(labels.reshape(-1), minlength=text.num_classes) / labels.size
+    shares, order = class_shares(labels, text.num_classes)
     width = max(len(n) for n in text.names)
-    for k in np.argsort(-shares, kind="stable"):
+    for k in order:
         print(f"  {text.names[k]:<{width}}  {100 * shares[k]:6.2f} %")
     print(
         f"segmentation {seg.seconds:.3f} s (model load {t_loaded - t_start:.2f} s, text {t_text - t_loaded:.2f} s, "
@@ -752,6 +427,10 @@ def main(argv=None):
         f"wrote {display_name(out)} (mask, pixel value = class index) and {display_name(overlay_path(out))} "
         f"(overlay + legend)"
     )
+
+
+def main(argv=None):
+    return main_guard(_run, argv)
 
 
 if __name__ == "__main__":

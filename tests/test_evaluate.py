@@ -15,8 +15,11 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import datasets  # noqa: E402
 import evaluate  # noqa: E402
-from evaluate import DatasetError, confusion, miou  # noqa: E402
+import segment  # noqa: E402
+from datasets import DatasetError  # noqa: E402
+from evaluate import confusion, miou  # noqa: E402
 
 FAST = ["--backbone", "tiny", "--short-side", "48", "--long-side", "96"]
 
@@ -108,8 +111,8 @@ def voc_tree(
 
 
 def labels_of(name, root):
-    samples = evaluate.dataset_samples(name, root)
-    return samples, [evaluate.read_sample(s)[1].numpy() for s in samples]
+    samples = datasets.dataset_samples(name, root)
+    return samples, [datasets.read_sample(s)[1].numpy() for s in samples]
 
 
 def test_voc21_and_voc20_readers(tmp_path):
@@ -119,8 +122,8 @@ def test_voc21_and_voc20_readers(tmp_path):
     assert labels[0].tolist() == RAW.tolist()  # palette indices as is
     _, labels = labels_of("voc20", tmp_path)  # background -> ignore, -1
     assert labels[0].tolist() == [[255, 4, 19, 255], [255, 0, 0, 255]]
-    assert len(evaluate.dataset_samples("voc21", base)) == 2  # root may be VOC2012 itself
-    assert len(evaluate.dataset_samples("voc21", tmp_path / "VOCdevkit")) == 2
+    assert len(datasets.dataset_samples("voc21", base)) == 2  # root may be VOC2012 itself
+    assert len(datasets.dataset_samples("voc21", tmp_path / "VOCdevkit")) == 2
 
 
 def test_context60_and_context59_readers(tmp_path):
@@ -144,7 +147,7 @@ def test_cityscapes_train_ids_and_label_ids_mapping(tmp_path):
     _, labels = labels_of("cityscapes", root)
     assert labels[0].tolist() == train.tolist()
     assert labels[1].tolist() == [[0, 13, 18, 255, 255], [11, 255, 10, 255, 5]]
-    assert len(evaluate.dataset_samples("cityscapes", tmp_path / "data")) == 2  # root may hold cityscapes/
+    assert len(datasets.dataset_samples("cityscapes", tmp_path / "data")) == 2  # root may hold cityscapes/
 
 
 def test_ade20k_reader_shifts_labels(tmp_path):
@@ -161,38 +164,38 @@ def test_ade20k_reader_shifts_labels(tmp_path):
 
 def test_missing_and_mislaid_folders_say_what_was_expected(tmp_path):
     with pytest.raises(DatasetError, match="not a folder"):
-        evaluate.dataset_samples("voc21", tmp_path / "nowhere")
+        datasets.dataset_samples("voc21", tmp_path / "nowhere")
     (tmp_path / "VOC2012" / "JPEGImages").mkdir(parents=True)  # VOCdevkit level missing
     with pytest.raises(DatasetError) as exc:
-        evaluate.dataset_samples("voc21", tmp_path)
+        datasets.dataset_samples("voc21", tmp_path)
     msg = str(exc.value)
     assert f"'{tmp_path}/VOC2012/ImageSets/Segmentation/val.txt'" in msg and "contains: JPEGImages/" in msg
     assert "ROOT/VOCdevkit/VOC2012/" in msg  # and the full layout
     with pytest.raises(DatasetError, match="ADEChallengeData2016/images/validation"):
-        evaluate.dataset_samples("ade20k", tmp_path)
+        datasets.dataset_samples("ade20k", tmp_path)
     base = voc_tree(tmp_path / "v")
     (base / "SegmentationClass" / "a_img.png").unlink()
     with pytest.raises(DatasetError, match="a_img.png"):
-        evaluate.dataset_samples("voc21", tmp_path / "v")
+        datasets.dataset_samples("voc21", tmp_path / "v")
 
 
 def test_colour_rendered_label_is_rejected(tmp_path):
     base = voc_tree(tmp_path)
     Image.new("RGB", (4, 2)).save(base / "SegmentationClass" / "a_img.png")
-    samples = evaluate.dataset_samples("voc21", tmp_path)
+    samples = datasets.dataset_samples("voc21", tmp_path)
     with pytest.raises(DatasetError, match="single-channel"):
-        evaluate.read_sample(samples[1])
+        datasets.read_sample(samples[1])
 
 
 @pytest.mark.parametrize("name", ["voc21", "voc20", "context60", "context59", "cityscapes", "ade20k"])
 def test_make_synthetic_is_readable(tmp_path, name):
-    evaluate.make_synthetic(name, tmp_path, num_images=2)
-    samples = evaluate.dataset_samples(name, tmp_path)
+    datasets.make_synthetic(name, tmp_path, num_images=2)
+    samples = datasets.dataset_samples(name, tmp_path)
     assert len(samples) == 2
-    image, label = evaluate.read_sample(samples[0])
+    image, label = datasets.read_sample(samples[0])
     assert image.shape[1:] == label.shape and image.dtype == torch.uint8
     valid = label[label != 255]
-    assert valid.numel() > 0 and valid.max() < evaluate.DATASETS[name].num_classes
+    assert valid.numel() > 0 and valid.max() < datasets.DATASETS[name].num_classes
 
 
 def test_parse_modes():
@@ -225,7 +228,7 @@ def test_cli_voc21_table_json_plot_and_resume(tmp_path, fast_args, capsys, monke
     assert any(line.startswith("slide32 ") for line in stdout.splitlines())
     result = json.loads(out.read_text())
     assert result["classes"][0] == "background" and len(result["classes"]) == 21
-    labels = [evaluate.read_sample(s)[1] for s in evaluate.dataset_samples("voc21", data)]
+    labels = [datasets.read_sample(s)[1] for s in datasets.dataset_samples("voc21", data)]
     for mode in ("single", "slide32"):
         r = result["modes"][mode]
         assert r["images_done"] == 3 and 0 <= r["miou"] <= 1 and r["seconds_per_image"] > 0
@@ -244,7 +247,7 @@ def test_cli_voc21_table_json_plot_and_resume(tmp_path, fast_args, capsys, monke
 
 
 def test_cli_interrupted_run_resumes_to_the_same_result(tmp_path, fast_args, capsys, monkeypatch):
-    data = evaluate.make_synthetic("context60", tmp_path / "ctx", num_images=3)
+    data = datasets.make_synthetic("context60", tmp_path / "ctx", num_images=3)
     full, part = tmp_path / "full.json", tmp_path / "part.json"
     args = ["--dataset", "context60", "--root", str(data), "--modes", "single", "--save-every", "100"] + fast_args
     evaluate.main(args + ["--out", str(full)])
@@ -272,7 +275,7 @@ def test_cli_errors(tmp_path, fast_args, capsys):
         evaluate.main(["--dataset", "cityscapes", "--root", str(tmp_path)] + fast_args)
     err = capsys.readouterr().err
     assert exc.value.code == 2 and "leftImg8bit/val" in err and "Traceback" not in err
-    evaluate.make_synthetic("ade20k", tmp_path / "ade", num_images=1)
+    datasets.make_synthetic("ade20k", tmp_path / "ade", num_images=1)
     with pytest.raises(SystemExit) as exc:
         evaluate.main(["--dataset", "ade20k", "--root", str(tmp_path / "ade"), "--modes", "fast"] + fast_args)
     assert exc.value.code == 2 and "unknown mode" in capsys.readouterr().err
@@ -296,7 +299,7 @@ def test_cli_checkpoint_single_vs_pretrained(tmp_path, fast_args):
         },
         ckpt,
     )
-    data = evaluate.make_synthetic("voc20", tmp_path / "voc", num_images=2)
+    data = datasets.make_synthetic("voc20", tmp_path / "voc", num_images=2)
     args = ["--dataset", "voc20", "--root", str(data)] + fast_args
     evaluate.main(args + ["--modes", "single,pretrained", "--checkpoint", str(ckpt), "--out", str(tmp_path / "a.json")])
     evaluate.main(args + ["--modes", "single", "--out", str(tmp_path / "b.json")])
@@ -312,29 +315,31 @@ def test_cli_checkpoint_single_vs_pretrained(tmp_path, fast_args):
 
 
 def test_settings_are_per_backbone_and_dataset():
-    clip, siglip = evaluate.settings_for("voc21", "clip-b16"), evaluate.settings_for("voc21", "siglip2-b16")
+    clip, siglip = datasets.settings_for("voc21", "clip-b16"), datasets.settings_for("voc21", "siglip2-b16")
     assert (clip["prob_thd"], clip["area_thd"], clip["logit_scale"]) == (0.1, 0.1, 65.0)  # the authors' OpenCLIP
     assert (siglip["prob_thd"], siglip["area_thd"], siglip["logit_scale"]) == (0.0, 0.0, 65.0)
-    assert evaluate.settings_for("context60", "clip-b16")["prob_thd"] == 0.1
-    assert evaluate.settings_for("voc20", "clip-b16")["area_thd"] == 0.0  # VOC21 only
-    assert evaluate.settings_for("cityscapes", "tiny")["short_side"] == 1024
+    assert datasets.settings_for("context60", "clip-b16")["prob_thd"] == 0.1
+    assert datasets.settings_for("voc20", "clip-b16")["area_thd"] == 0.0  # VOC21 only
+    assert datasets.settings_for("cityscapes", "tiny")["short_side"] == 1024
 
 
 def test_cli_passes_settings_protocol_and_precision_to_segment(tmp_path, fast_args, monkeypatch):
-    data = evaluate.make_synthetic("voc21", tmp_path / "voc", num_images=1)
-    monkeypatch.setitem(evaluate.BACKBONE_SETTINGS, ("tiny", "voc21"), dict(prob_thd=0.1, area_thd=0.1))
+    data = datasets.make_synthetic("voc21", tmp_path / "voc", num_images=1)
+    monkeypatch.setitem(datasets.BACKBONE_SETTINGS, ("tiny", "voc21"), dict(prob_thd=0.1, area_thd=0.1))
     seen, real = [], evaluate.segment
     monkeypatch.setattr(evaluate, "segment", lambda *a, **k: seen.append((a, k)) or real(*a, **k))
     args = ["--dataset", "voc21", "--root", str(data), "--modes", "single"] + fast_args
     evaluate.main(args + ["--out", str(tmp_path / "a.json")])
     ((a, k),) = seen
-    assert a[6] == 0.1 and k["area_thd"] == 0.1 and k["protocol"] == "paper" and k["amp"] is False
+    how = a[3]  # the SegmentSettings
+    assert how.prob_thd == 0.1 and how.area_thd == 0.1 and how.protocol == "paper" and how.amp is False
     settings = json.loads((tmp_path / "a.json").read_text())["settings"]
     assert settings["protocol"] == "paper" and settings["amp"] is False and settings["area_thd"] == 0.1
     seen.clear()
     evaluate.main(args + ["--protocol", "aligned", "--amp", "--area-thd", "0", "--out", str(tmp_path / "b.json")])
     ((a, k),) = seen
-    assert k["area_thd"] == 0.0 and k["protocol"] == "aligned" and k["amp"] is True
+    how = a[3]
+    assert how.area_thd == 0.0 and how.protocol == "aligned" and how.amp is True
 
 
 def test_parse_modes_feature_and_logit_averaging():
@@ -350,9 +355,9 @@ def test_parse_modes_feature_and_logit_averaging():
 @pytest.mark.parametrize("name", ["voc21", "cityscapes"])
 def test_both_protocols_on_the_synthetic_sets(tmp_path, fast_args, capsys, name):
     """Report paper vs aligned for single / slide / slidelogit (random tiny weights: plumbing, not accuracy)."""
-    data = evaluate.make_synthetic(name, tmp_path / name, num_images=2)
+    data = datasets.make_synthetic(name, tmp_path / name, num_images=2)
     res = {}
-    for protocol in evaluate.PROTOCOLS:
+    for protocol in segment.PROTOCOLS:
         out = tmp_path / f"{protocol}.json"
         evaluate.main(
             [
@@ -380,10 +385,10 @@ def test_both_protocols_on_the_synthetic_sets(tmp_path, fast_args, capsys, name)
             )
         )
     for m in ("single", "slide32", "slidelogit32"):
-        for p in evaluate.PROTOCOLS:
+        for p in segment.PROTOCOLS:
             assert res[p][m]["images_done"] == 2 and 0 <= res[p][m]["miou"] <= 1
         assert np.sum(res["paper"][m]["confusion"]) == np.sum(res["aligned"][m]["confusion"])  # same pixels
-    settings = {p: json.loads((tmp_path / f"{p}.json").read_text())["settings"] for p in evaluate.PROTOCOLS}
+    settings = {p: json.loads((tmp_path / f"{p}.json").read_text())["settings"] for p in segment.PROTOCOLS}
     assert settings["paper"]["protocol"] == "paper" and settings["aligned"]["protocol"] == "aligned"
 
 
@@ -404,9 +409,9 @@ def test_label_values_outside_the_classes_are_counted_and_named(tmp_path, fast_a
     (base / "ImageSets" / "Segmentation").mkdir(parents=True)
     (base / "ImageSets" / "Segmentation" / "val.txt").write_text("a\nb\n")
     root = tmp_path / "voc"
-    n, example = evaluate.out_of_range(np.array([0, 20, 21, 40, 255, 255], np.uint8), evaluate.lut_identity(21))
+    n, example = datasets.out_of_range(np.array([0, 20, 21, 40, 255, 255], np.uint8), datasets.lut_identity(21))
     assert (n, example) == (2, 21)
-    assert evaluate.out_of_range(np.array([0, 150, 255], np.uint8), evaluate.lut_reduce_zero(150)) == (0, None)
+    assert datasets.out_of_range(np.array([0, 150, 255], np.uint8), datasets.lut_reduce_zero(150)) == (0, None)
     out = tmp_path / "r.json"
     evaluate.main(["--dataset", "voc21", "--root", str(root), "--out", str(out)] + fast_args)
     err = capsys.readouterr().err
@@ -426,7 +431,7 @@ def test_label_values_outside_the_classes_are_counted_and_named(tmp_path, fast_a
     ],
 )
 def test_cli_bad_numbers_and_devices(tmp_path, fast_args, capsys, extra, message):
-    data = evaluate.make_synthetic("voc20", tmp_path / "voc", num_images=1)
+    data = datasets.make_synthetic("voc20", tmp_path / "voc", num_images=1)
     with pytest.raises(SystemExit) as exc:
         evaluate.main(
             ["--dataset", "voc20", "--root", str(data), "--out", str(tmp_path / "r.json")] + fast_args + extra
@@ -437,7 +442,7 @@ def test_cli_bad_numbers_and_devices(tmp_path, fast_args, capsys, extra, message
 
 
 def test_cli_results_json_of_the_wrong_shape_is_refused(tmp_path, fast_args, capsys):
-    data = evaluate.make_synthetic("voc20", tmp_path / "voc", num_images=1)
+    data = datasets.make_synthetic("voc20", tmp_path / "voc", num_images=1)
     out = tmp_path / "r.json"
     out.write_text("[1, 2, 3]")
     with pytest.raises(SystemExit) as exc:
@@ -448,7 +453,7 @@ def test_cli_results_json_of_the_wrong_shape_is_refused(tmp_path, fast_args, cap
 
 
 def test_ctrl_c_while_loading_exits_130(tmp_path, fast_args, capsys, monkeypatch):
-    data = evaluate.make_synthetic("voc20", tmp_path / "voc", num_images=1)
+    data = datasets.make_synthetic("voc20", tmp_path / "voc", num_images=1)
 
     def interrupted(*a, **k):
         raise KeyboardInterrupt

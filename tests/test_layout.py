@@ -33,6 +33,8 @@ ORDER = [
     "teacher",
     "datasets",
     "pictures",
+    "textcache",
+    "results",
     "segment",
     "evaluate",
     "runfolder",

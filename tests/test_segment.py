@@ -14,8 +14,12 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import datasets  # noqa: E402
+import pictures  # noqa: E402
 import segment  # noqa: E402
-from segment import ClassText, SegmentError  # noqa: E402
+import textcache  # noqa: E402
+from datasets import DatasetError  # noqa: E402
+from segment import ClassText, SegmentError, SegmentSettings  # noqa: E402
 from student import load_backbone  # noqa: E402
 
 TEMPLATES = ["a photo of a {}.", "{}"]
@@ -41,18 +45,18 @@ def template_file(tmp_path):
 def test_parse_classes_commas_and_semicolons():
     assert segment.parse_classes("road, car, person, sky") == [["road"], ["car"], ["person"], ["sky"]]
     assert segment.parse_classes("road; car, truck; sky") == [["road"], ["car", "truck"], ["sky"]]
-    with pytest.raises(SegmentError, match="empty"):
+    with pytest.raises(DatasetError, match="empty"):
         segment.parse_classes(" , ,")
 
 
 def test_read_paper_class_files():
-    voc21 = segment.read_class_file(ROOT / "data" / "classes" / "voc21.txt")
+    voc21 = datasets.read_class_file(ROOT / "data" / "classes" / "voc21.txt")
     assert len(voc21) == 21 and len(voc21[0]) == 26 and voc21[0][0] == "sky"  # background = 26 stuff names
     assert voc21[15][0] == "person" and len(voc21[15]) == 7
-    assert len(segment.read_class_file(ROOT / "data" / "classes" / "ade20k.txt")) == 150
-    assert len(segment.read_templates()) == 80
-    with pytest.raises(SegmentError, match="cannot read class file"):
-        segment.read_class_file(ROOT / "no_such_file.txt")
+    assert len(datasets.read_class_file(ROOT / "data" / "classes" / "ade20k.txt")) == 150
+    assert len(datasets.read_templates()) == 80
+    with pytest.raises(DatasetError, match="cannot read class file"):
+        datasets.read_class_file(ROOT / "no_such_file.txt")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -78,7 +82,7 @@ def test_text_cache_on_disk_and_its_key(tiny, tmp_path, monkeypatch):
     files = list(tmp_path.glob("tiny-*.pt"))
     assert len(files) == 1 and not list(tmp_path.glob("*.tmp"))  # written atomically
 
-    segment._MEMORY_CACHE.clear()
+    textcache._MEMORY_CACHE.clear()
     with monkeypatch.context() as m:  # the disk cache is used
         m.setattr(tiny, "encode_text", lambda *a, **k: pytest.fail("text encoder called despite the cache"))
         again = segment.text_embeddings(tiny, classes, TEMPLATES, cache_dir=tmp_path).embeddings
@@ -88,17 +92,17 @@ def test_text_cache_on_disk_and_its_key(tiny, tmp_path, monkeypatch):
     text_w = tiny.model.text.text_projection
     try:
         visual.data.add_(1.0)  # a distilled image tower shares the text cache ...
-        assert segment._cache_key(tiny, ["road"], TEMPLATES) == segment._cache_key(tiny, ["road"], TEMPLATES)
-        key = segment._cache_key(tiny, ["road"], TEMPLATES)
+        assert textcache._cache_key(tiny, ["road"], TEMPLATES) == textcache._cache_key(tiny, ["road"], TEMPLATES)
+        key = textcache._cache_key(tiny, ["road"], TEMPLATES)
         text_w.data.add_(1.0)  # ... other text weights (e.g. random vs real) never do
-        assert segment._cache_key(tiny, ["road"], TEMPLATES) != key
+        assert textcache._cache_key(tiny, ["road"], TEMPLATES) != key
         segment.text_embeddings(tiny, classes, TEMPLATES, cache_dir=tmp_path)
         assert len(list(tmp_path.glob("tiny-*.pt"))) == 2
     finally:
         visual.data.sub_(1.0)
         text_w.data.sub_(1.0)
-        segment._MEMORY_CACHE.clear()
-    assert segment._cache_key(tiny, ["road"], TEMPLATES) != segment._cache_key(tiny, ["road"], TEMPLATES[:1])
+        textcache._MEMORY_CACHE.clear()
+    assert textcache._cache_key(tiny, ["road"], TEMPLATES) != textcache._cache_key(tiny, ["road"], TEMPLATES[:1])
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -198,11 +202,12 @@ def test_area_thd_on_a_crafted_probability_map():
     e = torch.eye(K)
     text = ClassText([str(k) for k in range(K)], [str(k) for k in range(K)], torch.arange(K), e)
     feats = torch.from_numpy(np.log(probs)).float().permute(1, 2, 0)[None]  # cosine keeps each pixel's class order
-    seg = segment.segment(
-        FixedBackbone(feats, patch=1), torch.rand(1, 3, H, W), text, logit_scale=1.0, area_thd=0.1, protocol="paper"
-    )
+    settings = SegmentSettings(logit_scale=1.0, area_thd=0.1, protocol="paper")
+    seg = segment.segment(FixedBackbone(feats, patch=1), torch.rand(1, 3, H, W), text, settings)
     assert not (seg.labels == 3).any() and not (seg.labels == 4).any() and (seg.labels[0][win == 1] == 1).all()
-    plain = segment.segment(FixedBackbone(feats, patch=1), torch.rand(1, 3, H, W), text, logit_scale=1.0)
+    plain = segment.segment(
+        FixedBackbone(feats, patch=1), torch.rand(1, 3, H, W), text, SegmentSettings(logit_scale=1.0)
+    )
     assert (plain.labels[0][win == 3] == 3).all()
 
 
@@ -222,16 +227,19 @@ def test_slidelogit_averages_per_window_cosine_logits(tiny, tmp_path):
         return f @ emb.T
 
     ref = teacher_reference(window_logits, x[0].numpy(), tiny.window, 24, 16, 2)  # (h, w, Q)
-    teacher = segment.window_teacher(tiny, "slidelogit", text, stride=24, batch_size=5)
+    teacher = segment.window_teacher(tiny, SegmentSettings("slidelogit", stride=24, batch_size=5), text)
     with torch.inference_mode():
         got = teacher(x)[0].double().numpy()
     assert got.shape == ref.shape and np.allclose(got, ref, atol=1e-4)
-    seg_logit = segment.segment(tiny, image, text, "slidelogit", 24, logit_scale=1.0, return_logits=True)
-    seg_feat = segment.segment(tiny, image, text, "slide", 24, logit_scale=1.0, return_logits=True)
+    seg_logit = segment.segment(
+        tiny, image, text, SegmentSettings("slidelogit", 24, logit_scale=1.0), return_logits=True
+    )
+    seg_feat = segment.segment(tiny, image, text, SegmentSettings("slide", 24, logit_scale=1.0), return_logits=True)
     assert seg_logit.labels.shape == seg_feat.labels.shape == (1, 150, 170)
     assert not torch.allclose(seg_logit.logits, seg_feat.logits, atol=1e-4)  # two different modes
     with pytest.raises(SegmentError, match="slidelogit"):
-        segment.segment(tiny, image, text, "slidelogit", teacher=segment.window_teacher(tiny, "slide", None))
+        teacher = segment.window_teacher(tiny, SegmentSettings("slide"))
+        segment.segment(tiny, image, text, SegmentSettings("slidelogit"), teacher=teacher)
 
 
 def test_segment_runs_fp32_unless_amp(tiny, tmp_path, monkeypatch):
@@ -252,10 +260,10 @@ def test_segment_runs_fp32_unless_amp(tiny, tmp_path, monkeypatch):
     image = torch.rand(1, 3, 40, 40)
     for mode in ("single", "slide", "slidelogit"):
         asked.clear()
-        segment.segment(tiny, image, text, mode, 64)
+        segment.segment(tiny, image, text, SegmentSettings(mode, 64))
         assert asked and set(asked) == {"fp32"}, mode
         asked.clear()
-        segment.segment(tiny, image, text, mode, 64, amp=True)
+        segment.segment(tiny, image, text, SegmentSettings(mode, 64, amp=True))
         assert asked and set(asked) == {"auto"}, mode
 
 
@@ -283,7 +291,9 @@ def test_synonyms_collapse_to_their_class_with_max_not_sum():
     e = torch.eye(4)[:3]  # queries q0 (class 0), q1, q2 (class 1)
     text = ClassText(["a", "b"], ["a", "b1", "b2"], torch.tensor([0, 1, 1]), e)
     feats = torch.stack([e[0], e[2], e[1], e[0] * 1.0 + e[1] * 0.9 + e[2] * 0.9]).view(1, 2, 2, 4)
-    seg = segment.segment(FixedBackbone(feats), torch.rand(1, 3, 32, 32), text, logit_scale=10, return_logits=True)
+    seg = segment.segment(
+        FixedBackbone(feats), torch.rand(1, 3, 32, 32), text, SegmentSettings(logit_scale=10), return_logits=True
+    )
     labels = seg.labels[0]
     assert labels.shape == (32, 32) and seg.logits.shape == (1, 2, 32, 32)
     assert labels[0, 0] == 0 and labels[0, -1] == 1 and labels[-1, 0] == 1  # b2 and b1 both -> class 1
@@ -297,8 +307,10 @@ def test_prob_thd_sends_unsure_pixels_to_class_zero():
     text = ClassText(["a", "b", "c"], ["a", "b", "c"], torch.arange(3), e)
     feats = torch.stack([e[1], e[1] + e[2], e[2], e[1]]).view(1, 2, 2, 3)
     backbone = FixedBackbone(feats)
-    plain = segment.segment(backbone, torch.rand(1, 3, 32, 32), text, logit_scale=5).labels[0]
-    thd = segment.segment(backbone, torch.rand(1, 3, 32, 32), text, logit_scale=5, prob_thd=0.6).labels[0]
+    plain = segment.segment(backbone, torch.rand(1, 3, 32, 32), text, SegmentSettings(logit_scale=5)).labels[0]
+    thd = segment.segment(
+        backbone, torch.rand(1, 3, 32, 32), text, SegmentSettings(logit_scale=5, prob_thd=0.6)
+    ).labels[0]
     assert plain[0, 0] == 1 and thd[0, 0] == 1  # confident pixel keeps its class
     assert plain[0, 24] in (1, 2) and thd[0, 24] == 0  # a 50/50 pixel falls back to class 0
 
@@ -307,11 +319,11 @@ def test_segment_tiny_any_size_single_and_slide(tiny, tmp_path):
     text = segment.text_embeddings(tiny, [["a"], ["b"], ["c"]], TEMPLATES, cache_dir=tmp_path)
     image = torch.rand(1, 3, 37, 53, generator=torch.Generator().manual_seed(0))
     for mode, kwargs in (("single", {}), ("slide", {"stride": 32}), ("single", {"short_side": 64})):
-        seg = segment.segment(tiny, image, text, mode, return_logits=True, **kwargs)
+        seg = segment.segment(tiny, image, text, SegmentSettings(mode, **kwargs), return_logits=True)
         assert seg.labels.shape == (1, 37, 53), mode
         assert seg.logits.shape == (1, 3, 37, 53), mode
         assert torch.equal(seg.labels, seg.logits.argmax(1)), mode
-    all_zero = segment.segment(tiny, image, text, prob_thd=1.01).labels
+    all_zero = segment.segment(tiny, image, text, SegmentSettings(prob_thd=1.01)).labels
     assert (all_zero == 0).all()
     with pytest.raises(SegmentError, match="smaller than one"):
         segment.segment(tiny, torch.rand(1, 3, 8, 300), text)
@@ -526,6 +538,6 @@ def test_cli_non_utf8_image_name_writes_mask_and_overlay(tmp_path, template_file
     stdout = capsys.readouterr().out
     with Image.open(out) as mask:
         assert mask.size == (60, 40) and mask.mode == "P"
-    assert segment.overlay_path(out).is_file()
+    assert pictures.overlay_path(out).is_file()
     assert "\ufffd" in stdout and "mode slidelogit, stride 32" in stdout
     assert not [p for p in tmp_path.iterdir() if ".tmp." in p.name]  # atomic: no leftovers
