@@ -3,7 +3,8 @@
 * ONE error contract: every bad input raises a `UserError` (or a subclass) whose message is one sentence;
   `main_guard` wraps each CLI's main and turns it into one `error:` line and exit status 2, and Ctrl-C or
   SIGTERM into one line and exit status 130 -- never a traceback;
-* the flags and checks every CLI shares: `add_backbone_args`, `resolve_device`, `parse_size`, `check_numbers`;
+* the flags and checks every CLI shares: `add_backbone_args`, `resolve_device`, `parse_size`, `check_numbers`, and
+  `flag` / `add_flags` / `check_flag_numbers`, which make a dataclass of settings the CLI's flags, said once;
 * the torchrun helpers: `rank_world`, `is_main`, `barrier`, `log` (a single process is rank 0 of 1);
 * `printable` / `display_name`: text with undecodable file-name bytes made printable.
 
@@ -17,6 +18,7 @@ import math
 import os
 import signal
 import sys
+from dataclasses import field, fields
 
 import torch
 import torch.distributed as dist
@@ -139,6 +141,35 @@ def check_numbers(rules, error=UserError):
                 raise error(f"{flag} must be between 0 and 1, got {value}.")
         else:
             raise AssertionError(f"unknown rule {rule!r}")
+
+
+def flag(default, help: str, check=None, **argparse_options):
+    """A dataclass field that is also a command-line flag: its default, its --help and its number check (a
+    `check_numbers` rule), said once."""
+    return field(default=default, metadata=dict(help=help, check=check, **argparse_options))
+
+
+def add_flags(parser, flags, skip=(), **defaults):
+    """One --flag-name per field of the dataclass `flags` but `skip` (bool: a switch; int / float / str: typed), with
+    this CLI's `defaults` (else the field's); a default other than None is shown when the help does not say it."""
+    for f in fields(flags):
+        if f.name in skip:
+            continue
+        options = {k: v for k, v in f.metadata.items() if k != "check"}
+        kind = f.type.split(" |")[0]  # "int | None" -> int
+        if kind == "bool":
+            options.update(action="store_true")
+        else:
+            options.update(type={"int": int, "float": float}.get(kind, str), default=defaults.get(f.name, f.default))
+            if options["default"] is not None and "default" not in options["help"]:
+                options["help"] += " (default: %(default)s)"
+        parser.add_argument("--" + f.name.replace("_", "-"), **options)
+
+
+def check_flag_numbers(args, flags, skip=()):
+    """The number checks of the fields of `flags` (`flag(check=...)`), one sentence each, before any work."""
+    checked = [f for f in fields(flags) if f.metadata.get("check") and f.name not in skip]
+    check_numbers([("--" + f.name.replace("_", "-"), getattr(args, f.name), f.metadata["check"]) for f in checked])
 
 
 # ----------------------------------------------------------------------------------------------------------------

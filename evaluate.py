@@ -13,7 +13,7 @@ model's grid to the label's original size; `--protocol aligned` is our variant (
 --checkpoint is given), `slideN` (the pre-trained teacher, (E1)-(E2), at stride N, features averaged where windows
 overlap, as SPAR's teacher) and `slidelogitN` (the same windows, cosine logits averaged where they overlap, as the
 authors' sliding-window baseline intended).  With several modes a speed-accuracy plot in the style of Fig. 1 is
-drawn.  The benchmarks' folder layouts, label conventions, class names and settings: datasets.py.
+drawn.  The benchmarks' folder layouts, label conventions, class names and settings: benchmarks.py.
 
     python evaluate.py --dataset cityscapes --root DATA --backbone siglip2-b16 --modes single,slide24
     python evaluate.py --dataset voc21 --make-synthetic /tmp/voc        # a tiny fake VOC folder to try things on
@@ -30,15 +30,22 @@ import sys
 import numpy as np
 import torch
 
-import datasets
-from cli import UserError, add_backbone_args, check_numbers, display_name, main_guard, resolve_device
+import benchmarks
+from cli import (
+    UserError,
+    add_backbone_args,
+    add_flags,
+    check_flag_numbers,
+    check_numbers,
+    display_name,
+    main_guard,
+    resolve_device,
+)
 from files import check_writable, write_json
 from pictures import speed_accuracy_plot
 from results import out_path, resumed, run_settings
 from segment import (
     SegmentSettings,
-    add_flags,
-    check_flag_numbers,
     check_stride,
     segment,
     text_embeddings,
@@ -48,7 +55,7 @@ from student import BACKBONES, autocast, load_backbone
 from textcache import cache_dir_arg
 
 
-def confusion(pred, label, num_classes: int, ignore_index: int = datasets.IGNORE) -> torch.Tensor:
+def confusion(pred, label, num_classes: int, ignore_index: int = benchmarks.IGNORE) -> torch.Tensor:
     """(K, K) int64 confusion matrix, rows = ground truth, columns = prediction; pixels labelled `ignore_index`
     are skipped.  pred, label: integer tensors (or arrays) of the same shape, on any device (the result stays
     there)."""
@@ -129,12 +136,12 @@ def evaluate_mode(backbone, samples, text, how: SegmentSettings, state: dict, sa
     teacher = window_teacher(backbone, how, text) if how.mode != "single" else None
     with torch.inference_mode(), autocast(device, "auto" if how.amp else "fp32"):  # warm-up: kernels, cudnn
         backbone.dense(backbone.normalize(torch.zeros(1, 3, backbone.window, backbone.window, device=device)))
-    loader = datasets.sample_loader(samples[done:], workers, pin_memory=device.type == "cuda")
+    loader = benchmarks.sample_loader(samples[done:], workers, pin_memory=device.type == "cuda")
     bar = tqdm(loader, total=len(samples), initial=done, desc=desc, unit="img", leave=False)
     try:
         for image, label, n_bad, warning, error in bar:
             if error:
-                raise datasets.DatasetError(error)
+                raise benchmarks.DatasetError(error)
             if n_bad:  # counted, and said once per file, with its name
                 state["out_of_range_pixels"] = state.get("out_of_range_pixels", 0) + int(n_bad)
                 bar.write(warning, file=sys.stderr)
@@ -160,14 +167,14 @@ def evaluate_mode(backbone, samples, text, how: SegmentSettings, state: dict, sa
 
 
 def build_parser() -> argparse.ArgumentParser:
-    layouts = "; ".join(f"{n}: {datasets.DATASETS[n].layout}" for n in ("voc21", "context60", "cityscapes", "ade20k"))
+    layouts = "; ".join(f"{n}: {benchmarks.DATASETS[n].layout}" for n in ("voc21", "context60", "cityscapes", "ade20k"))
     p = argparse.ArgumentParser(
         description="Zero-shot segmentation mIoU on VOC21/VOC20/Context60/Context59/Cityscapes/ADE20K, per mode "
         "(single pass, pre-trained single pass, sliding-window teacher), with seconds per image, a JSON "
         "of the results and (several modes) the speed-accuracy plot of Fig. 1.",
         epilog="layouts: " + layouts,
     )
-    p.add_argument("--dataset", required=True, choices=list(datasets.DATASETS))
+    p.add_argument("--dataset", required=True, choices=list(benchmarks.DATASETS))
     p.add_argument("--root", help="dataset folder (see the layouts below / README)")
     add_backbone_args(p, BACKBONES, default="siglip2-b16")
     p.add_argument("--checkpoint", help="student.pt from distill.py, used by the 'single' mode")
@@ -180,10 +187,10 @@ def build_parser() -> argparse.ArgumentParser:
         "single,slide24,slidelogit24 (default: %(default)s)",
     )
     p.add_argument("--max-images", type=int, default=None, help="only the first N images of the split")
-    what = "segmentation settings (default: the (backbone, dataset)'s, datasets.settings_for)"
-    add_flags(p.add_argument_group(what), SegmentSettings, ("mode", "stride"), **dict.fromkeys(datasets.SETTINGS))
+    what = "segmentation settings (default: the (backbone, dataset)'s, benchmarks.settings_for)"
+    add_flags(p.add_argument_group(what), SegmentSettings, ("mode", "stride"), **dict.fromkeys(benchmarks.SETTINGS))
     p.add_argument("--workers", type=int, default=None, help="image-reading workers (default: 2 on GPU, 0 on CPU)")
-    p.add_argument("--templates", default=str(datasets.DEFAULT_TEMPLATES))
+    p.add_argument("--templates", default=str(benchmarks.DEFAULT_TEMPLATES))
     p.add_argument("--text-cache", default=None, help="text-embedding cache folder ('none' disables)")
     p.add_argument(
         "--out",
@@ -205,9 +212,9 @@ def prepare(args):
     check_writable(out_path(args))  # before any work
     modes = parse_modes(args.modes)
     check_numbers([("--max-images", args.max_images, (">=", 1))])
-    samples, classes = datasets.benchmark(args.dataset, args.root, args.max_images)
-    templates = datasets.read_templates(args.templates)
-    settings = run_settings(args, len(samples), templates, {k: getattr(args, k) for k in datasets.SETTINGS})
+    samples, classes = benchmarks.benchmark(args.dataset, args.root, args.max_images)
+    templates = benchmarks.read_templates(args.templates)
+    settings = run_settings(args, len(samples), templates, {k: getattr(args, k) for k in benchmarks.SETTINGS})
     needs_pretrained = any(k != "single" for _, k, _ in modes) and args.checkpoint
     backbone = load_backbone(args.backbone, args.pretrained, device, checkpoint=args.checkpoint)
     base = load_backbone(args.backbone, args.pretrained, device) if needs_pretrained else backbone
@@ -222,9 +229,9 @@ def prepare(args):
 
 def _run(argv=None):
     args = build_parser().parse_args(argv)
-    spec = datasets.DATASETS[args.dataset]
+    spec = benchmarks.DATASETS[args.dataset]
     if args.make_synthetic:
-        root = datasets.make_synthetic(args.dataset, args.make_synthetic, args.num_synthetic)
+        root = benchmarks.make_synthetic(args.dataset, args.make_synthetic, args.num_synthetic)
         print(f"wrote a synthetic {args.dataset} dataset ({args.num_synthetic} images) to {root}")
         return
     if not args.root:

@@ -2,7 +2,7 @@
 
 A toy world stands in for natural images, and `tiny` (4 blocks, width 128, p = 16, K = 128) stands in for SigLIP2:
 
-  1. world     synthetic scenes of any size (datasets.py): grey shapes on a grey background whose CLASS is the
+  1. world     synthetic scenes of any size (benchmarks.py): grey shapes on a grey background whose CLASS is the
                colour of a thin border stroke (red, green, blue, yellow; the label is the whole object).  Nothing
                inside a large object tells its class, so a token must gather it from the object's border -- locally;
   2. pretrain  `tiny` at its native 128 x 128 ONLY (image AND text tower: cosine between dense features and the
@@ -42,8 +42,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from benchmarks import WORLD, read_templates, render_scene, scene_rng, write_world
 from cli import UserError, main_guard, parse_size, resolve_device
-from datasets import WORLD, read_templates, render_scene, scene_rng, write_world
 from files import read_json, save_torch, write_json
 from pictures import speed_accuracy_plot
 
@@ -51,7 +51,7 @@ HERE = Path(__file__).resolve().parent
 CLASSES = ("background", "red", "green", "blue", "yellow")
 
 DEFAULTS = {
-    # the world (datasets.py): what a scene looks like (sizes in px, densities per 128 x 128 area)
+    # the world (benchmarks.py): what a scene looks like (sizes in px, densities per 128 x 128 area)
     "world": WORLD,
     # pretraining of tiny at 128^2 only (image + text tower); big_frac > 0 makes a fraction of the steps use
     # big_size^2 scenes (same pixels per step: fewer scenes), position embeddings resized by (E3) as at test time

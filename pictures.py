@@ -16,8 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
+from benchmarks import voc_palette
 from cli import UserError, display_name
-from datasets import voc_palette
 from files import atomic_write, check_writable
 
 

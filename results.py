@@ -16,8 +16,8 @@ import hashlib
 import os
 from pathlib import Path
 
+from benchmarks import settings_for
 from cli import UserError, display_name
-from datasets import settings_for
 from files import read_json
 
 HERE = Path(__file__).resolve().parent

@@ -19,7 +19,6 @@ processes (not a part of the paper; distill.py calls it).
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import hashlib
 import io
@@ -27,7 +26,7 @@ import math
 import os
 import re
 import time
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -36,7 +35,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from checkpoints import save_student
-from cli import UserError, barrier, check_numbers, is_main, log, printable, rank_world
+from cli import UserError, barrier, check_numbers, flag, is_main, log, printable, rank_world
 from files import (
     ImageError,
     atomic_write,
@@ -72,25 +71,6 @@ class ImageSkip(Exception):
 # ----------------------------------------------------------------------------------------------------------------
 # Flags: the run's own flags, a dataclass of flags made into argparse flags, the checks of every flag
 # ----------------------------------------------------------------------------------------------------------------
-
-
-def flag(default, help: str, **argparse_options):
-    """A dataclass field that is also a command-line flag: its default and its --help text, said once."""
-    return field(default=default, metadata=dict(help=help, **argparse_options))
-
-
-def add_flags(parser: argparse.ArgumentParser, flags):
-    """One --flag-name per field of the dataclass `flags`, with `flag`'s default and help (bool: a switch;
-    int, float: typed; str: as given)."""
-    for f in fields(flags):
-        kind = f.type.split(" |")[0]  # "int | None" -> int
-        if kind == "bool":
-            options = dict(action="store_true")
-        elif kind in ("int", "float"):
-            options = dict(type=int if kind == "int" else float, default=f.default)
-        else:  # str: argparse's own
-            options = dict(default=f.default)
-        parser.add_argument("--" + f.name.replace("_", "-"), **options, **f.metadata)
 
 
 @dataclass

@@ -29,14 +29,31 @@ import argparse
 import os
 import sys
 import time
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from cli import UserError, add_backbone_args, check_numbers, display_name, main_guard, resolve_device
-from datasets import DEFAULT_TEMPLATES, check_duplicates, class_list, parse_classes, read_templates  # noqa: F401 (API)
+from benchmarks import (  # noqa: F401 (API)
+    DEFAULT_TEMPLATES,
+    check_duplicates,
+    class_list,
+    parse_classes,
+    read_templates,
+    resize_image,
+    resized_hw,
+)
+from cli import (
+    UserError,
+    add_backbone_args,
+    add_flags,
+    check_flag_numbers,
+    display_name,
+    flag,
+    main_guard,
+    resolve_device,
+)
 from files import load_image
 from pictures import check_mask_path, class_shares, overlay_path, save_mask, save_overlay
 from student import BACKBONES, Backbone, autocast, load_backbone, synchronize
@@ -119,12 +136,6 @@ def query_logits(feats: torch.Tensor, text: ClassText) -> torch.Tensor:
     return cosine(feats, text).permute(0, 3, 1, 2)
 
 
-def flag(default, help: str, check=None, **argparse_options):
-    """A dataclass field that is also a command-line flag: its default, its --help and its number check (a
-    `cli.check_numbers` rule), said once."""
-    return field(default=default, metadata=dict(help=help, check=check, **argparse_options))
-
-
 @dataclass(frozen=True)
 class SegmentSettings:
     """How `segment` makes a label map.  The defaults are the API's; each field is also a flag of segment.py and
@@ -150,21 +161,6 @@ class SegmentSettings:
             raise SegmentError(f"unknown protocol '{self.protocol}'; use one of {', '.join(PROTOCOLS)}.")
 
 
-def resized_hw(H: int, W: int, short_side: int | None, long_side: int | None = None) -> tuple[int, int]:
-    """Keep-ratio resize of the evaluation protocol: scale = min(short/min(H, W), long/max(H, W)).
-
-    (short 672, long 2048) for VOC / Context / ADE; (1024, 2048) for Cityscapes, i.e. 2048 x 1024.  Without a
-    short side the long side is only a cap (never enlarges); None or 0 for both keeps the size.
-    """
-    scales = [short_side / min(H, W)] if short_side else [1.0]
-    if long_side:
-        scales.append(long_side / max(H, W))
-    s = min(scales)
-    if s == 1.0:
-        return H, W
-    return max(1, int(H * s + 0.5)), max(1, int(W * s + 0.5))
-
-
 def run_size(H: int, W: int, settings: SegmentSettings, patch: int) -> tuple[int, int]:
     """The size an H x W image runs at (`resized_hw`), refused when a side is smaller than one patch."""
     hw = resized_hw(H, W, settings.short_side, settings.long_side)
@@ -176,15 +172,6 @@ def run_size(H: int, W: int, settings: SegmentSettings, patch: int) -> tuple[int
             + ("; use a larger short side (paper: 672) or none to keep its size." if hw != (H, W) else ".")
         )
     return hw
-
-
-def resize_image(image: torch.Tensor, hw: tuple[int, int], antialias: bool = True) -> torch.Tensor:
-    """(B, 3, H, W) -> (B, 3, h', w') bilinear (align_corners=False); with `antialias`, anti-aliased when shrinking
-    (protocol 'aligned'); without, OpenCV's INTER_LINEAR behaviour (protocol 'paper')."""
-    if tuple(image.shape[-2:]) == tuple(hw):
-        return image
-    shrink = hw[0] < image.shape[-2] or hw[1] < image.shape[-1]
-    return F.interpolate(image.float(), size=hw, mode="bilinear", align_corners=False, antialias=antialias and shrink)
 
 
 def window_teacher(backbone: Backbone, settings: SegmentSettings, text: ClassText | None = None) -> Teacher:
@@ -345,28 +332,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--text-cache", help=f"text-embedding cache folder ('none': off; default ${CACHE_ENV} or ~/.cache)")
     p.add_argument("--out", default="seg.png", help="mask PNG; the overlay goes to <out stem>_overlay.png")
     return p
-
-
-def add_flags(parser, flags, skip=(), **defaults):
-    """One --flag-name per field of the dataclass `flags` but `skip` (bool: a switch; int / float / str: typed), with
-    this CLI's `defaults` (else the field's); a default other than None is shown in the help."""
-    for f in fields(flags):
-        if f.name in skip:
-            continue
-        options = {k: v for k, v in f.metadata.items() if k != "check"}
-        kind = f.type.split(" |")[0]  # "int | None" -> int
-        if kind == "bool":
-            options.update(action="store_true")
-        else:
-            options.update(type={"int": int, "float": float}.get(kind, str), default=defaults.get(f.name, f.default))
-            options["help"] += " (default: %(default)s)" if options["default"] is not None else ""
-        parser.add_argument("--" + f.name.replace("_", "-"), **options)
-
-
-def check_flag_numbers(args, flags, skip=()):
-    """The number checks of the fields of `flags` (`flag(check=...)`), one sentence each, before any work."""
-    checked = [f for f in fields(flags) if f.metadata.get("check") and f.name not in skip]
-    check_numbers([("--" + f.name.replace("_", "-"), getattr(args, f.name), f.metadata["check"]) for f in checked])
 
 
 def read_args(args) -> tuple[SegmentSettings, list[list[str]], torch.device]:

@@ -15,10 +15,10 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import datasets  # noqa: E402
+import benchmarks  # noqa: E402
 import evaluate  # noqa: E402
 import segment  # noqa: E402
-from datasets import DatasetError  # noqa: E402
+from benchmarks import DatasetError  # noqa: E402
 from evaluate import confusion, miou  # noqa: E402
 
 FAST = ["--backbone", "tiny", "--short-side", "48", "--long-side", "96"]
@@ -111,8 +111,8 @@ def voc_tree(
 
 
 def labels_of(name, root):
-    samples = datasets.dataset_samples(name, root)
-    return samples, [datasets.read_sample(s)[1].numpy() for s in samples]
+    samples = benchmarks.dataset_samples(name, root)
+    return samples, [benchmarks.read_sample(s)[1].numpy() for s in samples]
 
 
 def test_voc21_and_voc20_readers(tmp_path):
@@ -122,8 +122,8 @@ def test_voc21_and_voc20_readers(tmp_path):
     assert labels[0].tolist() == RAW.tolist()  # palette indices as is
     _, labels = labels_of("voc20", tmp_path)  # background -> ignore, -1
     assert labels[0].tolist() == [[255, 4, 19, 255], [255, 0, 0, 255]]
-    assert len(datasets.dataset_samples("voc21", base)) == 2  # root may be VOC2012 itself
-    assert len(datasets.dataset_samples("voc21", tmp_path / "VOCdevkit")) == 2
+    assert len(benchmarks.dataset_samples("voc21", base)) == 2  # root may be VOC2012 itself
+    assert len(benchmarks.dataset_samples("voc21", tmp_path / "VOCdevkit")) == 2
 
 
 def test_context60_and_context59_readers(tmp_path):
@@ -147,7 +147,7 @@ def test_cityscapes_train_ids_and_label_ids_mapping(tmp_path):
     _, labels = labels_of("cityscapes", root)
     assert labels[0].tolist() == train.tolist()
     assert labels[1].tolist() == [[0, 13, 18, 255, 255], [11, 255, 10, 255, 5]]
-    assert len(datasets.dataset_samples("cityscapes", tmp_path / "data")) == 2  # root may hold cityscapes/
+    assert len(benchmarks.dataset_samples("cityscapes", tmp_path / "data")) == 2  # root may hold cityscapes/
 
 
 def test_ade20k_reader_shifts_labels(tmp_path):
@@ -164,38 +164,38 @@ def test_ade20k_reader_shifts_labels(tmp_path):
 
 def test_missing_and_mislaid_folders_say_what_was_expected(tmp_path):
     with pytest.raises(DatasetError, match="not a folder"):
-        datasets.dataset_samples("voc21", tmp_path / "nowhere")
+        benchmarks.dataset_samples("voc21", tmp_path / "nowhere")
     (tmp_path / "VOC2012" / "JPEGImages").mkdir(parents=True)  # VOCdevkit level missing
     with pytest.raises(DatasetError) as exc:
-        datasets.dataset_samples("voc21", tmp_path)
+        benchmarks.dataset_samples("voc21", tmp_path)
     msg = str(exc.value)
     assert f"'{tmp_path}/VOC2012/ImageSets/Segmentation/val.txt'" in msg and "contains: JPEGImages/" in msg
     assert "ROOT/VOCdevkit/VOC2012/" in msg  # and the full layout
     with pytest.raises(DatasetError, match="ADEChallengeData2016/images/validation"):
-        datasets.dataset_samples("ade20k", tmp_path)
+        benchmarks.dataset_samples("ade20k", tmp_path)
     base = voc_tree(tmp_path / "v")
     (base / "SegmentationClass" / "a_img.png").unlink()
     with pytest.raises(DatasetError, match="a_img.png"):
-        datasets.dataset_samples("voc21", tmp_path / "v")
+        benchmarks.dataset_samples("voc21", tmp_path / "v")
 
 
 def test_colour_rendered_label_is_rejected(tmp_path):
     base = voc_tree(tmp_path)
     Image.new("RGB", (4, 2)).save(base / "SegmentationClass" / "a_img.png")
-    samples = datasets.dataset_samples("voc21", tmp_path)
+    samples = benchmarks.dataset_samples("voc21", tmp_path)
     with pytest.raises(DatasetError, match="single-channel"):
-        datasets.read_sample(samples[1])
+        benchmarks.read_sample(samples[1])
 
 
 @pytest.mark.parametrize("name", ["voc21", "voc20", "context60", "context59", "cityscapes", "ade20k"])
 def test_make_synthetic_is_readable(tmp_path, name):
-    datasets.make_synthetic(name, tmp_path, num_images=2)
-    samples = datasets.dataset_samples(name, tmp_path)
+    benchmarks.make_synthetic(name, tmp_path, num_images=2)
+    samples = benchmarks.dataset_samples(name, tmp_path)
     assert len(samples) == 2
-    image, label = datasets.read_sample(samples[0])
+    image, label = benchmarks.read_sample(samples[0])
     assert image.shape[1:] == label.shape and image.dtype == torch.uint8
     valid = label[label != 255]
-    assert valid.numel() > 0 and valid.max() < datasets.DATASETS[name].num_classes
+    assert valid.numel() > 0 and valid.max() < benchmarks.DATASETS[name].num_classes
 
 
 def test_parse_modes():
@@ -228,7 +228,7 @@ def test_cli_voc21_table_json_plot_and_resume(tmp_path, fast_args, capsys, monke
     assert any(line.startswith("slide32 ") for line in stdout.splitlines())
     result = json.loads(out.read_text())
     assert result["classes"][0] == "background" and len(result["classes"]) == 21
-    labels = [datasets.read_sample(s)[1] for s in datasets.dataset_samples("voc21", data)]
+    labels = [benchmarks.read_sample(s)[1] for s in benchmarks.dataset_samples("voc21", data)]
     for mode in ("single", "slide32"):
         r = result["modes"][mode]
         assert r["images_done"] == 3 and 0 <= r["miou"] <= 1 and r["seconds_per_image"] > 0
@@ -247,7 +247,7 @@ def test_cli_voc21_table_json_plot_and_resume(tmp_path, fast_args, capsys, monke
 
 
 def test_cli_interrupted_run_resumes_to_the_same_result(tmp_path, fast_args, capsys, monkeypatch):
-    data = datasets.make_synthetic("context60", tmp_path / "ctx", num_images=3)
+    data = benchmarks.make_synthetic("context60", tmp_path / "ctx", num_images=3)
     full, part = tmp_path / "full.json", tmp_path / "part.json"
     args = ["--dataset", "context60", "--root", str(data), "--modes", "single", "--save-every", "100"] + fast_args
     evaluate.main(args + ["--out", str(full)])
@@ -275,7 +275,7 @@ def test_cli_errors(tmp_path, fast_args, capsys):
         evaluate.main(["--dataset", "cityscapes", "--root", str(tmp_path)] + fast_args)
     err = capsys.readouterr().err
     assert exc.value.code == 2 and "leftImg8bit/val" in err and "Traceback" not in err
-    datasets.make_synthetic("ade20k", tmp_path / "ade", num_images=1)
+    benchmarks.make_synthetic("ade20k", tmp_path / "ade", num_images=1)
     with pytest.raises(SystemExit) as exc:
         evaluate.main(["--dataset", "ade20k", "--root", str(tmp_path / "ade"), "--modes", "fast"] + fast_args)
     assert exc.value.code == 2 and "unknown mode" in capsys.readouterr().err
@@ -299,7 +299,7 @@ def test_cli_checkpoint_single_vs_pretrained(tmp_path, fast_args):
         },
         ckpt,
     )
-    data = datasets.make_synthetic("voc20", tmp_path / "voc", num_images=2)
+    data = benchmarks.make_synthetic("voc20", tmp_path / "voc", num_images=2)
     args = ["--dataset", "voc20", "--root", str(data)] + fast_args
     evaluate.main(args + ["--modes", "single,pretrained", "--checkpoint", str(ckpt), "--out", str(tmp_path / "a.json")])
     evaluate.main(args + ["--modes", "single", "--out", str(tmp_path / "b.json")])
@@ -315,17 +315,17 @@ def test_cli_checkpoint_single_vs_pretrained(tmp_path, fast_args):
 
 
 def test_settings_are_per_backbone_and_dataset():
-    clip, siglip = datasets.settings_for("voc21", "clip-b16"), datasets.settings_for("voc21", "siglip2-b16")
+    clip, siglip = benchmarks.settings_for("voc21", "clip-b16"), benchmarks.settings_for("voc21", "siglip2-b16")
     assert (clip["prob_thd"], clip["area_thd"], clip["logit_scale"]) == (0.1, 0.1, 65.0)  # the authors' OpenCLIP
     assert (siglip["prob_thd"], siglip["area_thd"], siglip["logit_scale"]) == (0.0, 0.0, 65.0)
-    assert datasets.settings_for("context60", "clip-b16")["prob_thd"] == 0.1
-    assert datasets.settings_for("voc20", "clip-b16")["area_thd"] == 0.0  # VOC21 only
-    assert datasets.settings_for("cityscapes", "tiny")["short_side"] == 1024
+    assert benchmarks.settings_for("context60", "clip-b16")["prob_thd"] == 0.1
+    assert benchmarks.settings_for("voc20", "clip-b16")["area_thd"] == 0.0  # VOC21 only
+    assert benchmarks.settings_for("cityscapes", "tiny")["short_side"] == 1024
 
 
 def test_cli_passes_settings_protocol_and_precision_to_segment(tmp_path, fast_args, monkeypatch):
-    data = datasets.make_synthetic("voc21", tmp_path / "voc", num_images=1)
-    monkeypatch.setitem(datasets.BACKBONE_SETTINGS, ("tiny", "voc21"), dict(prob_thd=0.1, area_thd=0.1))
+    data = benchmarks.make_synthetic("voc21", tmp_path / "voc", num_images=1)
+    monkeypatch.setitem(benchmarks.BACKBONE_SETTINGS, ("tiny", "voc21"), dict(prob_thd=0.1, area_thd=0.1))
     seen, real = [], evaluate.segment
     monkeypatch.setattr(evaluate, "segment", lambda *a, **k: seen.append((a, k)) or real(*a, **k))
     args = ["--dataset", "voc21", "--root", str(data), "--modes", "single"] + fast_args
@@ -355,7 +355,7 @@ def test_parse_modes_feature_and_logit_averaging():
 @pytest.mark.parametrize("name", ["voc21", "cityscapes"])
 def test_both_protocols_on_the_synthetic_sets(tmp_path, fast_args, capsys, name):
     """Report paper vs aligned for single / slide / slidelogit (random tiny weights: plumbing, not accuracy)."""
-    data = datasets.make_synthetic(name, tmp_path / name, num_images=2)
+    data = benchmarks.make_synthetic(name, tmp_path / name, num_images=2)
     res = {}
     for protocol in segment.PROTOCOLS:
         out = tmp_path / f"{protocol}.json"
@@ -409,9 +409,9 @@ def test_label_values_outside_the_classes_are_counted_and_named(tmp_path, fast_a
     (base / "ImageSets" / "Segmentation").mkdir(parents=True)
     (base / "ImageSets" / "Segmentation" / "val.txt").write_text("a\nb\n")
     root = tmp_path / "voc"
-    n, example = datasets.out_of_range(np.array([0, 20, 21, 40, 255, 255], np.uint8), datasets.lut_identity(21))
+    n, example = benchmarks.out_of_range(np.array([0, 20, 21, 40, 255, 255], np.uint8), benchmarks.lut_identity(21))
     assert (n, example) == (2, 21)
-    assert datasets.out_of_range(np.array([0, 150, 255], np.uint8), datasets.lut_reduce_zero(150)) == (0, None)
+    assert benchmarks.out_of_range(np.array([0, 150, 255], np.uint8), benchmarks.lut_reduce_zero(150)) == (0, None)
     out = tmp_path / "r.json"
     evaluate.main(["--dataset", "voc21", "--root", str(root), "--out", str(out)] + fast_args)
     err = capsys.readouterr().err
@@ -431,7 +431,7 @@ def test_label_values_outside_the_classes_are_counted_and_named(tmp_path, fast_a
     ],
 )
 def test_cli_bad_numbers_and_devices(tmp_path, fast_args, capsys, extra, message):
-    data = datasets.make_synthetic("voc20", tmp_path / "voc", num_images=1)
+    data = benchmarks.make_synthetic("voc20", tmp_path / "voc", num_images=1)
     with pytest.raises(SystemExit) as exc:
         evaluate.main(
             ["--dataset", "voc20", "--root", str(data), "--out", str(tmp_path / "r.json")] + fast_args + extra
@@ -442,7 +442,7 @@ def test_cli_bad_numbers_and_devices(tmp_path, fast_args, capsys, extra, message
 
 
 def test_cli_results_json_of_the_wrong_shape_is_refused(tmp_path, fast_args, capsys):
-    data = datasets.make_synthetic("voc20", tmp_path / "voc", num_images=1)
+    data = benchmarks.make_synthetic("voc20", tmp_path / "voc", num_images=1)
     out = tmp_path / "r.json"
     out.write_text("[1, 2, 3]")
     with pytest.raises(SystemExit) as exc:
@@ -453,7 +453,7 @@ def test_cli_results_json_of_the_wrong_shape_is_refused(tmp_path, fast_args, cap
 
 
 def test_ctrl_c_while_loading_exits_130(tmp_path, fast_args, capsys, monkeypatch):
-    data = datasets.make_synthetic("voc20", tmp_path / "voc", num_images=1)
+    data = benchmarks.make_synthetic("voc20", tmp_path / "voc", num_images=1)
 
     def interrupted(*a, **k):
         raise KeyboardInterrupt

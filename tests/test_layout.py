@@ -31,7 +31,7 @@ ORDER = [
     "checkpoints",
     "student",
     "teacher",
-    "datasets",
+    "benchmarks",
     "pictures",
     "textcache",
     "results",

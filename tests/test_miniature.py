@@ -21,7 +21,7 @@ from PIL import Image
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-import datasets  # noqa: E402
+import benchmarks  # noqa: E402
 import miniature  # noqa: E402
 from student import load_backbone  # noqa: E402
 
@@ -53,18 +53,18 @@ def test_world_labels_match_pixels_and_are_seeded(tmp_path):
     assert image.shape == (256, 512, 3) and image.dtype == np.uint8 and label.shape == (256, 512)
     assert set(np.unique(label)) <= {0, 1, 2, 3, 4} and len(np.unique(label)) >= 3
     rgb = image.astype(np.float32) / 255
-    for k, colour in enumerate(datasets.COLOURS):  # a border-coloured pixel belongs to that class
+    for k, colour in enumerate(benchmarks.COLOURS):  # a border-coloured pixel belongs to that class
         near = np.linalg.norm(rgb - colour, axis=-1) < 0.2
         if near.sum() > 20:
             assert (label[near] == k + 1).mean() > 0.95, f"class {k + 1}: border pixels labelled otherwise"
     root = miniature.write_world(tmp_path / "w", 64, 96, 3, seed=5)
-    samples = datasets.dataset_samples("miniature", root)
+    samples = benchmarks.dataset_samples("miniature", root)
     assert [os.path.basename(s.image) for s in samples] == ["00000.png", "00001.png", "00002.png"]
-    img, lab = datasets.read_sample(samples[1])
+    img, lab = benchmarks.read_sample(samples[1])
     assert img.shape == (3, 64, 96) and lab.shape == (64, 96)
     ref = miniature.render_scene(miniature.scene_rng(5, 1), 64, 96, cfg)
     assert np.array_equal(img.permute(1, 2, 0).numpy(), ref[0]) and np.array_equal(lab.numpy(), ref[1])
-    assert len(datasets.dataset_samples("miniature", datasets.make_synthetic("miniature", tmp_path / "s", 2))) == 2
+    assert len(benchmarks.dataset_samples("miniature", benchmarks.make_synthetic("miniature", tmp_path / "s", 2))) == 2
 
 
 def test_pretraining_is_deterministic_and_loads_as_tiny_weights(tmp_path):

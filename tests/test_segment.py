@@ -14,11 +14,11 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import datasets  # noqa: E402
+import benchmarks  # noqa: E402
 import pictures  # noqa: E402
 import segment  # noqa: E402
 import textcache  # noqa: E402
-from datasets import DatasetError  # noqa: E402
+from benchmarks import DatasetError  # noqa: E402
 from segment import ClassText, SegmentError, SegmentSettings  # noqa: E402
 from student import load_backbone  # noqa: E402
 
@@ -50,13 +50,13 @@ def test_parse_classes_commas_and_semicolons():
 
 
 def test_read_paper_class_files():
-    voc21 = datasets.read_class_file(ROOT / "data" / "classes" / "voc21.txt")
+    voc21 = benchmarks.read_class_file(ROOT / "data" / "classes" / "voc21.txt")
     assert len(voc21) == 21 and len(voc21[0]) == 26 and voc21[0][0] == "sky"  # background = 26 stuff names
     assert voc21[15][0] == "person" and len(voc21[15]) == 7
-    assert len(datasets.read_class_file(ROOT / "data" / "classes" / "ade20k.txt")) == 150
-    assert len(datasets.read_templates()) == 80
+    assert len(benchmarks.read_class_file(ROOT / "data" / "classes" / "ade20k.txt")) == 150
+    assert len(benchmarks.read_templates()) == 80
     with pytest.raises(DatasetError, match="cannot read class file"):
-        datasets.read_class_file(ROOT / "no_such_file.txt")
+        benchmarks.read_class_file(ROOT / "no_such_file.txt")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -159,10 +159,10 @@ def test_resize_image_paper_has_no_antialias_aligned_has():
     from tests.reference import bilinear_resize
 
     img = torch.rand(1, 3, 40, 60, generator=torch.Generator().manual_seed(2))
-    paper = segment.resize_image(img, (17, 25), antialias=False)
+    paper = benchmarks.resize_image(img, (17, 25), antialias=False)
     ref = bilinear_resize(img[0].permute(1, 2, 0).double().numpy(), 17, 25)
     assert np.allclose(paper[0].permute(1, 2, 0).numpy(), ref, atol=1e-5)
-    aligned = segment.resize_image(img, (17, 25), antialias=True)
+    aligned = benchmarks.resize_image(img, (17, 25), antialias=True)
     assert not torch.allclose(paper, aligned, atol=1e-3)
     assert aligned.std() < paper.std()  # smoothed: less aliasing
 
@@ -330,12 +330,12 @@ def test_segment_tiny_any_size_single_and_slide(tiny, tmp_path):
 
 
 def test_resized_hw_keeps_ratio():
-    assert segment.resized_hw(375, 500, 672, 2048) == (672, 896)
-    assert segment.resized_hw(1024, 2048, 1024, 2048) == (1024, 2048)
-    assert segment.resized_hw(300, 3000, 672, 2048) == (205, 2048)  # long side capped
-    assert segment.resized_hw(37, 53, None, None) == (37, 53)
-    assert segment.resized_hw(37, 53, None, 2048) == (37, 53)  # a cap never enlarges
-    assert segment.resized_hw(3000, 6000, 0, 2048) == (1024, 2048)
+    assert benchmarks.resized_hw(375, 500, 672, 2048) == (672, 896)
+    assert benchmarks.resized_hw(1024, 2048, 1024, 2048) == (1024, 2048)
+    assert benchmarks.resized_hw(300, 3000, 672, 2048) == (205, 2048)  # long side capped
+    assert benchmarks.resized_hw(37, 53, None, None) == (37, 53)
+    assert benchmarks.resized_hw(37, 53, None, 2048) == (37, 53)  # a cap never enlarges
+    assert benchmarks.resized_hw(3000, 6000, 0, 2048) == (1024, 2048)
 
 
 # --------------------------------------------------------------------------------------------------------------

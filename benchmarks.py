@@ -22,7 +22,8 @@ for OpenCLIP (clip-b16) on VOC21, the table above otherwise (area_thd off).
   folder is a `DatasetError` that says what was expected;
 * `make_synthetic` -- a small fake dataset in any of the layouts (for trying the CLIs and for the tests);
 * `render_scene`, `write_world` -- the toy world of `miniature.py` (`--dataset miniature`);
-* `voc_palette` -- the PASCAL VOC colour map: VOC's label PNGs and the masks of `pictures.py`.
+* `voc_palette` -- the PASCAL VOC colour map: VOC's label PNGs and the masks of `pictures.py`;
+* `resized_hw`, `resize_image` -- the evaluation protocol's keep-ratio resize (short side 672, long side 2048).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from cli import UserError, display_name
@@ -654,3 +656,32 @@ def write_world(out: str | os.PathLike, H: int, W: int, count: int, seed: int, c
                 stale.unlink()
     write_json(meta, key)  # written last: its presence means "done"
     return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The evaluation protocol's resizes (segment.py runs every image through them)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def resized_hw(H: int, W: int, short_side: int | None, long_side: int | None = None) -> tuple[int, int]:
+    """Keep-ratio resize of the evaluation protocol: scale = min(short/min(H, W), long/max(H, W)).
+
+    (short 672, long 2048) for VOC / Context / ADE; (1024, 2048) for Cityscapes, i.e. 2048 x 1024.  Without a
+    short side the long side is only a cap (never enlarges); None or 0 for both keeps the size.
+    """
+    scales = [short_side / min(H, W)] if short_side else [1.0]
+    if long_side:
+        scales.append(long_side / max(H, W))
+    s = min(scales)
+    if s == 1.0:
+        return H, W
+    return max(1, int(H * s + 0.5)), max(1, int(W * s + 0.5))
+
+
+def resize_image(image: torch.Tensor, hw: tuple[int, int], antialias: bool = True) -> torch.Tensor:
+    """(B, 3, H, W) -> (B, 3, h', w') bilinear (align_corners=False); with `antialias`, anti-aliased when shrinking
+    (protocol 'aligned'); without, OpenCV's INTER_LINEAR behaviour (protocol 'paper')."""
+    if tuple(image.shape[-2:]) == tuple(hw):
+        return image
+    shrink = hw[0] < image.shape[-2] or hw[1] < image.shape[-1]
+    return F.interpolate(image.float(), size=hw, mode="bilinear", align_corners=False, antialias=antialias and shrink)
