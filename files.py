@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from cli import DeviceError, UserError, display_name, log, parse_size, resolve_device  # noqa: F401  TEMPORARY re-export during the layout move
+from cli import UserError, display_name, log
 
 TEMP_MARK = ".tmp."  # temp files are "<target>.tmp.<pid>"; a run may delete leftovers with this mark
 
