@@ -33,6 +33,8 @@ ORDER = [
     "teacher",
     "datasets",
     "pictures",
+    "lposs",
+    "anyup",
     "segment",
     "evaluate",
     "runfolder",
