@@ -35,6 +35,8 @@ ORDER = [
     "pictures",
     "textcache",
     "results",
+    "lposs",
+    "anyup",
     "segment",
     "evaluate",
     "runfolder",
