@@ -326,7 +326,7 @@ def timing(args) -> int:
         )
     say(f"\n{'backbone':<12} {'dataset':<11} {'images':>6} {'single min':>11} {'teacher min':>12}")
     for r in rows:
-        for d in r["benchmarks"]:
+        for d in r["datasets"]:
             say(
                 f"{r['backbone']:<12} {d:<11} {split[d]:>6} {split[d] * r['single_s'] / 60:11.1f} "
                 f"{split[d] * r['teacher_s'] / 60:12.1f}"

@@ -123,7 +123,7 @@ def test_timing_quick_on_cpu(tmp_path, capsys):
         assert row["single_s"] > 0 and row["teacher_s"] > 0
         assert ("extrapolated from 2 of" in row["teacher_how"]) == (row["windows"] > 2)
     cs = record["rows"][1]
-    assert cs["benchmarks"] == ["cityscapes"] and cs["windows"] == Teacher(load_backbone("tiny")).num_windows(128, 256)
+    assert cs["datasets"] == ["cityscapes"] and cs["windows"] == Teacher(load_backbone("tiny")).num_windows(128, 256)
     line = [ln.split() for ln in out.splitlines() if ln.split()[1:3] == ["cityscapes", "500"]][0]
     assert line[3:] == [f"{500 * cs['single_s'] / 60:.1f}", f"{500 * cs['teacher_s'] / 60:.1f}"]  # split minutes
 
