@@ -35,6 +35,7 @@ ORDER = [
     "pictures",
     "textcache",
     "results",
+    "outputs",
     "segment",
     "evaluate",
     "runfolder",
