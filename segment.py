@@ -393,7 +393,7 @@ def _run(argv=None):
 
 
 def main(argv=None):
-    return main_guard(_run, argv, interrupted="interrupted; the finished outputs are kept: run it again to go on.")
+    return main_guard(_run, argv, interrupted="interrupted; finished outputs are kept (rerun a folder to go on).")
 
 
 if __name__ == "__main__":
