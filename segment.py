@@ -27,14 +27,15 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import time
 from dataclasses import dataclass, fields
+from functools import partial
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+import outputs
 from benchmarks import (  # noqa: F401 (API)
     DEFAULT_TEMPLATES,
     check_duplicates,
@@ -51,11 +52,11 @@ from cli import (
     check_flag_numbers,
     display_name,
     flag,
+    log,
     main_guard,
     resolve_device,
 )
 from files import load_image
-from pictures import check_mask_path, class_shares, overlay_path, save_mask, save_overlay
 from student import BACKBONES, Backbone, autocast, load_backbone, synchronize
 from teacher import Teacher
 from textcache import CACHE_ENV, cache_dir_arg, cached
@@ -315,87 +316,84 @@ def check_stride(stride: int, backbone: Backbone, what: str = "--stride"):
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        description="Open-vocabulary segmentation of one image (SPAR, E5): writes a colour mask (palette PNG, "
-        "pixel value = class index), an overlay with a legend, and prints per-class pixel shares.",
+        description="Open-vocabulary segmentation of one image or a folder (SPAR, E5): writes a colour mask (palette "
+        "PNG, pixel value = class index) and an overlay with a legend per image, and prints per-class pixel shares.",
         epilog='example: python segment.py assets/rocket.jpg --classes "sky; smoke, cloud; rocket; tower; sea" '
-        "--backbone siglip2-b16 --checkpoint run/student.pt --out rocket_seg.png",
+        "--backbone siglip2-b16 --checkpoint run/student.pt --out rocket_seg.png; a folder: DIR --out OUTDIR",
     )
-    p.add_argument("image", help="image file (any size and aspect ratio)")
+    p.add_argument("image", help="image file (any size and aspect ratio), or a folder of them (--out: a folder)")
     p.add_argument("--classes", help='class names: "road, car, sky"; with ";" commas give synonyms: "road; car, truck"')
     p.add_argument("--class-file", help="one class per line, synonyms comma-separated (e.g. data/classes/voc21.txt)")
     add_backbone_args(p, BACKBONES, default="siglip2-b16")
-    p.add_argument(
-        "--checkpoint", help="student.pt from distill.py (single mode; the teacher is the pre-trained model)"
-    )
+    p.add_argument("--checkpoint", help="student.pt from distill.py (single mode; the teacher is pre-trained)")
     add_flags(p, SegmentSettings, protocol="aligned", short_side=672, long_side=2048)  # this CLI's defaults
     p.add_argument("--templates", default=str(DEFAULT_TEMPLATES), help="prompt templates, one per line with {}")
     p.add_argument("--text-cache", help=f"text-embedding cache folder ('none': off; default ${CACHE_ENV} or ~/.cache)")
-    p.add_argument("--out", default="seg.png", help="mask PNG; the overlay goes to <out stem>_overlay.png")
+    p.add_argument("--out", help="mask PNG (default seg.png; overlay: <stem>_overlay.png), or the output folder")
+    p.add_argument("--save-features", action="store_true", help="also write <stem>.pt: fp16 (h, w, C) features")
     return p
 
 
-def read_args(args) -> tuple[SegmentSettings, list[list[str]], torch.device]:
-    """The settings (the flags are named for its fields), the class list and the device of the command line, every
-    number checked: one sentence each, before any work."""
+def read_args(args, folder: bool) -> tuple[SegmentSettings, list[list[str]] | None, torch.device]:
+    """The settings (the flags are named for its fields), class list (None: features only) and device, checked."""
     check_flag_numbers(args, SegmentSettings)
-    check_mask_path(Path(args.out))
-    device = resolve_device(args.device)
-    classes = class_list(args.classes, args.class_file)
+    classes = class_list(args.classes, args.class_file) if outputs.check_outputs(args, folder) else None
     settings = SegmentSettings(**{f.name: getattr(args, f.name) for f in fields(SegmentSettings)})
-    return settings, classes, device
+    return settings, classes, resolve_device(args.device)
+
+
+def write_outputs(backbone, text, settings, path, outs: list[Path], title: str, image=None):
+    """One image's files (`outputs.output_files`), atomically, in order -> its Segmentation (None: no `text`)."""
+    image = load_image(str(path)) if image is None else image  # (1, 3, H, W) in [0, 1]
+    hw = run_size(*image.shape[-2:], settings, backbone.patch_size)
+    if outs[0].suffix == ".pt":  # the features of (E3) (or the teacher's), as segment computes them
+        x = backbone.normalize(resize_image(image.to(backbone.device), hw, antialias=settings.protocol == "aligned"))
+        feats = dense_features(backbone, x, settings)[0]  # (h, w, C)
+        outputs.save_features(outs[0], feats, image.shape[-2:], hw, backbone, settings)
+    seg = segment(backbone, image, text, settings) if text is not None else None
+    if seg is not None:
+        title = f"{Path(display_name(path)).name} - {title}"  # printable even if not UTF-8
+        outputs.save_pictures(image, seg.labels[0].cpu().numpy(), text.names, outs[-2:], title)  # the one host copy
+    return seg
 
 
 def _run(argv=None):
     args = build_parser().parse_args(argv)
-    t_start = time.perf_counter()
-    settings, classes, device = read_args(args)
-    templates = read_templates(args.templates)
-    image = load_image(args.image)  # (1, 3, H, W) in [0, 1]
+    t_start, folder = time.perf_counter(), os.path.isdir(args.image)
+    settings, classes, device = read_args(args, folder)
+    templates = read_templates(args.templates) if classes else None
     single = args.mode == "single"
     checkpoint = args.checkpoint if single else None
     if args.checkpoint and not single:
-        print(
-            "note: --checkpoint is ignored in slide mode (the teacher uses the pre-trained weights).", file=sys.stderr
-        )
+        log("note: --checkpoint is ignored in slide mode (the teacher uses the pre-trained weights).")
+    outs = partial(outputs.output_files, features=args.save_features, masks=classes is not None)
+    image = None if folder else load_image(args.image)  # (1, 3, H, W) in [0, 1]
+    if folder:  # the images, the outputs and the settings record, before any work
+        record = outputs.folder_record(args, settings, checkpoint, classes, templates)
+        plan = outputs.plan_folder(args.image, args.out, outs, record)
+        if not plan.pending:  # a rerun of a finished folder
+            return
     backbone = load_backbone(args.backbone, args.pretrained, device, checkpoint=checkpoint)
     if not single:
         check_stride(args.stride, backbone)
-    run_h, run_w = run_size(*image.shape[-2:], settings, backbone.patch_size)  # before any work
+    hw = None if folder else run_size(*image.shape[-2:], settings, backbone.patch_size)  # before any work
     t_loaded = time.perf_counter()
-    text = text_embeddings(backbone, classes, templates, cache_dir_arg(args.text_cache), progress=True)
+    text = classes and text_embeddings(backbone, classes, templates, cache_dir_arg(args.text_cache), progress=True)
     t_text = time.perf_counter()
-    seg = segment(backbone, image, text, settings)
-    labels = seg.labels[0].cpu().numpy()  # the one host copy
     how = f"{args.mode}" + ("" if single else f", stride {args.stride}")
-    name = display_name(args.image)  # printable even if not UTF-8
-    title = f"{Path(name).name} - {backbone.name}" + (" + student" if checkpoint else "") + f" ({how})"
-    out = Path(args.out)
-    save_mask(labels, text.num_classes, out)
-    save_overlay(image[0].permute(1, 2, 0).numpy(), labels, text.names, overlay_path(out), title)
-
-    H, W = labels.shape
-    print(
-        f"{name}: {W}x{H} px (run at {run_w}x{run_h}), backbone {backbone.name}"
-        + (f" + {display_name(checkpoint)}" if checkpoint else "")
-        + f", mode {how}, protocol {args.protocol}, "
-        + f"{'amp' if args.amp else 'fp32'}, {text.num_classes} classes"
-    )
-    shares, order = class_shares(labels, text.num_classes)
-    width = max(len(n) for n in text.names)
-    for k in order:
-        print(f"  {text.names[k]:<{width}}  {100 * shares[k]:6.2f} %")
-    print(
-        f"segmentation {seg.seconds:.3f} s (model load {t_loaded - t_start:.2f} s, text {t_text - t_loaded:.2f} s, "
-        f"total {time.perf_counter() - t_start:.2f} s)"
-    )
-    print(
-        f"wrote {display_name(out)} (mask, pixel value = class index) and {display_name(overlay_path(out))} "
-        f"(overlay + legend)"
-    )
+    title = f"{backbone.name}" + (" + student" if checkpoint else "") + f" ({how})"
+    if folder:
+        return outputs.run_folder(plan, partial(write_outputs, backbone, text, settings, title=title))
+    files = outs(args.out or "seg.png")
+    seg = write_outputs(backbone, text, settings, args.image, files, title, image)
+    model = backbone.name + (f" + {display_name(checkpoint)}" if checkpoint else "")
+    setup = f"(run at {hw[1]}x{hw[0]}), backbone {model}, mode {how}"
+    seconds = (t_loaded - t_start, t_text - t_loaded, time.perf_counter() - t_start)  # load, text, total
+    outputs.print_report(display_name(args.image), seg, text and text.names, setup, args, seconds, files)
 
 
 def main(argv=None):
-    return main_guard(_run, argv)
+    return main_guard(_run, argv, interrupted="interrupted; finished outputs are kept (rerun a folder to go on).")
 
 
 if __name__ == "__main__":

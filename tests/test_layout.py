@@ -37,6 +37,7 @@ ORDER = [
     "results",
     "lposs",
     "anyup",
+    "outputs",
     "segment",
     "evaluate",
     "runfolder",
