@@ -373,6 +373,37 @@ def test_a5_select_trainable_unfreezes_exactly_what_is_named_and_used(tiny, used
 
 
 @pytest.mark.a5
+def test_a5_select_trainable_freezes_what_was_trainable_before(tiny, used_by_dense):
+    # Training may start from a tower left trainable (a fine-tuned model, a previous call): select_trainable must
+    # first freeze the whole image tower, so only the named parts train, whatever the state before.
+    import distill
+
+    def expect(prefixes):
+        return {n for n, _ in tiny.image_tower().named_parameters() if n.startswith(prefixes) and n in used_by_dense}
+
+    def trainable():
+        return {n for n, p in tiny.image_tower().named_parameters() if p.requires_grad}
+
+    try:
+        tiny.image_tower().requires_grad_(True)  # a fully trainable tower
+        first = distill.select_trainable(tiny, ["blk_-1"])
+        after_first = trainable()
+        second = distill.select_trainable(tiny, ["blk_0"])  # a second call, other parts
+        after_second = trainable()
+    finally:
+        tiny.requires_grad_(False)
+        tiny.zero_grad(set_to_none=True)
+    assert after_first == set(first) == expect(("trunk.blocks.3.",)), (
+        f"select_trainable(['blk_-1']) on a fully trainable tower must leave only the last block trainable; "
+        f"still trainable but not named: {sorted(after_first - expect(('trunk.blocks.3.',)))[:5]}"
+    )
+    assert after_second == set(second) == expect(("trunk.blocks.0.",)), (
+        f"select_trainable(['blk_0']) after select_trainable(['blk_-1']) must leave only block 0 trainable; "
+        f"left over from the first call: {sorted(after_second - expect(('trunk.blocks.0.',)))[:5]}"
+    )
+
+
+@pytest.mark.a5
 @pytest.mark.parametrize("H,W", [(128, 128), (96, 160)])
 def test_a5_image_loss_is_the_mse_of_raw_features(tiny, H, W):
     # (E4): L = ||F_S - F_T||^2 / (h w C) with F_S the single pass on the stored uint8 image, checked with a loop

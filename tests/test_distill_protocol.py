@@ -351,3 +351,27 @@ def test_targets_are_cached_in_fp16_or_fp32(tiny, tmp_path):
     b = SimpleNamespace(pretrained=None, stride=32, precision="fp32", target_dtype="fp32")
     assert runfolder.teacher_key(tiny, a) != runfolder.teacher_key(tiny, b)  # a changed dtype recomputes the cache
     assert F.mse_loss(half.float(), full).item() < 1e-8
+
+
+def test_stage2_targets_are_the_teacher_on_the_stored_png_scaled_by_1_over_255(tiny, tmp_path):
+    """The cached target of an image = the Teacher run independently on its stored augmented PNG, read with PIL,
+    scaled by 1/255 in fp32 (not the target function compared with itself)."""
+    os.makedirs(tmp_path / "augment")
+    g = torch.Generator().manual_seed(5)
+    img = torch.randint(0, 256, (96, 144, 3), dtype=torch.uint8, generator=g).numpy()
+    Image.fromarray(img).save(tmp_path / "augment" / "x.png")
+    sha1 = files.file_sha1(str(tmp_path / "augment" / "x.png"))
+    item = dict(id="x", image="augment/x.png", sha1=sha1, size=[96, 144])
+    args = SimpleNamespace(pretrained=None, stride=32, precision="fp32", target_dtype="fp32", device="cpu")
+    teacher = distill.Teacher(tiny, stride=32, precision="fp32")
+    assert distill.stage_teacher([item], str(tmp_path), tiny, teacher, args) == [item]
+    cached = torch.load(runfolder.target_path(str(tmp_path), item), weights_only=True)["target"]
+    with Image.open(tmp_path / "augment" / "x.png") as im:
+        pixels = np.asarray(im.convert("RGB"), dtype=np.float32) / np.float32(255.0)  # (H, W, 3) in [0, 1]
+    x = tiny.normalize(torch.from_numpy(pixels).permute(2, 0, 1)[None])
+    with torch.inference_mode():
+        expected = distill.Teacher(tiny, stride=32, precision="fp32")(x)[0].float()
+    assert cached.dtype == torch.float32 and cached.shape == expected.shape == (6, 9, tiny.dim)
+    torch.testing.assert_close(cached, expected, rtol=1e-5, atol=1e-6)
+    direct = distill.compute_target(teacher, tiny, item, str(tmp_path), "cpu", "fp32")
+    torch.testing.assert_close(direct, expected, rtol=1e-5, atol=1e-6)
