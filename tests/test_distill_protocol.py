@@ -375,3 +375,33 @@ def test_stage2_targets_are_the_teacher_on_the_stored_png_scaled_by_1_over_255(t
     torch.testing.assert_close(cached, expected, rtol=1e-5, atol=1e-6)
     direct = distill.compute_target(teacher, tiny, item, str(tmp_path), "cpu", "fp32")
     torch.testing.assert_close(direct, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_heldout_metrics_are_mse_and_cosine_against_the_stored_target(tiny, tmp_path):
+    """distill.evaluate (the held-out table) against the student run independently on the stored PNG / 255 and the
+    (E4) MSE and the mean per-patch cosine written out in numpy: the suite otherwise only compares it with itself."""
+    os.makedirs(tmp_path / "heldout")
+    os.makedirs(tmp_path / "targets")
+    g = torch.Generator().manual_seed(9)
+    rows, expected = [], {}
+    for i, (H, W) in enumerate(((64, 96), (80, 64))):
+        img = torch.randint(0, 256, (H, W, 3), dtype=torch.uint8, generator=g).numpy()
+        Image.fromarray(img).save(tmp_path / "heldout" / f"h{i}.png")
+        h, w = tiny.grid_size(H, W)
+        target = torch.randn(h, w, tiny.dim, generator=g) * 0.3
+        item = dict(id=f"h{i}", image=f"heldout/h{i}.png", key=dict(long=max(H, W)))
+        torch.save(dict(target=target), runfolder.target_path(str(tmp_path), item))
+        rows.append(item)
+        with Image.open(tmp_path / "heldout" / f"h{i}.png") as im:
+            pixels = np.asarray(im.convert("RGB"), dtype=np.float32) / np.float32(255.0)
+        with torch.inference_mode():
+            f = tiny.dense(tiny.normalize(torch.from_numpy(pixels).permute(2, 0, 1)[None]))[0].double().numpy()
+        t = target.double().numpy()
+        cos = (f * t).sum(-1) / (np.linalg.norm(f, axis=-1) * np.linalg.norm(t, axis=-1))
+        expected[max(H, W)] = (((f - t) ** 2).mean(), cos.mean())
+    got = distill.evaluate(tiny, rows, str(tmp_path), "cpu", "test")
+    assert sorted(got) == sorted(expected)
+    for long, (mse, cos) in expected.items():
+        assert got[long]["images"] == 1
+        assert got[long]["mse"] == pytest.approx(mse, rel=1e-5), long
+        assert got[long]["cos"] == pytest.approx(cos, rel=1e-5), long

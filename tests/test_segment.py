@@ -597,3 +597,21 @@ def test_area_thd_counts_only_foreground_and_never_drops_class_zero():
     settings = SegmentSettings(logit_scale=1.0, area_thd=0.15, protocol="paper")
     seg = segment.segment(FixedBackbone(feats, patch=1), torch.rand(1, 3, H, W), text, settings)
     assert np.array_equal(seg.labels[0].numpy(), win)
+
+
+def test_area_thd_counts_each_image_of_a_batch_on_its_own():
+    """A batch of two maps: each image's shares are its own (class 2 is small in image 0 only).  With one image per
+    batch, counting over the whole batch would give the same answer."""
+    K, H, W = 3, 4, 10
+    rng = np.random.default_rng(2)
+    wins = [np.zeros(H * W, dtype=int), np.zeros(H * W, dtype=int)]
+    wins[0][:36], wins[0][36:] = 1, 2  # image 0: class 2 has 4 of 40 foreground pixels
+    wins[1][:10], wins[1][10:] = 1, 2  # image 1: class 2 has 30 of 40
+    probs = rng.uniform(0.0, 0.2, (2, K, H, W))
+    for b, win in enumerate(wins):
+        win = win.reshape(H, W)
+        probs[b, win, np.arange(H)[:, None], np.arange(W)] = 0.5
+    got = segment.drop_small_classes(torch.from_numpy(probs), 0.2).numpy()
+    for b in range(2):
+        assert np.allclose(got[b], area_thd_reference(probs[b], 0.2)), f"image {b} of the batch"
+    assert (got[0, 2] == 0).all() and (got[1, 2] > 0).any() and (got[1, 1] > 0).any()
