@@ -87,7 +87,7 @@ class Stitcher:
     def result(self, out_hw: tuple[int, int]) -> torch.Tensor:
         """Uniform average, then crop the padding and resize to the (h, w) patch grid: (B, h, w, C)."""
         if (self.count == 0).any():
-            raise RuntimeError("some canvas cells are covered by no window; the window grid is incomplete")
+            raise RuntimeError("cells covered by no window: a window-grid gap, or Stitcher.add misplaced a window")
         # ASSIGNMENT 2 BEGIN: average by the coverage count and resize to the patch grid (E2)
         h, w = out_hw
         avg = (self.canvas / self.count[:, None]).view(self.B, self.Hc, self.Wc, self.C)[

@@ -6,7 +6,7 @@ A few regions of the real code are fenced by one-line comments (the nbgrader / o
     ...the solution...
     # ASSIGNMENT 2 END
 
-This script copies the project (the files git tracks or would track: no .venv, runs/, .git) and replaces the
+This script copies the project (the files git tracks: no .venv, runs/, .git, nor untracked files) and replaces the
 inside of each fenced region by
 
     raise NotImplementedError("Assignment 2: place the window maps on the canvas -- see (E2) in the paper and
@@ -18,6 +18,7 @@ keeping the markers, the signatures, the docstrings, the comments of the region 
     python assignments/make_handout.py --out /tmp/handout          # every assignment stubbed
     python assignments/make_handout.py --out /tmp/h2 --only 2      # only assignment 2 (the CI check uses this)
     python assignments/make_handout.py --out /tmp/h2 --only 2.3    # only the 3rd region of assignment 2
+    python assignments/make_handout.py --out /tmp/h3 --solved 3    # 1-3 solved, 4.. stubbed (`pytest -m a3` passes)
     python assignments/make_handout.py --list                      # the regions, with their files and lines
 
 Regions are numbered N.k: the k-th region of assignment N, in file-name then line order (see --list).
@@ -85,10 +86,11 @@ class Region:
 
 
 def project_files(root: Path = ROOT) -> list[str]:
-    """Files git tracks or would track (new files included, ignored ones not); without git, a walk of the tree."""
+    """The files git tracks (an untracked file, e.g. a student's notes or a scratch copy, never ships); without git,
+    a walk of the tree."""
     try:
         out = subprocess.run(
-            ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+            ["git", "ls-files", "-z", "--cached"],
             cwd=root,
             capture_output=True,
             check=True,
@@ -151,8 +153,13 @@ def all_regions(root: Path = ROOT, files: list[str] | None = None) -> list[Regio
     return regions
 
 
-def parse_only(text: str | None, regions: list[Region]) -> list[Region]:
-    """--only "2", "2.3" or "1,2.3": the regions to stub (all of them when None)."""
+def parse_only(text: str | None, regions: list[Region], solved: int | None = None) -> list[Region]:
+    """--only "2", "2.3" or "1,2.3": the regions to stub (all of them when None); --solved N keeps the solution of
+    assignments 1..N and stubs only the later ones."""
+    if solved is not None:
+        if text:
+            raise HandoutError("give --only or --solved, not both.")
+        return [r for r in regions if r.n > solved]
     if not text:
         return regions
     chosen = []
@@ -219,7 +226,12 @@ BANNER = (
 
 
 def build(
-    out: str | os.PathLike, only: str | None = None, root: Path = ROOT, force: bool = False, hints: bool = True
+    out: str | os.PathLike,
+    only: str | None = None,
+    root: Path = ROOT,
+    force: bool = False,
+    hints: bool = True,
+    solved: int | None = None,
 ) -> list[Region]:
     """Write the handout to `out` (built in a temp folder beside it, then renamed); returns the stubbed regions."""
     out = Path(out).resolve()
@@ -230,7 +242,7 @@ def build(
             raise HandoutError(f"--out '{out}' would replace the project itself.")
     files = project_files(root)
     regions = all_regions(root, files)
-    chosen = parse_only(only, regions)
+    chosen = parse_only(only, regions, solved)
     by_file: dict[str, list[Region]] = {}
     for r in chosen:
         by_file.setdefault(r.path, []).append(r)
@@ -251,7 +263,7 @@ def build(
                 compile(text, name, "exec")  # a stub that does not parse is our bug
                 dst.write_text(text, encoding="utf-8")
             elif name == "README.md":
-                which = "assignments " + ", ".join(str(n) for n in sorted({r.n for r in chosen}))
+                which = "assignments " + (", ".join(str(n) for n in sorted({r.n for r in chosen})) or "none")
                 text = (root / name).read_text(encoding="utf-8")
                 head, _, rest = text.partition("\n\n")
                 dst.write_text(f"{head}\n\n{BANNER.format(which=which)}{rest}", encoding="utf-8")
@@ -271,6 +283,9 @@ def main(argv=None):
     )
     parser.add_argument("--out", help="folder to write the handout to (must not exist or be empty)")
     parser.add_argument("--only", help="stub only these: '2' (assignment 2), '2.3' (its 3rd region), '1,2'")
+    parser.add_argument(
+        "--solved", type=int, metavar="N", help="keep the solutions of assignments 1..N, stub the later ones"
+    )
     parser.add_argument("--force", action="store_true", help="replace an existing --out folder")
     parser.add_argument("--no-hints", action="store_true", help="drop the comments inside the stubbed regions")
     parser.add_argument("--list", action="store_true", help="print the regions and exit")
@@ -282,7 +297,7 @@ def main(argv=None):
             return
         if not args.out:
             raise HandoutError("give --out DIR (or --list).")
-        chosen = build(args.out, args.only, force=args.force, hints=not args.no_hints)
+        chosen = build(args.out, args.only, force=args.force, hints=not args.no_hints, solved=args.solved)
     except HandoutError as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)

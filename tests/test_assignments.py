@@ -6,7 +6,9 @@ check behaviour, not implementation details: any correct solution passes.  The p
 the same functions carry the same markers.
 """
 
+import ast
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -29,6 +31,51 @@ def assert_close(got, expected, what: str, atol: float = 1e-5, rtol: float = 1e-
             f"{what}: {int(bad.sum())} of {bad.size} values differ; first at index {idx}: "
             f"expected {expected[idx]:.6g}, got {got[idx]:.6g}"
         )
+
+
+# ---------------------------------------------------------------- every assignment: no borrowed reference
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _is_reference(name: str) -> bool:
+    """A module name or path of tests/reference.py: reference, tests.reference(.x), tests/reference.py, ..."""
+    name = name.strip().replace("\\", "/").removesuffix(".py").replace("/", ".")
+    return name == "reference" or name.startswith("reference.") or "tests.reference" in name
+
+
+def _reference_uses(path: Path) -> list[str]:
+    """Where a project file imports the autograder's references (tests/reference.py): `import tests.reference`,
+    `from tests import reference`, `from reference import ...`, importlib / __import__ / runpy on them."""
+    tree = ast.parse(path.read_text(encoding="utf-8"), str(path))
+    hits = []
+    for node in ast.walk(tree):
+        names = []
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            names = [node.module or ""] + [f"{node.module}.{a.name}" for a in node.names]
+        elif isinstance(node, ast.Call):  # importlib.import_module("reference"), runpy.run_path("tests/reference.py")
+            names = [a.value for a in node.args if isinstance(a, ast.Constant) and isinstance(a.value, str)]
+        if any(_is_reference(n) for n in names):
+            hits.append(f"{path.name}:{node.lineno}")
+    return hits
+
+
+@pytest.mark.a1
+@pytest.mark.a2
+@pytest.mark.a3
+@pytest.mark.a4
+@pytest.mark.a5
+@pytest.mark.a6
+def test_no_solution_imports_the_autograders_reference():
+    # tests/reference.py holds loop versions of what the assignments ask for, so that the tests can check any
+    # correct solution; a solution that imports them would pass without being written.
+    hits = [hit for path in sorted(ROOT.glob("*.py")) for hit in _reference_uses(path)]
+    assert not hits, (
+        f"the project's code must not use the autograder's loop references (tests/reference.py): found at "
+        f"{', '.join(hits)}; write the assignment's code yourself (the sheet in assignments/ says how)"
+    )
 
 
 # ---------------------------------------------------------------- assignment 1: the window grid (E1)
@@ -95,6 +142,30 @@ def _windows(H, W, K, stride, C, seed):
     rng = np.random.default_rng(seed)
     starts = [(y, x) for y in starts_reference(H, K, stride) for x in starts_reference(W, K, stride)]
     return [rng.standard_normal((K // P, K // P, C)).astype(np.float32) for _ in starts], starts
+
+
+@pytest.mark.a2
+def test_a2_add_puts_each_window_on_the_canvas_of_its_own_image():
+    # One Stitcher holds the canvases of B images; a window of image b must be added to image b's canvas only.
+    # Here every image gets ONE window covering its whole canvas (r = 1, a 4x4-cell window on a 4x4-cell
+    # canvas), fed in the order of images 2, 0, 1, each map constant at b + 1.
+    from stitch import Stitcher
+
+    B, C = 3, 2
+    order = torch.tensor([2, 0, 1])
+    feats = (order.float() + 1)[:, None, None, None].expand(B, 4, 4, C).contiguous()
+    st = Stitcher(B, (4, 4), C, 1)
+    st.add(feats, order, torch.zeros(B, dtype=torch.long), torch.zeros(B, dtype=torch.long))
+    try:
+        out = st.result((4, 4))
+    except RuntimeError as exc:
+        raise AssertionError(
+            f"Stitcher.add (assignment 2) with one full-canvas window for each of {B} images left cells of some "
+            f"image uncovered ({exc}): the window grid is complete here, so add must put a window of image b on "
+            f"image b's canvas, i.e. offset its cells by image_idx * Hc * Wc"
+        ) from None
+    for b in range(B):
+        assert_close(out[b], torch.full((4, 4, C), b + 1.0), f"image {b}: its own window (value {b + 1}) only")
 
 
 @pytest.mark.a2
@@ -165,11 +236,12 @@ def tiny():
     return load_backbone("tiny", None)
 
 
-@pytest.mark.a3
+@pytest.mark.a4
 @pytest.mark.parametrize("H,W", [(96, 160), (200, 40), (256, 256)])
 def test_a3_tiny_student_uses_the_bicubic_position_grid(tiny, H, W):
     # The student at a non-native size: its features must equal those computed with position embeddings resized
     # by the loop-based bicubic reference.  Catches a resize that is right alone but wrong in layout or dtype.
+    # Graded with assignment 4 (marker a4): the dense features go through the SigLIP2 head of assignment 4.
     import student
 
     bb = tiny
@@ -370,6 +442,37 @@ def test_a5_select_trainable_unfreezes_exactly_what_is_named_and_used(tiny, used
     )
     assert not others, f"the text tower must stay frozen, but these are trainable: {others[:5]}"
     assert not leftover, f"select_trainable must not leave gradients behind: {leftover[:5]}"
+
+
+@pytest.mark.a5
+def test_a5_select_trainable_freezes_what_was_trainable_before(tiny, used_by_dense):
+    # Training may start from a tower left trainable (a fine-tuned model, a previous call): select_trainable must
+    # first freeze the whole image tower, so only the named parts train, whatever the state before.
+    import distill
+
+    def expect(prefixes):
+        return {n for n, _ in tiny.image_tower().named_parameters() if n.startswith(prefixes) and n in used_by_dense}
+
+    def trainable():
+        return {n for n, p in tiny.image_tower().named_parameters() if p.requires_grad}
+
+    try:
+        tiny.image_tower().requires_grad_(True)  # a fully trainable tower
+        first = distill.select_trainable(tiny, ["blk_-1"])
+        after_first = trainable()
+        second = distill.select_trainable(tiny, ["blk_0"])  # a second call, other parts
+        after_second = trainable()
+    finally:
+        tiny.requires_grad_(False)
+        tiny.zero_grad(set_to_none=True)
+    assert after_first == set(first) == expect(("trunk.blocks.3.",)), (
+        f"select_trainable(['blk_-1']) on a fully trainable tower must leave only the last block trainable; "
+        f"still trainable but not named: {sorted(after_first - expect(('trunk.blocks.3.',)))[:5]}"
+    )
+    assert after_second == set(second) == expect(("trunk.blocks.0.",)), (
+        f"select_trainable(['blk_0']) after select_trainable(['blk_-1']) must leave only block 0 trainable; "
+        f"left over from the first call: {sorted(after_second - expect(('trunk.blocks.0.',)))[:5]}"
+    )
 
 
 @pytest.mark.a5

@@ -351,3 +351,57 @@ def test_targets_are_cached_in_fp16_or_fp32(tiny, tmp_path):
     b = SimpleNamespace(pretrained=None, stride=32, precision="fp32", target_dtype="fp32")
     assert runfolder.teacher_key(tiny, a) != runfolder.teacher_key(tiny, b)  # a changed dtype recomputes the cache
     assert F.mse_loss(half.float(), full).item() < 1e-8
+
+
+def test_stage2_targets_are_the_teacher_on_the_stored_png_scaled_by_1_over_255(tiny, tmp_path):
+    """The cached target of an image = the Teacher run independently on its stored augmented PNG, read with PIL,
+    scaled by 1/255 in fp32 (not the target function compared with itself)."""
+    os.makedirs(tmp_path / "augment")
+    g = torch.Generator().manual_seed(5)
+    img = torch.randint(0, 256, (96, 144, 3), dtype=torch.uint8, generator=g).numpy()
+    Image.fromarray(img).save(tmp_path / "augment" / "x.png")
+    sha1 = files.file_sha1(str(tmp_path / "augment" / "x.png"))
+    item = dict(id="x", image="augment/x.png", sha1=sha1, size=[96, 144])
+    args = SimpleNamespace(pretrained=None, stride=32, precision="fp32", target_dtype="fp32", device="cpu")
+    teacher = distill.Teacher(tiny, stride=32, precision="fp32")
+    assert distill.stage_teacher([item], str(tmp_path), tiny, teacher, args) == [item]
+    cached = torch.load(runfolder.target_path(str(tmp_path), item), weights_only=True)["target"]
+    with Image.open(tmp_path / "augment" / "x.png") as im:
+        pixels = np.asarray(im.convert("RGB"), dtype=np.float32) / np.float32(255.0)  # (H, W, 3) in [0, 1]
+    x = tiny.normalize(torch.from_numpy(pixels).permute(2, 0, 1)[None])
+    with torch.inference_mode():
+        expected = distill.Teacher(tiny, stride=32, precision="fp32")(x)[0].float()
+    assert cached.dtype == torch.float32 and cached.shape == expected.shape == (6, 9, tiny.dim)
+    torch.testing.assert_close(cached, expected, rtol=1e-5, atol=1e-6)
+    direct = distill.compute_target(teacher, tiny, item, str(tmp_path), "cpu", "fp32")
+    torch.testing.assert_close(direct, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_heldout_metrics_are_mse_and_cosine_against_the_stored_target(tiny, tmp_path):
+    """distill.evaluate (the held-out table) against the student run independently on the stored PNG / 255 and the
+    (E4) MSE and the mean per-patch cosine written out in numpy: the suite otherwise only compares it with itself."""
+    os.makedirs(tmp_path / "heldout")
+    os.makedirs(tmp_path / "targets")
+    g = torch.Generator().manual_seed(9)
+    rows, expected = [], {}
+    for i, (H, W) in enumerate(((64, 96), (80, 64))):
+        img = torch.randint(0, 256, (H, W, 3), dtype=torch.uint8, generator=g).numpy()
+        Image.fromarray(img).save(tmp_path / "heldout" / f"h{i}.png")
+        h, w = tiny.grid_size(H, W)
+        target = torch.randn(h, w, tiny.dim, generator=g) * 0.3
+        item = dict(id=f"h{i}", image=f"heldout/h{i}.png", key=dict(long=max(H, W)))
+        torch.save(dict(target=target), runfolder.target_path(str(tmp_path), item))
+        rows.append(item)
+        with Image.open(tmp_path / "heldout" / f"h{i}.png") as im:
+            pixels = np.asarray(im.convert("RGB"), dtype=np.float32) / np.float32(255.0)
+        with torch.inference_mode():
+            f = tiny.dense(tiny.normalize(torch.from_numpy(pixels).permute(2, 0, 1)[None]))[0].double().numpy()
+        t = target.double().numpy()
+        cos = (f * t).sum(-1) / (np.linalg.norm(f, axis=-1) * np.linalg.norm(t, axis=-1))
+        expected[max(H, W)] = (((f - t) ** 2).mean(), cos.mean())
+    got = distill.evaluate(tiny, rows, str(tmp_path), "cpu", "test")
+    assert sorted(got) == sorted(expected)
+    for long, (mse, cos) in expected.items():
+        assert got[long]["images"] == 1
+        assert got[long]["mse"] == pytest.approx(mse, rel=1e-5), long
+        assert got[long]["cos"] == pytest.approx(cos, rel=1e-5), long

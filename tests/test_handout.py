@@ -96,6 +96,21 @@ def test_file_list_without_git_skips_environments_and_runs(tmp_path, monkeypatch
     assert make_handout.project_files(tmp_path) == ["a.py", "assets/x.jpg"]
 
 
+def test_solved_stubs_only_the_later_assignments_and_git_untracked_files_stay_out(tmp_path):
+    later = make_handout.parse_only(None, REGIONS, solved=3)
+    assert later and {r.n for r in later} == {n for n in NUMBERS if n > 3}
+    assert make_handout.parse_only(None, REGIONS, solved=max(NUMBERS)) == []
+    with pytest.raises(make_handout.HandoutError, match="not both"):
+        make_handout.parse_only("2", REGIONS, solved=1)
+    # only the files git tracks ship: a student's scratch file (untracked, not ignored) stays out
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
+    (tmp_path / "a.py").write_text("x = 1\n")
+    (tmp_path / "notes.py").write_text("from tests.reference import starts_reference\n")
+    subprocess.run([*git, "init", "-q"], cwd=tmp_path, check=True)
+    subprocess.run([*git, "add", "a.py"], cwd=tmp_path, check=True)
+    assert make_handout.project_files(tmp_path) == ["a.py"]
+
+
 @pytest.mark.parametrize("only", _only_labels())
 def test_each_region_is_graded_by_its_tests(only, tmp_path):
     out = tmp_path / "handout"

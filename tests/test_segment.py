@@ -541,3 +541,77 @@ def test_cli_non_utf8_image_name_writes_mask_and_overlay(tmp_path, template_file
     assert pictures.overlay_path(out).is_file()
     assert "\ufffd" in stdout and "mode slidelogit, stride 32" in stdout
     assert not [p for p in tmp_path.iterdir() if ".tmp." in p.name]  # atomic: no leftovers
+
+
+def test_prob_thd_sees_the_softmax_over_all_queries_before_the_synonym_max():
+    """Two equally good synonyms share the probability: softmax over ALL queries first (~0.5 each), then the max
+    over the class's synonyms.  With prob_thd 0.6 such a pixel goes to class 0 (a softmax taken after the max would
+    give ~1.0 and keep class 1).  Checked against the softmax / max written out in numpy."""
+    e = torch.eye(3)
+    emb = torch.stack([e[0], e[1], e[1]])  # q0 -> class 0; q1, q2: two identical synonyms of class 1
+    text = ClassText(["a", "b"], ["a", "b1", "b2"], torch.tensor([0, 1, 1]), emb)
+    feats = torch.stack([e[1], e[0], e[1] + 0.2 * e[0], e[0] + 0.1 * e[2]]).view(1, 2, 2, 3)
+    settings = SegmentSettings(logit_scale=40.0, prob_thd=0.6, protocol="paper")
+    seg = segment.segment(FixedBackbone(feats, patch=1), torch.rand(1, 3, 2, 2), text, settings).labels[0]
+    f = feats[0].double().numpy() / np.linalg.norm(feats[0].double().numpy(), axis=-1, keepdims=True)
+    z = 40.0 * f @ emb.double().numpy().T  # (2, 2, Q)
+    p = np.exp(z - z.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)  # softmax over the three queries
+    per_class = np.stack([p[..., 0], p[..., 1:].max(-1)], -1)  # then the max over class 1's synonyms
+    expected = np.where(per_class.max(-1) < 0.6, 0, per_class.argmax(-1))
+    assert per_class[0, 0, 1] == pytest.approx(0.5, abs=1e-6)  # the pixel that decides
+    assert expected[0, 0] == 0 and expected[0, 1] == 0
+    assert seg.tolist() == expected.tolist()
+    plain = segment.segment(
+        FixedBackbone(feats, patch=1), torch.rand(1, 3, 2, 2), text, SegmentSettings(logit_scale=40.0)
+    )
+    assert plain.labels[0, 0, 0] == 1  # without the threshold the synonyms' class wins
+
+
+def test_area_thd_counts_only_foreground_and_never_drops_class_zero():
+    """A map where each wrong formula changes the labels: class 0 wins 10 pixels, classes 1/2/3 win 60/16/14 of the
+    90 foreground pixels.  area_thd 0.15: the bar is 0.15 * 90 = 13.5, so every class stays.  Counting the 10
+    background pixels in the total (bar 15) would drop class 3; a rule that may drop class 0 (10 <= 13.5) would
+    move class 0's pixels to their runner-up."""
+    K, H, W = 4, 10, 10
+    win = np.zeros(H * W, dtype=int)
+    win[10:70], win[70:86], win[86:100] = 1, 2, 3
+    win = win.reshape(H, W)
+    rng = np.random.default_rng(1)
+    probs = rng.uniform(0.0, 0.2, (K, H, W))
+    probs[win, np.arange(H)[:, None], np.arange(W)] = 0.5  # the argmax map is `win`
+    probs[1][win == 0] = 0.4  # runner-up in class 0's pixels
+    probs[2][win == 3] = 0.4  # runner-up in class 3's pixels
+    ref = area_thd_reference(probs, 0.15)
+    assert np.array_equal(ref.argmax(0), win)  # the rule written out keeps every class here
+    got = segment.drop_small_classes(torch.from_numpy(probs)[None], 0.15)[0].numpy()
+    assert np.allclose(got, ref), "area_thd: n_k over the foreground total only, and class 0 is never dropped"
+    assert np.array_equal(got.argmax(0), win)
+    ref_20 = area_thd_reference(probs, 0.2)  # bar 18: classes 2 and 3 go, class 0 still stays
+    got_20 = segment.drop_small_classes(torch.from_numpy(probs)[None], 0.2)[0].numpy()
+    assert np.allclose(got_20, ref_20) and (got_20.argmax(0)[win == 0] == 0).all()
+    assert (got_20[2] == 0).all() and (got_20[3] == 0).all()
+    # end to end, through segment()
+    text = ClassText([str(k) for k in range(K)], [str(k) for k in range(K)], torch.arange(K), torch.eye(K))
+    feats = torch.from_numpy(np.log(probs)).float().permute(1, 2, 0)[None]
+    settings = SegmentSettings(logit_scale=1.0, area_thd=0.15, protocol="paper")
+    seg = segment.segment(FixedBackbone(feats, patch=1), torch.rand(1, 3, H, W), text, settings)
+    assert np.array_equal(seg.labels[0].numpy(), win)
+
+
+def test_area_thd_counts_each_image_of_a_batch_on_its_own():
+    """A batch of two maps: each image's shares are its own (class 2 is small in image 0 only).  With one image per
+    batch, counting over the whole batch would give the same answer."""
+    K, H, W = 3, 4, 10
+    rng = np.random.default_rng(2)
+    wins = [np.zeros(H * W, dtype=int), np.zeros(H * W, dtype=int)]
+    wins[0][:36], wins[0][36:] = 1, 2  # image 0: class 2 has 4 of 40 foreground pixels
+    wins[1][:10], wins[1][10:] = 1, 2  # image 1: class 2 has 30 of 40
+    probs = rng.uniform(0.0, 0.2, (2, K, H, W))
+    for b, win in enumerate(wins):
+        win = win.reshape(H, W)
+        probs[b, win, np.arange(H)[:, None], np.arange(W)] = 0.5
+    got = segment.drop_small_classes(torch.from_numpy(probs), 0.2).numpy()
+    for b in range(2):
+        assert np.allclose(got[b], area_thd_reference(probs[b], 0.2)), f"image {b} of the batch"
+    assert (got[0, 2] == 0).all() and (got[1, 2] > 0).any() and (got[1, 1] > 0).any()

@@ -59,8 +59,11 @@ def test_pos_embed_resize_matches_a_handwritten_bicubic(new_hw):
     pos = torch.randn(g[0] * g[1], 6, generator=torch.Generator().manual_seed(0))
     ours = resize_pos_embed(pos, g, new_hw).numpy()
     ref = bicubic_resize(pos.reshape(*g, 6).double().numpy(), *new_hw).reshape(-1, 6)
-    assert ours.shape == (new_hw[0] * new_hw[1], 6)
-    np.testing.assert_allclose(ours, ref, rtol=1e-4, atol=1e-5)
+    case = f"resize_pos_embed(mode='size') of a {g} grid to {new_hw}"
+    assert ours.shape == (new_hw[0] * new_hw[1], 6), (
+        f"{case}: expected shape {(new_hw[0] * new_hw[1], 6)}, got {ours.shape}"
+    )
+    np.testing.assert_allclose(ours, ref, rtol=1e-4, atol=1e-5, err_msg=f"{case} vs a handwritten bicubic (A = -0.75)")
 
 
 @pytest.mark.a3
@@ -81,7 +84,20 @@ def test_authors_pos_embed_resize_matches_a_handwritten_bicubic_by_scale(new_hw)
     scale = ((new_hw[0] + 0.1) / g[0], (new_hw[1] + 0.1) / g[1])
     ref = bicubic_resize_by_scale(pos.reshape(*g, 5).double().numpy(), *scale)
     assert ref.shape[:2] == new_hw
-    np.testing.assert_allclose(ours, ref.reshape(-1, 5), rtol=1e-4, atol=1e-5)
+    case = (
+        f"resize_pos_embed(mode='scale+0.1') of a {g} grid to {new_hw} "
+        f"(scale_factor ({new_hw[0]} + 0.1) / {g[0]}, ({new_hw[1]} + 0.1) / {g[1]})"
+    )
+    assert ours.shape == (new_hw[0] * new_hw[1], 5), (
+        f"{case}: expected shape {(new_hw[0] * new_hw[1], 5)}, got {ours.shape}"
+    )
+    np.testing.assert_allclose(
+        ours,
+        ref.reshape(-1, 5),
+        rtol=1e-4,
+        atol=1e-5,
+        err_msg=f"{case} vs a handwritten bicubic that maps coordinates by the scale",
+    )
 
 
 @pytest.mark.a3
@@ -90,8 +106,10 @@ def test_authors_pos_embed_resize_is_not_an_identity_at_the_native_grid():
     # clip-b16 at 224 x 224 differs slightly from the unmodified open_clip model, exactly as theirs does.
     pos = torch.randn(14 * 14, 8, generator=torch.Generator().manual_seed(2))
     out = resize_pos_embed(pos, (14, 14), (14, 14), mode="scale+0.1")
-    assert out.shape == pos.shape and not torch.allclose(out, pos, atol=1e-3)
-    assert (out - pos).abs().max() < pos.abs().max()  # small resampling, not a different table
+    case = "resize_pos_embed(mode='scale+0.1') of a (14, 14) grid to (14, 14)"
+    assert out.shape == pos.shape, f"{case}: expected shape {tuple(pos.shape)}, got {tuple(out.shape)}"
+    assert not torch.allclose(out, pos, atol=1e-3), f"{case} must resample (scale 14.1 / 14), not return the input"
+    assert (out - pos).abs().max() < pos.abs().max(), f"{case}: a small resampling, not a different table"
     with pytest.raises(ValueError, match="unknown position-embedding resize mode"):
         resize_pos_embed(pos, (14, 14), (7, 7), mode="nearest")
 
