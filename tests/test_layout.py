@@ -41,6 +41,7 @@ ORDER = [
     "distill",
     "bench",
     "reproduce",
+    "figures",
     "miniature",
     "hubconf",
 ]
