@@ -292,7 +292,7 @@ def fig1_plan(args, backbone, roots: dict) -> tuple:
         sizes += [run_hw(smp, name, args) for smp in samples]
     per_window = window_seconds(backbone)
     est = estimate_seconds(sizes, strides, K, per_window)
-    total = sum(est.values()) * (1 + len(args.checkpoint or []) / max(1, len(est)))
+    total = sum(est.values()) + len(args.checkpoint or []) * est["pretrained"]  # a student costs a single pass
     print(
         f"{len(sizes)} images over {len(roots)} datasets, {per_window * 1e3:.1f} ms per {K}x{K} window on "
         f"{device_name(backbone.device)}: estimated {total:.0f} s in all ("
@@ -381,27 +381,47 @@ def fig1_markdown(r: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def fig1_plot(r: dict, path: Path):
-    plt = pyplot()
-    fig, ax = plt.subplots(figsize=(6.5, 4.5))
-    for m, (s, v) in PAPER_FIG1.items():
-        ax.scatter(s, v, color="0.6", marker="^", s=40, zorder=2)
-        ax.annotate(f"{m} (paper)", (s, v), xytext=(4, -10), textcoords="offset points", fontsize=7, color="0.45")
-    slides = sorted((p["seconds"], p["miou"]) for p in r["points"] if p["label"].startswith("slide"))
-    if len(slides) > 1:
-        ax.plot(*zip(*slides), "--", color="tab:blue", lw=1, zorder=2)
-    for p in r["points"]:
+def slide_nd(p: dict) -> bool | None:
+    """None for a single pass, else whether the teacher's stride is ND (not divisible by the patch)."""
+    return p["nd"] if p["label"].startswith("slide") else None
+
+
+def fig1_points(ax, r: dict, fontsize: int = 8):
+    for nd in (False, True):  # one dashed line through the strides, largest first; ND separately
+        line = sorted((-int(p["label"][5:]), p["seconds"], p["miou"]) for p in r["points"] if slide_nd(p) == nd)
+        if len(line) > 1:
+            ax.plot([x[1] for x in line], [x[2] for x in line], "--", color="tab:orange" if nd else "tab:blue", lw=1)
+    for k, p in enumerate(r["points"]):
         slide = p["label"].startswith("slide")
         colour = "tab:orange" if p["nd"] else ("tab:blue" if slide else "tab:red")
-        marker = "o" if slide else "*"
-        ax.scatter(p["seconds"], p["miou"], color=colour, marker=marker, s=50 if slide else 140, zorder=3)
+        ax.scatter(
+            p["seconds"], p["miou"], color=colour, marker="o" if slide else "*", s=45 if slide else 130, zorder=3
+        )
         tag = p["label"] + (" ND" if p["nd"] else "")
-        ax.annotate(tag, (p["seconds"], p["miou"]), xytext=(5, 5), textcoords="offset points", fontsize=8)
-    ax.set_xscale("log")
-    ax.set_xlabel(f"seconds per image (log); ours: {r['device']}; grey: paper, their GPU, 1024x2048", fontsize=8)
-    ax.set_ylabel(f"mean mIoU over {len(r['datasets'])} datasets (%)")
-    ax.set_title(f"Fig. 1, speed vs accuracy ({r['backbone']})", fontsize=10)
-    ax.grid(True, which="both", alpha=0.3)
+        offset = (5, 5) if k % 2 == 0 else (5, -11)  # alternate, so that neighbours' labels do not overlap
+        ax.annotate(tag, (p["seconds"], p["miou"]), xytext=offset, textcoords="offset points", fontsize=fontsize)
+
+
+def fig1_plot(r: dict, path: Path):
+    """Left: our points (blue: teacher strides, orange: ND strides, red stars: single passes). Right: the paper's
+    points in grey with ours on the same axes (the scales differ when ours are the toy's)."""
+    plt = pyplot()
+    fig, (ours, both) = plt.subplots(1, 2, figsize=(12, 4.6))
+    fig1_points(ours, r)
+    ours.set_title(f"ours: {r['backbone']} on {r['device']}", fontsize=9)
+    for m, (s, v) in PAPER_FIG1.items():
+        both.scatter(s, v, color="0.6", marker="^", s=40, zorder=2)
+        both.annotate(f"{m} (paper)", (s, v), xytext=(4, -10), textcoords="offset points", fontsize=7, color="0.45")
+    fig1_points(both, r, fontsize=6)
+    both.set_title("with the paper's points (grey: SigLIP2 B/16, their GPU, 1024x2048)", fontsize=9)
+    n = len(r["datasets"])
+    for ax in (ours, both):
+        ax.set_xscale("log")
+        ax.set_xlabel("seconds per image (log scale)")
+        ax.set_ylabel(f"mean mIoU over {n} dataset{'s' if n > 1 else ''} (%)")
+        ax.grid(True, which="both", alpha=0.3)
+    ours.margins(x=0.25, y=0.25)
+    fig.suptitle("Fig. 1, speed vs accuracy", fontsize=10)
     fig.tight_layout()
     savefig(fig, path)
 
@@ -522,7 +542,12 @@ def fig3_plot(r: dict, path: Path):
         if ref["seconds"]:
             a2.plot(FIG3_AREAS, ref["seconds"], "^:", color="0.6", label=name)
     for ax, what in ((a1, "mIoU (%)"), (a2, "seconds per image (log)")):
-        ax.set_xlabel("resolution: side of the square of equal area (px)")
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(
+            sorted(set(r["areas"]) | set(FIG3_AREAS)), [str(a) for a in sorted(set(r["areas"]) | set(FIG3_AREAS))]
+        )
+        ax.tick_params(axis="x", labelsize=7)
+        ax.set_xlabel("resolution: side of the square of equal area (px, log)")
         ax.set_ylabel(what)
         ax.grid(True, alpha=0.3)
     a2.set_yscale("log")
@@ -635,7 +660,8 @@ def fig5_plot(rows, record, path: Path):
     plt = pyplot()
     names = record["models"]
     cols = 2 + 2 * len(names)
-    fig, axes = plt.subplots(len(rows), cols, figsize=(1.9 * cols, 1.9 * len(rows)), squeeze=False)
+    aspect = max(0.35, min(1.5, rows[0]["image"].shape[0] / rows[0]["image"].shape[1]))  # row height / width
+    fig, axes = plt.subplots(len(rows), cols, figsize=(1.9 * cols, (1.9 * aspect + 0.3) * len(rows)), squeeze=False)
     palette = np.vstack([class_colours(256)[:255], [[0, 0, 0]]]).astype(np.float32) / 255
     for r, row in enumerate(rows):
         panels = [("image", row["image"]), ("label", None if row["label"] is None else palette[row["label"]])]
@@ -712,23 +738,21 @@ def ablate(args) -> dict:
 
 
 def ablate_markdown(r: dict) -> str:
-    lines = [
-        "# Ablations (distill.py settings)",
-        "",
-        "held-out student vs teacher at each report size (after distillation; before in brackets)",
-        "",
+    lines = ["# Ablations (distill.py settings)", "", "Held-out student vs teacher per report size (long side), after"]
+    lines += ["distillation (before in brackets); mIoU of the student (mode single) where --dataset was given.", ""]
+    lines += [
+        "| run | train | stride | max images | epochs | long side | MSE after (before) | cos after (before) | mIoU |"
     ]
-    lines += ["| run | train | stride | images | epochs | MSE after (before) | cos after (before) | mIoU |"]
-    lines += ["|---|---|---:|---:|---:|---:|---:|---:|"]
+    lines += ["|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for row in r["rows"]:
-        h = row["heldout"][0] if row["heldout"] else {}
-        mse = f"{h['after']['mse']:.4g} ({h['before']['mse']:.4g})" if h else "--"
-        cos = f"{h['after']['cos']:.4f} ({h['before']['cos']:.4f})" if h else "--"
         miou = f"{row['miou']['miou']:.2f}" if row.get("miou") else "--"
-        lines.append(
-            f"| {row['name']} | {row['train']} | {row['stride']} | {row['images']} | {row['epochs']} | {mse} | "
-            f"{cos} | {miou} |"
-        )
+        for h in [h for h in row["heldout"] if h] or [None]:
+            mse = f"{h['after']['mse']:.4g} ({h['before']['mse']:.4g})" if h else "--"
+            cos = f"{h['after']['cos']:.4f} ({h['before']['cos']:.4f})" if h else "--"
+            lines.append(
+                f"| {row['name']} | {row['train']} | {row['stride']} | {row['images']} | {row['epochs']} | "
+                f"{h['long_side'] if h else '--'} | {mse} | {cos} | {miou} |"
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -747,6 +771,9 @@ def ablate_plot(r: dict, path: Path):
     ax.bar(x + 0.2, after, 0.4, label="after", color="tab:blue")
     ax.set_xticks(x, names, rotation=30, ha="right", fontsize=7)
     ax.set_ylabel("held-out cosine, student vs teacher")
+    finite = [v for v in before + after if not math.isnan(v)]
+    if finite:  # the cosines sit near 1: zoom in
+        ax.set_ylim(max(-1.0, min(finite) - 0.02), min(1.0, max(finite) + 0.01))
     ax.legend(fontsize=8)
     fig.tight_layout()
     savefig(fig, path)

@@ -153,7 +153,7 @@ def test_ablate_trains_each_cell_once_and_tables_it(shared, monkeypatch):
     for r in record["rows"]:
         assert (out / "ablate" / r["name"] / "student.pt").is_file()
         assert r["heldout"][0]["after"]["mse"] > 0 and len(r["train_loss"]) == 1
-    assert "| mlp_-1_s64_n2_e1 | mlp_-1 | 64 | 2 | 1 |" in (out / "ablate.md").read_text()
+    assert "| mlp_-1_s64_n2_e1 | mlp_-1 | 64 | 2 | 1 | 128 |" in (out / "ablate.md").read_text()
     trained = []
     monkeypatch.setattr(distill, "main", lambda argv: trained.append(argv))
     assert figures.main(argv)["rows"] == record["rows"] and trained == []
