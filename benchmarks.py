@@ -685,3 +685,9 @@ def resize_image(image: torch.Tensor, hw: tuple[int, int], antialias: bool = Tru
         return image
     shrink = hw[0] < image.shape[-2] or hw[1] < image.shape[-1]
     return F.interpolate(image.float(), size=hw, mode="bilinear", align_corners=False, antialias=antialias and shrink)
+
+
+def area_hw(H: int, W: int, area: int) -> tuple[int, int]:
+    """Keep-ratio size of about `area` pixels (the resolution sweep of Fig. 3): (H, W) scaled by sqrt(area / (H W))."""
+    s = math.sqrt(area / (H * W))
+    return max(1, int(H * s + 0.5)), max(1, int(W * s + 0.5))

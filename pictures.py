@@ -3,7 +3,8 @@ the speed-accuracy plot in the style of Fig. 1 that evaluate.py and miniature.py
 
 * `save_mask`     -- a palette PNG whose pixel values are the class indices, coloured by the VOC colour map;
 * `save_overlay`  -- image | overlay side by side, and a legend of the classes present, largest share first;
-* `speed_accuracy_plot` -- seconds per image (log x) against mIoU, one labelled point per mode.
+* `speed_accuracy_plot` -- seconds per image (log x) against mIoU, one labelled point per mode;
+* `pca_rgb`       -- the first three principal components of dense features as RGB, one fit shared by all maps.
 
 The mask and the overlay are written atomically (`files.atomic_write`); matplotlib is imported only to draw.
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import math
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -141,3 +143,38 @@ def speed_accuracy_plot(results: dict, path: Path, title: str):
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+@dataclass
+class PCAView:
+    """`pca_rgb`'s result: one (h, w, 3) float RGB image in [0, 1] per feature map, and the ONE fit they share."""
+
+    images: list
+    mean: np.ndarray  # (C,)
+    components: np.ndarray  # (3, C), unit rows, each signed so its largest-magnitude entry is positive
+    low: np.ndarray  # (3,) the 1st percentile of each component's scores over all maps
+    high: np.ndarray  # (3,) the 99th
+
+
+def pca_rgb(feature_maps) -> PCAView:
+    """The first three principal components of dense features as RGB, fitted JOINTLY on all the maps given.
+
+    feature_maps: (h, w, C) arrays or tensors (sizes may differ, C may not).  The rows of every map are pooled,
+    centred on their common mean and decomposed once; each component's sign is fixed (largest-magnitude entry
+    positive) and its scores are mapped by the common 1st..99th percentiles to [0, 1], so the same feature gets the
+    same colour in every panel and in every run."""
+    maps = [np.asarray(f.detach().cpu().numpy() if hasattr(f, "detach") else f, dtype=np.float64) for f in feature_maps]
+    if not maps or any(m.ndim != 3 for m in maps) or len({m.shape[-1] for m in maps}) != 1:
+        raise UserError("pca_rgb needs one or more (h, w, C) feature maps with the same C.")
+    rows = np.concatenate([m.reshape(-1, m.shape[-1]) for m in maps])
+    mean = rows.mean(0)
+    _, _, vt = np.linalg.svd(rows - mean, full_matrices=False)
+    comps = np.zeros((3, rows.shape[1]))
+    comps[: min(3, len(vt))] = vt[:3]
+    for c in comps:  # the sign convention: the largest-magnitude entry is positive
+        c *= 1.0 if c[np.argmax(np.abs(c))] >= 0 else -1.0
+    scores = (rows - mean) @ comps.T
+    low, high = np.percentile(scores, 1, axis=0), np.percentile(scores, 99, axis=0)
+    span = np.where(high > low, high - low, 1.0)
+    images = [np.clip(((m - mean) @ comps.T - low) / span, 0, 1).astype(np.float32) for m in maps]
+    return PCAView(images, mean, comps, low, high)

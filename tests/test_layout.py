@@ -44,6 +44,7 @@ ORDER = [
     "distill",
     "bench",
     "reproduce",
+    "figures",
     "miniature",
     "hubconf",
 ]
