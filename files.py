@@ -32,7 +32,8 @@ from PIL import Image, ImageOps
 
 from cli import UserError, display_name, log
 
-TEMP_MARK = ".tmp."  # temp files are "<target>.tmp.<pid>"; a run may delete leftovers with this mark
+TEMP_MARK = ".spar-tmp-"  # temp files are ".<target name>.spar-tmp-<pid>": a name no user would choose
+TEMP_NAME = re.compile(r"\..+\.spar-tmp-\d+")  # the full pattern: only files matching it are ever cleaned up
 
 
 class ImageError(UserError):
@@ -113,7 +114,7 @@ def load_image(path: str, max_side: int | None = None) -> torch.Tensor:
 def atomic_write(path: str | os.PathLike, write) -> None:
     """Write through `write(fileobj)` to a temp file, fsync, then rename: readers see the old file or the new one."""
     path = os.fspath(path)
-    tmp = f"{path}{TEMP_MARK}{os.getpid()}"
+    tmp = temp_name(path)
     try:
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)  # inside: a file in the way is a WriteError
         with open(tmp, "wb") as f:
@@ -140,13 +141,19 @@ def atomic_write(path: str | os.PathLike, write) -> None:
         raise
 
 
+def temp_name(path: str) -> str:
+    """The temp file beside `path` that `atomic_write` writes first: hidden, '.<name>.spar-tmp-<pid>'."""
+    folder, name = os.path.split(path)
+    return os.path.join(folder, f".{name}{TEMP_MARK}{os.getpid()}")
+
+
 def check_writable(path: str | os.PathLike) -> None:
     """Fail early, in one sentence (WriteError), when `path` cannot be written: create its folder and a temp file
     beside it, then remove the temp file.  CLIs call this before the work, not after it."""
     path = os.fspath(path)
     if os.path.isdir(path):
         raise WriteError(f"cannot write '{display_name(path)}': it is a folder; give a file name.")
-    probe = f"{path}{TEMP_MARK}{os.getpid()}"
+    probe = temp_name(path)
     try:
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
         with open(probe, "wb"):
@@ -187,6 +194,24 @@ def file_sha1(path: str) -> str | None:
     except OSError:
         return None
     return digest.hexdigest()
+
+
+_SHA1_MEMO: dict[tuple, str | None] = {}
+
+
+def content_sha1(path: str) -> str | None:
+    """`file_sha1` of a file, computed once per process for one version of the file (its inode, size, mtime and
+    ctime, which no user can set back); None when it is not a file.  Caches key on this, not on names or sizes."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    if not stat.S_ISREG(st.st_mode):
+        return None
+    key = (os.path.realpath(path), st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+    if key not in _SHA1_MEMO:
+        _SHA1_MEMO[key] = file_sha1(path)
+    return _SHA1_MEMO[key]
 
 
 def read_json(path: str | os.PathLike):
@@ -232,22 +257,25 @@ def list_images(folder: str, error=UserError) -> list[str]:
     return sorted(found, key=lambda f: (natural_key(f), f))
 
 
-def clean_temp_files(folder: str) -> int:
-    """Remove temp files left by a killed `atomic_write` under `folder` (never a finished file)."""
+def clean_temp_files(folder: str, legacy=None) -> int:
+    """Remove temp files left by a killed `atomic_write` under `folder`: only names of our full pattern
+    ('.<name>.spar-tmp-<pid>'), or those that `legacy(relative path)` accepts (an older writer's names); never a
+    finished file, never a file of the user's (a 'thesis.tmp.tex' is not ours)."""
     n = 0
     for root, _, names in os.walk(folder):
         for name in names:
-            if TEMP_MARK in name:
+            rel = os.path.relpath(os.path.join(root, name), folder)
+            if TEMP_NAME.fullmatch(name) or (legacy is not None and legacy(rel)):
                 with contextlib.suppress(OSError):
                     os.remove(os.path.join(root, name))
                     n += 1
     return n
 
 
-def lock(folder: str, busy: str):
-    """An exclusive flock on folder/.lock, held while the returned file stays open (freed when the process ends,
+def lock(folder: str, busy: str, name: str = ".lock"):
+    """An exclusive flock on folder/`name`, held while the returned file stays open (freed when the process ends,
     even by kill -9); UserError(`busy`) when another process holds it."""
-    f = open(os.path.join(folder, ".lock"), "a")
+    f = open(os.path.join(folder, name), "a")
     try:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
