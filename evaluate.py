@@ -41,9 +41,9 @@ from cli import (
     main_guard,
     resolve_device,
 )
-from files import check_writable, write_json
+from files import write_json
 from pictures import speed_accuracy_plot
-from results import out_path, resumed, run_settings
+from results import claim, out_path, resumed, run_settings
 from segment import (
     SegmentSettings,
     check_stride,
@@ -209,7 +209,6 @@ def prepare(args):
     device = resolve_device(args.device)
     check_flag_numbers(args, SegmentSettings, skip=("mode", "stride"))
     check_numbers([("--save-every", args.save_every, (">=", 1)), ("--workers", args.workers, (">=", 0))])
-    check_writable(out_path(args))  # before any work
     modes = parse_modes(args.modes)
     check_numbers([("--max-images", args.max_images, (">=", 1))])
     samples, classes = benchmarks.benchmark(args.dataset, args.root, args.max_images)
@@ -236,8 +235,13 @@ def _run(argv=None):
         return
     if not args.root:
         raise UserError("--root is required (the dataset folder), or use --make-synthetic DIR.")
+    with claim(out_path(args)):  # before any work: ours to write, and locked while this run lives
+        run_modes(args, spec, out_path(args))
+
+
+def run_modes(args, spec, out):
+    """Every mode over the split, resumed from `out`, then the table, the JSON and (several modes) the plot."""
     samples, modes, settings, backbone, base, text = prepare(args)
-    out = out_path(args)
     record = resumed(out, {"settings": settings, "classes": text.names, "modes": {}}, args.no_resume)
     save = lambda: write_json(out, record)  # noqa: E731  atomic (files.py)
     workers = args.workers if args.workers is not None else (2 if backbone.device.type == "cuda" else 0)
