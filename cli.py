@@ -95,6 +95,15 @@ def display_name(path: str | os.PathLike) -> str:
     return name.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse under the error contract: a bad command line is one `error:` line and exit status 2 (the usage is
+    what --help prints)."""
+
+    def error(self, message):
+        print(printable(f"error: {message} (see {self.prog} --help)"), file=sys.stderr)
+        raise SystemExit(2)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Shared flags and checks
 # ----------------------------------------------------------------------------------------------------------------

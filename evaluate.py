@@ -32,6 +32,7 @@ import torch
 
 import benchmarks
 from cli import (
+    ArgumentParser,
     UserError,
     add_backbone_args,
     add_flags,
@@ -168,7 +169,7 @@ def evaluate_mode(backbone, samples, text, how: SegmentSettings, state: dict, sa
 
 def build_parser() -> argparse.ArgumentParser:
     layouts = "; ".join(f"{n}: {benchmarks.DATASETS[n].layout}" for n in ("voc21", "context60", "cityscapes", "ade20k"))
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         description="Zero-shot segmentation mIoU on VOC21/VOC20/Context60/Context59/Cityscapes/ADE20K, per mode "
         "(single pass, pre-trained single pass, sliding-window teacher), with seconds per image, a JSON "
         "of the results and (several modes) the speed-accuracy plot of Fig. 1.",

@@ -14,7 +14,6 @@
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import errno
 import fcntl
@@ -30,10 +29,10 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from cli import UserError, display_name, log
+from cli import ArgumentParser, UserError, display_name, log
 
-TEMP_MARK = ".spar-tmp-"  # temp files are ".<target name>.spar-tmp-<pid>": a name no user would choose
-TEMP_NAME = re.compile(r"\..+\.spar-tmp-\d+")  # the full pattern: only files matching it are ever cleaned up
+TEMP_MARK = ".tmp.spar-"  # temp files are "<target name>.tmp.spar-<pid>": a name no user would choose
+TEMP_NAME = re.compile(r".+\.tmp\.spar-\d+")  # the full pattern: only files matching it are ever cleaned up
 
 
 class ImageError(UserError):
@@ -142,9 +141,8 @@ def atomic_write(path: str | os.PathLike, write) -> None:
 
 
 def temp_name(path: str) -> str:
-    """The temp file beside `path` that `atomic_write` writes first: hidden, '.<name>.spar-tmp-<pid>'."""
-    folder, name = os.path.split(path)
-    return os.path.join(folder, f".{name}{TEMP_MARK}{os.getpid()}")
+    """The temp file beside `path` that `atomic_write` writes first: '<path>.tmp.spar-<pid>'."""
+    return f"{path}{TEMP_MARK}{os.getpid()}"
 
 
 def check_writable(path: str | os.PathLike) -> None:
@@ -259,7 +257,7 @@ def list_images(folder: str, error=UserError) -> list[str]:
 
 def clean_temp_files(folder: str, legacy=None) -> int:
     """Remove temp files left by a killed `atomic_write` under `folder`: only names of our full pattern
-    ('.<name>.spar-tmp-<pid>'), or those that `legacy(relative path)` accepts (an older writer's names); never a
+    ('<name>.tmp.spar-<pid>'), or those that `legacy(relative path)` accepts (an older writer's names); never a
     finished file, never a file of the user's (a 'thesis.tmp.tex' is not ours)."""
     n = 0
     for root, _, names in os.walk(folder):
@@ -285,7 +283,7 @@ def lock(folder: str, busy: str, name: str = ".lock"):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="Show what the project's image reader makes of image files.")
+    parser = ArgumentParser(description="Show what the project's image reader makes of image files.")
     parser.add_argument("images", nargs="+")
     args = parser.parse_args(argv)
     failed = 0

@@ -323,7 +323,7 @@ LEGACY_TEMP = re.compile(
 
 def clean_leftovers(run: str):
     """Temp files of a writer killed mid-write are removed (never a finished file, never a user's file) before any
-    stage runs: our '.<name>.spar-tmp-<pid>', and an older version's '<our file>.tmp.<pid>' where we write."""
+    stage runs: our '<name>.tmp.spar-<pid>', and an older version's '<our file>.tmp.<pid>' where we write."""
     if is_main() and clean_temp_files(run, lambda rel: LEGACY_TEMP.fullmatch(rel) is not None):
         log("removed temp files left by an interrupted run")
     barrier()

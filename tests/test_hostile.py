@@ -205,12 +205,12 @@ def test_distill_clean_up_removes_only_its_own_temp_files(tmp_path):
     assert all(p.exists() for p in user) and not any(p.exists() for p in ours)
 
 
-def test_atomic_write_temp_name_is_hidden_and_marked(tmp_path, monkeypatch):
+def test_atomic_write_temp_name_is_marked(tmp_path, monkeypatch):
     seen = []
     real_replace = os.replace
     monkeypatch.setattr(os, "replace", lambda a, b: seen.append(os.path.basename(a)) or real_replace(a, b))
     files.write_json(tmp_path / "r.json", {"a": 1})
-    assert files.TEMP_NAME.fullmatch(seen[0]) and seen[0].startswith(".r.json")
+    assert files.TEMP_NAME.fullmatch(seen[0]) and seen[0].startswith("r.json.tmp.spar-")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -322,3 +322,69 @@ def test_a_swallowed_ctrl_c_still_exits_130(capsys):
     with pytest.raises(SystemExit) as exc:
         cli.main_guard(main, [])
     assert exc.value.code == 130 and "interrupted" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Section 2: argparse errors, Ctrl-C in the tools, checked numbers of miniature.py and bench.py
+# ----------------------------------------------------------------------------------------------------------------
+
+CLIS = ["distill", "evaluate", "miniature", "bench", "reproduce", "teacher", "stitch", "student", "files"]
+
+
+@pytest.mark.parametrize("name", CLIS)
+def test_argparse_errors_are_one_error_line_and_exit_2(name, capsys):
+    module = __import__(name)
+    with pytest.raises(SystemExit) as exc:
+        module.main(["--no-such-flag"])
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert exc.value.code == 2 and len(err) == 1 and err[0].startswith("error: ") and "--help" in err[0]
+
+
+def interrupting(*a, **k):
+    raise KeyboardInterrupt
+
+
+@pytest.mark.parametrize(
+    "name, target, argv",
+    [
+        ("bench", "load_backbone", ["--device", "cpu", "--backbone", "tiny"]),
+        ("teacher", "load_backbone", ["--backbone", "tiny", "--pretrained", "none", "--device", "cpu"]),
+        ("miniature", "experiment", ["--out", "OUT"]),
+        ("reproduce", "time_backbone", ["--timing", "--quick", "--out", "OUT", "--device", "cpu"]),
+    ],
+)
+def test_ctrl_c_in_the_tools_is_exit_130_without_traceback(name, target, argv, tmp_path, capsys, monkeypatch):
+    module = __import__(name)
+    monkeypatch.setattr(module, target, interrupting)
+    with pytest.raises(SystemExit) as exc:
+        module.main([str(tmp_path / "o") if a == "OUT" else a for a in argv])
+    err = capsys.readouterr().err
+    assert exc.value.code == 130 and "Traceback" not in err and "interrupted" in err
+
+
+@pytest.mark.parametrize(
+    "setting",
+    ["pretrain.steps=0", "pretrain.steps=3", "pretrain.batch=0", "pretrain.templates=0", "pretrain.big_frac=2",
+     "pretrain.lr=NaN", "eval.stride=0", "distill.images=1", "pretrain.steps=2.5", "distill.lr=\"abc\"",
+     "eval.large_size=12", "world.noise=-1", "pretrain.templates=100000"],
+)  # fmt: skip
+def test_miniature_set_values_are_checked_before_any_work(setting, tmp_path, capsys):
+    out = tmp_path / "m"
+    with pytest.raises(SystemExit) as exc:
+        miniature.main(["--out", str(out), "--set", setting])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and err.count("error:") == 1 and setting.split("=")[0] in err
+    assert not out.exists()  # nothing written
+
+
+@pytest.mark.parametrize(
+    "flag, value", [("--reps", "0"), ("--batch-size", "0"), ("--batch-size", "-2"), ("--warmup", "-1"),
+                    ("--budget", "0"), ("--budget", "nan"), ("--max-call", "-1"), ("--threads", "0")],
+)  # fmt: skip
+def test_bench_numbers_are_checked(flag, value, capsys):
+    import bench
+
+    with pytest.raises(SystemExit) as exc:
+        bench.main(["--device", "cpu", "--backbone", "tiny", flag, value])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and err.count("error:") == 1 and flag in err
