@@ -125,13 +125,15 @@ def evaluate_mode(backbone, samples, text, how: SegmentSettings, state: dict, sa
     conf = torch.zeros(K, K, dtype=torch.long, device=device)  # (K, K) on the device
     if state.get("confusion"):
         conf += torch.tensor(state["confusion"], dtype=torch.long, device=device)
-    done, seconds = state.get("images_done", 0), state.get("seconds", 0.0)
+    done, seconds, bad = state.get("images_done", 0), state.get("seconds", 0.0), state.get("out_of_range_pixels", 0)
 
     def snapshot():
         mean, per_class = miou(conf)
         per_class = {name: (None if math.isnan(v) else float(v)) for name, v in zip(text.names, per_class)}
         state.update(images_done=done, seconds=seconds, seconds_per_image=seconds / max(done, 1), miou=mean)
-        state.update(per_class_iou=per_class, confusion=conf.cpu().tolist())
+        state.update(
+            per_class_iou=per_class, confusion=conf.cpu().tolist(), **({"out_of_range_pixels": bad} if bad else {})
+        )
         save()
 
     teacher = window_teacher(backbone, how, text) if how.mode != "single" else None
@@ -143,14 +145,13 @@ def evaluate_mode(backbone, samples, text, how: SegmentSettings, state: dict, sa
         for image, label, n_bad, warning, error in bar:
             if error:
                 raise benchmarks.DatasetError(error)
-            if n_bad:  # counted, and said once per file, with its name
-                state["out_of_range_pixels"] = state.get("out_of_range_pixels", 0) + int(n_bad)
+            if n_bad:  # said once per file, with its name; counted with the image (a resume counts it once)
                 bar.write(warning, file=sys.stderr)
             label = label.to(device, non_blocking=True)  # (H, W) uint8
             image = image.to(device, non_blocking=True)[None].float().div_(255)  # (1, 3, H, W)
             seg = segment(backbone, image, text, how, teacher=teacher, out_hw=label.shape)
             conf += confusion(seg.labels[0], label, K)
-            done, seconds = done + 1, seconds + seg.seconds
+            done, seconds, bad = done + 1, seconds + seg.seconds, bad + int(n_bad)
             if done % every == 0 or done == len(samples):
                 snapshot()
                 bar.set_postfix(mIoU=f"{100 * state['miou']:.1f}")

@@ -95,11 +95,39 @@ def resumed(out: Path, record: dict, no_resume: bool = False) -> dict:
             f"give another --out or remove it."
         )
     if old.get("settings") == record["settings"]:
+        for label, state in old.get("modes", {}).items():
+            problem = state_problem(state, len(record["classes"]), record["settings"]["num_images"])
+            if problem:
+                raise UserError(
+                    f"--out '{display_name(out)}' holds a damaged record of mode '{label}' ({problem}); pass "
+                    f"--no-resume to start over, or remove the file."
+                )
         record["modes"] = old.get("modes", {})
         print(f"resuming from {display_name(out)}")
     elif old:
         print(f"note: {display_name(out)} holds results for other settings; starting over (it will be overwritten).")
     return record
+
+
+def state_problem(state, K: int, num_images: int) -> str:
+    """'' when a saved mode state can be resumed: images_done in 0..num_images, seconds finite >= 0, a K x K
+    confusion matrix of counts >= 0, out_of_range_pixels a count; else what is wrong (one phrase)."""
+    if not isinstance(state, dict):
+        return f"a {type(state).__name__}, not a record"
+    done, seconds, bad = state.get("images_done", 0), state.get("seconds", 0.0), state.get("out_of_range_pixels", 0)
+    if isinstance(done, bool) or not isinstance(done, int) or not 0 <= done <= num_images:
+        return f"images_done {done!r} is not a count in 0..{num_images}"
+    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not 0 <= seconds < float("inf"):
+        return f"seconds {seconds!r} is not a finite number >= 0"
+    if isinstance(bad, bool) or not isinstance(bad, int) or bad < 0:
+        return f"out_of_range_pixels {bad!r} is not a count"
+    conf = state.get("confusion")
+    if conf is None and done == 0:
+        return ""
+    rows_ok = isinstance(conf, list) and len(conf) == K and all(isinstance(r, list) and len(r) == K for r in conf)
+    if not rows_ok or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for r in conf for v in r):
+        return f"its confusion matrix is not {K} x {K} counts"
+    return ""
 
 
 def complete_modes(path: Path) -> dict:

@@ -388,3 +388,60 @@ def test_bench_numbers_are_checked(flag, value, capsys):
         bench.main(["--device", "cpu", "--backbone", "tiny", flag, value])
     err = capsys.readouterr().err
     assert exc.value.code == 2 and err.count("error:") == 1 and flag in err
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# evaluate.py's resume: a tampered record is refused, statistics are counted once
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [{"confusion": [[1]]}, {"images_done": -2}, {"images_done": "3"}, {"seconds": "x"}, {"out_of_range_pixels": -5}],
+)
+def test_a_tampered_resume_record_is_one_error_line(tmp_path, voc, fast_args, capsys, damage):
+    out = tmp_path / "r.json"
+    argv = ["--dataset", "voc20", "--root", str(voc), "--out", str(out), "--pretrained", "none"] + fast_args
+    evaluate.main(argv)
+    record = json.loads(out.read_text())
+    record["modes"]["single"].update(damage)
+    out.write_text(json.dumps(record))
+    with pytest.raises(SystemExit) as exc:
+        evaluate.main(argv)
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and err.count("error:") == 1 and "damaged record" in err and "Traceback" not in err
+    assert json.loads(out.read_text()) == record  # not overwritten
+
+
+def test_out_of_range_pixels_are_counted_once_across_interrupts(tmp_path, fast_args, capsys, monkeypatch):
+    import numpy as np
+    from PIL import Image
+
+    base = tmp_path / "voc" / "VOCdevkit" / "VOC2012"
+    for sub in ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation"):
+        (base / sub).mkdir(parents=True)
+    for i in range(3):  # each label holds 10 pixels of a value VOC21 lacks
+        Image.new("RGB", (50, 40), (60 * i, 90, 30)).save(base / "JPEGImages" / f"{i}.jpg")
+        label = np.zeros((40, 50), np.uint8)
+        label[0, :10] = 40
+        Image.fromarray(label).save(base / "SegmentationClass" / f"{i}.png")
+    (base / "ImageSets" / "Segmentation" / "val.txt").write_text("0\n1\n2\n")
+    out = tmp_path / "r.json"
+    argv = ["--dataset", "voc21", "--root", str(tmp_path / "voc"), "--out", str(out), "--pretrained", "none"]
+    real = evaluate.segment
+    for stop in (2, 1):  # interrupted while segmenting the 2nd image, then (resumed) the 1st of the rest
+        calls = []
+
+        def segment(*a, **k):
+            calls.append(1)
+            if len(calls) == stop:
+                raise KeyboardInterrupt
+            return real(*a, **k)
+
+        monkeypatch.setattr(evaluate, "segment", segment)
+        with pytest.raises(SystemExit):
+            evaluate.main(argv + fast_args)
+    monkeypatch.setattr(evaluate, "segment", real)
+    evaluate.main(argv + fast_args)
+    state = json.loads(out.read_text())["modes"]["single"]
+    assert state["images_done"] == 3 and state["out_of_range_pixels"] == 30
