@@ -56,12 +56,15 @@ def to_rgb8(im: Image.Image) -> Image.Image:
     """Any PIL mode -> 8-bit RGB: 16-bit and float images are rescaled (not clipped), alpha is put on white."""
     if im.mode.startswith("I") or im.mode == "F":
         arr = np.asarray(im).astype(np.float64)
-        if im.mode.startswith("I;16") or (im.mode == "I" and arr.max() > 255):
-            arr = arr / 65535.0
-        elif im.mode == "I":
-            arr = arr / 255.0
-        elif arr.max() > 1.0:  # float image in an unknown range
-            arr = (arr - arr.min()) / max(arr.max() - arr.min(), 1e-12)
+        lo, hi = (float(arr.min()), float(arr.max())) if arr.size else (0.0, 0.0)
+        if not (np.isfinite(lo) and np.isfinite(hi)):
+            raise ValueError("its pixels are not all finite numbers")
+        if im.mode.startswith("I") and lo >= 0 and hi <= 65535:  # 8-bit values in a 32-bit image, or 16-bit
+            arr = arr / (65535.0 if im.mode.startswith("I;16") or hi > 255 else 255.0)
+        elif im.mode == "F" and lo >= -1 and hi <= 1:  # float in [0, 1], or in [-1, 1] when it has negatives
+            arr = (arr + 1) / 2 if lo < 0 else arr
+        else:  # 32-bit integers beyond 16 bits, negative ones, floats in an unknown range: stretched, not clipped
+            arr = (arr - lo) / max(hi - lo, 1e-12)
         return Image.fromarray(np.clip(np.rint(arr * 255.0), 0, 255).astype(np.uint8), "L").convert("RGB")
     if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
         rgba = im.convert("RGBA")

@@ -445,3 +445,30 @@ def test_out_of_range_pixels_are_counted_once_across_interrupts(tmp_path, fast_a
     evaluate.main(argv + fast_args)
     state = json.loads(out.read_text())["modes"]["single"]
     assert state["images_done"] == 3 and state["out_of_range_pixels"] == 30
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Wrong pixels and wrong label types
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["int32 0..1e6", "float -1..1"])
+def test_wide_range_tiffs_are_rescaled_not_clipped(tmp_path, kind):
+    import numpy as np
+    from PIL import Image
+
+    ramp = np.linspace(0, 1, 64 * 64).reshape(64, 64)
+    if kind.startswith("int32"):
+        im = Image.fromarray((ramp * 1e6).astype(np.int32), "I")
+    else:
+        im = Image.fromarray((ramp * 2 - 1).astype(np.float32), "F")
+    im.save(tmp_path / "x.tif")
+    grey = np.asarray(files.read_rgb(str(tmp_path / "x.tif")))[..., 0].astype(int)
+    assert (grey == 255).mean() < 0.02 and (grey == 0).mean() < 0.02  # was 93 % / 50 % saturated
+    assert abs(grey.mean() - 127.5) < 3
+
+
+def test_confusion_refuses_float_labels():
+    with pytest.raises(ValueError, match="integer"):
+        evaluate.confusion(torch.tensor([0.0, 1.0]), torch.tensor([0.7, 1.2]), 2)
+    assert evaluate.confusion(torch.tensor([0, 1]), torch.tensor([0, 1]), 2).trace() == 2
