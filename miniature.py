@@ -412,7 +412,7 @@ def world(argv: list[str]):
 
 # --set values: integers (and their least value), numbers (a `cli.check_numbers` rule), sizes; anything else a string
 INTEGERS = {
-    "pretrain.steps": 10,
+    "pretrain.steps": 4,  # OneCycleLR needs its 3 warm-up steps before the last
     "pretrain.batch": 1,
     "pretrain.templates": 1,
     "pretrain.seed": 0,
