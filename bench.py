@@ -37,7 +37,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from cli import UserError, main_guard, parse_size, resolve_device
+from cli import ArgumentParser, UserError, check_numbers, main_guard, parse_size, resolve_device
 from files import atomic_write, check_writable, write_json
 from student import BACKBONES, autocast, load_backbone, synchronize
 from teacher import Teacher, default_batch_size
@@ -600,7 +600,7 @@ def defaults_flags(d: dict) -> str:
 
 def build_parser(device_default: str) -> argparse.ArgumentParser:
     d = DEFAULTS["cuda" if device_default.startswith("cuda") else "cpu"]
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         description="Speed and memory of the single pass (E3) vs the sliding-window teacher (E1-E2) and of one "
         "distillation step (E4), each against a bare reference, measured in one run. "
         f"CPU defaults: {defaults_flags(DEFAULTS['cpu'])} (a few minutes on 2 cores). "
@@ -660,6 +660,16 @@ def build_parser(device_default: str) -> argparse.ArgumentParser:
 def settle_args(args) -> tuple[list, list, tuple[int, int]]:
     """Fill the per-device defaults into `args`; the sizes, strides and training size, checked; outputs writable."""
     d = DEFAULTS["cuda" if resolve_device(args.device).type == "cuda" else "cpu"]
+    check_numbers(
+        [
+            ("--batch-size", args.batch_size, (">=", 1)),
+            ("--warmup", args.warmup, (">=", 0)),
+            ("--reps", args.reps, (">=", 1)),
+            ("--budget", args.budget, "finite>0"),
+            ("--max-call", args.max_call, "finite>0"),
+            ("--threads", args.threads, (">=", 1)),
+        ]
+    )  # before the defaults: a 0 given is refused, not taken for "automatic"
     for k, v in d.items():
         if getattr(args, k) is None:
             setattr(args, k, v)

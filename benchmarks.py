@@ -631,6 +631,23 @@ def scene_rng(seed: int, index: int) -> np.random.Generator:
     return np.random.default_rng([seed, index])
 
 
+WORLD_MARK = ".spar-world"  # written first into a folder of scenes: the folder is ours to rewrite
+
+
+def claim_world_folder(out: Path):
+    """A folder `write_world` may fill: new, ours (its marker, or a world.json of ours), or without PNGs in
+    images/ and labels/; else UserError -- the user's files are never overwritten or deleted."""
+    record = read_json(out / "world.json")
+    if (out / WORLD_MARK).is_file() or (isinstance(record, dict) and {"size", "count", "seed", "world"} <= set(record)):
+        return
+    theirs = sorted(p.name for sub in ("images", "labels") for p in (out / sub).glob("*.png"))
+    if theirs:
+        raise UserError(
+            f"'{out}' already holds images that miniature.py did not write (e.g. {theirs[0]}); they are not "
+            f"overwritten, give another --out."
+        )
+
+
 def write_world(out: str | os.PathLike, H: int, W: int, count: int, seed: int, cfg: dict | None = None) -> Path:
     """A labelled set: out/images/<i>.png (RGB) and out/labels/<i>.png (class indices); skipped when `out`
     already holds it with the same settings, otherwise (re)written whole, stale extra scenes removed.
@@ -638,12 +655,15 @@ def write_world(out: str | os.PathLike, H: int, W: int, count: int, seed: int, c
     `evaluate.py --dataset miniature --root out` reads it; `distill.py --images out/images` trains on it."""
     cfg = cfg or WORLD
     out = Path(out)
-    for sub in ("images", "labels"):
-        (out / sub).mkdir(parents=True, exist_ok=True)
     key = dict(size=[H, W], count=count, seed=seed, world=cfg)
-    meta = out / "world.json"
+    meta, mark = out / "world.json", out / WORLD_MARK
     if read_json(meta) == key:
         return out  # finished earlier with the same settings
+    claim_world_folder(out)
+    for sub in ("images", "labels"):
+        (out / sub).mkdir(parents=True, exist_ok=True)
+    if not mark.is_file():
+        atomic_write(mark, lambda f: f.write(b"written by benchmarks.write_world (miniature.py world)\n"))
     for i in range(count):
         image, label = render_scene(scene_rng(seed, i), H, W, cfg)
         for sub, arr in (("images", image), ("labels", label)):

@@ -25,7 +25,7 @@ import torch
 import torch.nn as nn
 
 from cli import UserError
-from files import save_torch
+from files import content_sha1, save_torch
 
 
 class BackboneError(UserError):
@@ -141,6 +141,26 @@ def _state_mismatch(target: dict, state: dict) -> str:
     return "; ".join(parts)
 
 
+def _bad_values(target: dict, state: dict) -> str:
+    """'' when every tensor of `state` is a dense, finite tensor of `target`'s kind (float where it is float); else
+    which is not: NaN / inf weights (a diverged run), int or complex tensors, sparse or meta tensors."""
+    for k, v in state.items():
+        want = target.get(k)
+        if v.layout != torch.strided or v.is_meta:
+            return f"'{k}' is a {'meta' if v.is_meta else 'sparse'} tensor, not one of numbers"
+        if want is not None and want.is_floating_point() and not v.is_floating_point():
+            return f"'{k}' holds {str(v.dtype).replace('torch.', '')} numbers where the model has floats"
+        if v.is_floating_point() and not bool(torch.isfinite(v).all()):
+            return f"'{k}' holds NaN or infinite numbers (a diverged training run?)"
+    return ""
+
+
+def _refuse_bad_values(module: nn.Module, state: dict, what: str):
+    bad = _bad_values(module.state_dict(), state)
+    if bad:
+        raise BackboneError(f"{what}: {bad}; pass another file.")
+
+
 def _guess_hint(state: dict, name: str) -> str:
     """'; it looks like a clip-b16 file, pass --backbone clip-b16' when a signature key says so."""
     for other, (key, shape) in SIGNATURES.items():
@@ -205,8 +225,17 @@ def load_checkpoint(backbone, path: str) -> dict:
             f"{backbone.source}): {problem}"
             f"{_guess_hint(state if fmt != 'ours' else {}, backbone.name)}."
         )
+    _refuse_bad_values(module, state, f"checkpoint '{path}' cannot be used")
     module.load_state_dict(state, strict=True)
     return ckpt.get("settings", {}) if fmt == "ours" else {}
+
+
+def weights_sha1(pretrained) -> str | None:
+    """The content hash of a --pretrained weights file (once per process and file version, `files.content_sha1`);
+    None for 'default' (the hub's named weights) and random weights.  Caches made from weights key on it."""
+    if pretrained is None or str(pretrained).lower() in ("none", "default"):
+        return None
+    return content_sha1(str(pretrained))
 
 
 def save_student(path: str, backbone, settings: dict):
@@ -239,6 +268,7 @@ def load_state_dict_file(model: nn.Module, path: str, name: str):
         raise BackboneError(
             f"cannot load {name}: '{path}' does not match its architecture ({problem}{_guess_hint(state, name)})."
         )
+    _refuse_bad_values(model, state, f"cannot load {name}: weights file '{path}' cannot be used")
     model.load_state_dict(state)
 
 

@@ -18,6 +18,7 @@ import math
 import os
 import signal
 import sys
+import time
 from dataclasses import field, fields
 
 import torch
@@ -37,31 +38,50 @@ class DeviceError(UserError):
 # ----------------------------------------------------------------------------------------------------------------
 
 
+SIGNAL_GRACE_S = 2.0  # a second Ctrl-C / SIGTERM this soon after the first lets the first one's saving finish
+_signals: list[float] = []  # when this process received Ctrl-C or SIGTERM (under main_guard)
+
+
 def _terminate(signum, frame):
-    raise KeyboardInterrupt  # SIGTERM unwinds like Ctrl-C: temp files removed, finished work kept
+    """Ctrl-C and SIGTERM unwind as a KeyboardInterrupt: temp files removed, finished work kept.  A second one in
+    quick succession does not interrupt the saving of the first (the exit status is 130 all the same)."""
+    now = time.monotonic()
+    quick = bool(_signals) and now - _signals[-1] < SIGNAL_GRACE_S
+    _signals.append(now)
+    if not quick:
+        raise KeyboardInterrupt
 
 
 def main_guard(main, argv=None, interrupted: str = "interrupted."):
     """Run `main(argv)` under the error contract and return its result.
 
     UserError -> `error: <message>` on stderr, exit 2.  KeyboardInterrupt (Ctrl-C, or SIGTERM, which is turned
-    into one) -> its own message if it carries one, else `interrupted`, on stderr, exit 130.
+    into one) -> its own message if it carries one, else `interrupted`, on stderr, exit 130 -- also when a
+    signal was received and the work ended anyway (never exit 0 after Ctrl-C).
     """
+    old = {}
     try:
-        old = signal.signal(signal.SIGTERM, _terminate)
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            if signal.getsignal(sig) != signal.SIG_IGN:  # e.g. `nohup`: an ignored signal stays ignored
+                old[sig] = signal.signal(sig, _terminate)
     except ValueError:  # not the main thread (e.g. a notebook worker)
-        old = None
+        pass
+    _signals.clear()
     try:
-        return main(argv)
+        result = main(argv)
     except UserError as exc:
         print(printable(f"error: {exc}"), file=sys.stderr)
-        raise SystemExit(2) from None
+        raise SystemExit(2 if not _signals else 130) from None
     except KeyboardInterrupt as exc:
         print(printable(str(exc.args[0]) if exc.args else interrupted), file=sys.stderr)
         raise SystemExit(130) from None
     finally:
-        if old is not None:
-            signal.signal(signal.SIGTERM, old)
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+    if _signals:
+        print(printable(interrupted), file=sys.stderr)
+        raise SystemExit(130)
+    return result
 
 
 def printable(text: str) -> str:
@@ -73,6 +93,15 @@ def display_name(path: str | os.PathLike) -> str:
     """A file name that can always be printed or drawn: undecodable bytes (a non-UTF-8 name) become U+FFFD."""
     name = os.fsdecode(path)
     return name.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse under the error contract: a bad command line is one `error:` line and exit status 2 (the usage is
+    what --help prints)."""
+
+    def error(self, message):
+        print(printable(f"error: {message} (see {self.prog} --help)"), file=sys.stderr)
+        raise SystemExit(2)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -47,7 +47,7 @@ from PIL import Image, ImageOps
 from tqdm import tqdm
 
 import runfolder
-from cli import add_backbone_args, add_flags, barrier, flag, is_main, log, main_guard, rank_world
+from cli import ArgumentParser, add_backbone_args, add_flags, barrier, flag, is_main, log, main_guard, rank_world
 from runfolder import TRAIN_PARTS, DistillError, ImageSkip, parse_train, train_parameters
 from student import BACKBONES, autocast, load_backbone
 from teacher import Teacher
@@ -363,7 +363,7 @@ def evaluate(backbone, items: list[dict], run: str, device, label: str, precisio
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_backbone_args(parser, BACKBONES, default="siglip2-b16")
     add_flags(parser, Config)  # the paper's
     add_flags(parser, runfolder.RunFlags)  # the run's

@@ -32,6 +32,7 @@ import torch
 
 import benchmarks
 from cli import (
+    ArgumentParser,
     UserError,
     add_backbone_args,
     add_flags,
@@ -41,9 +42,9 @@ from cli import (
     main_guard,
     resolve_device,
 )
-from files import check_writable, write_json
+from files import write_json
 from pictures import speed_accuracy_plot
-from results import out_path, resumed, run_settings
+from results import claim, out_path, resumed, run_settings
 from segment import (
     SegmentSettings,
     check_stride,
@@ -60,6 +61,8 @@ def confusion(pred, label, num_classes: int, ignore_index: int = benchmarks.IGNO
     are skipped.  pred, label: integer tensors (or arrays) of the same shape, on any device (the result stays
     there)."""
     pred, label = torch.as_tensor(pred), torch.as_tensor(label, device=torch.as_tensor(pred).device)
+    if pred.is_floating_point() or pred.is_complex() or label.is_floating_point() or label.is_complex():
+        raise ValueError(f"confusion() takes integer class indices, not {pred.dtype} / {label.dtype} (no truncation)")
     if pred.shape != label.shape:
         raise ValueError(f"prediction {tuple(pred.shape)} and label {tuple(label.shape)} differ in shape")
     pred, label = pred.reshape(-1).long(), label.reshape(-1).long()
@@ -124,13 +127,15 @@ def evaluate_mode(backbone, samples, text, how: SegmentSettings, state: dict, sa
     conf = torch.zeros(K, K, dtype=torch.long, device=device)  # (K, K) on the device
     if state.get("confusion"):
         conf += torch.tensor(state["confusion"], dtype=torch.long, device=device)
-    done, seconds = state.get("images_done", 0), state.get("seconds", 0.0)
+    done, seconds, bad = state.get("images_done", 0), state.get("seconds", 0.0), state.get("out_of_range_pixels", 0)
 
     def snapshot():
         mean, per_class = miou(conf)
         per_class = {name: (None if math.isnan(v) else float(v)) for name, v in zip(text.names, per_class)}
         state.update(images_done=done, seconds=seconds, seconds_per_image=seconds / max(done, 1), miou=mean)
-        state.update(per_class_iou=per_class, confusion=conf.cpu().tolist())
+        state.update(
+            per_class_iou=per_class, confusion=conf.cpu().tolist(), **({"out_of_range_pixels": bad} if bad else {})
+        )
         save()
 
     teacher = window_teacher(backbone, how, text) if how.mode != "single" else None
@@ -142,14 +147,13 @@ def evaluate_mode(backbone, samples, text, how: SegmentSettings, state: dict, sa
         for image, label, n_bad, warning, error in bar:
             if error:
                 raise benchmarks.DatasetError(error)
-            if n_bad:  # counted, and said once per file, with its name
-                state["out_of_range_pixels"] = state.get("out_of_range_pixels", 0) + int(n_bad)
+            if n_bad:  # said once per file, with its name; counted with the image (a resume counts it once)
                 bar.write(warning, file=sys.stderr)
             label = label.to(device, non_blocking=True)  # (H, W) uint8
             image = image.to(device, non_blocking=True)[None].float().div_(255)  # (1, 3, H, W)
             seg = segment(backbone, image, text, how, teacher=teacher, out_hw=label.shape)
             conf += confusion(seg.labels[0], label, K)
-            done, seconds = done + 1, seconds + seg.seconds
+            done, seconds, bad = done + 1, seconds + seg.seconds, bad + int(n_bad)
             if done % every == 0 or done == len(samples):
                 snapshot()
                 bar.set_postfix(mIoU=f"{100 * state['miou']:.1f}")
@@ -168,7 +172,7 @@ def evaluate_mode(backbone, samples, text, how: SegmentSettings, state: dict, sa
 
 def build_parser() -> argparse.ArgumentParser:
     layouts = "; ".join(f"{n}: {benchmarks.DATASETS[n].layout}" for n in ("voc21", "context60", "cityscapes", "ade20k"))
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         description="Zero-shot segmentation mIoU on VOC21/VOC20/Context60/Context59/Cityscapes/ADE20K, per mode "
         "(single pass, pre-trained single pass, sliding-window teacher), with seconds per image, a JSON "
         "of the results and (several modes) the speed-accuracy plot of Fig. 1.",
@@ -209,7 +213,6 @@ def prepare(args):
     device = resolve_device(args.device)
     check_flag_numbers(args, SegmentSettings, skip=("mode", "stride"))
     check_numbers([("--save-every", args.save_every, (">=", 1)), ("--workers", args.workers, (">=", 0))])
-    check_writable(out_path(args))  # before any work
     modes = parse_modes(args.modes)
     check_numbers([("--max-images", args.max_images, (">=", 1))])
     samples, classes = benchmarks.benchmark(args.dataset, args.root, args.max_images)
@@ -236,8 +239,13 @@ def _run(argv=None):
         return
     if not args.root:
         raise UserError("--root is required (the dataset folder), or use --make-synthetic DIR.")
+    with claim(out_path(args)):  # before any work: ours to write, and locked while this run lives
+        run_modes(args, spec, out_path(args))
+
+
+def run_modes(args, spec, out):
+    """Every mode over the split, resumed from `out`, then the table, the JSON and (several modes) the plot."""
     samples, modes, settings, backbone, base, text = prepare(args)
-    out = out_path(args)
     record = resumed(out, {"settings": settings, "classes": text.names, "modes": {}}, args.no_resume)
     save = lambda: write_json(out, record)  # noqa: E731  atomic (files.py)
     workers = args.workers if args.workers is not None else (2 if backbone.device.type == "cuda" else 0)

@@ -14,7 +14,6 @@
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import errno
 import fcntl
@@ -30,9 +29,10 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from cli import UserError, display_name, log
+from cli import ArgumentParser, UserError, display_name, log
 
-TEMP_MARK = ".tmp."  # temp files are "<target>.tmp.<pid>"; a run may delete leftovers with this mark
+TEMP_MARK = ".tmp.spar-"  # temp files are "<target name>.tmp.spar-<pid>": a name no user would choose
+TEMP_NAME = re.compile(r".+\.tmp\.spar-\d+")  # the full pattern: only files matching it are ever cleaned up
 
 
 class ImageError(UserError):
@@ -56,12 +56,15 @@ def to_rgb8(im: Image.Image) -> Image.Image:
     """Any PIL mode -> 8-bit RGB: 16-bit and float images are rescaled (not clipped), alpha is put on white."""
     if im.mode.startswith("I") or im.mode == "F":
         arr = np.asarray(im).astype(np.float64)
-        if im.mode.startswith("I;16") or (im.mode == "I" and arr.max() > 255):
-            arr = arr / 65535.0
-        elif im.mode == "I":
-            arr = arr / 255.0
-        elif arr.max() > 1.0:  # float image in an unknown range
-            arr = (arr - arr.min()) / max(arr.max() - arr.min(), 1e-12)
+        lo, hi = (float(arr.min()), float(arr.max())) if arr.size else (0.0, 0.0)
+        if not (np.isfinite(lo) and np.isfinite(hi)):
+            raise ValueError("its pixels are not all finite numbers")
+        if im.mode.startswith("I") and lo >= 0 and hi <= 65535:  # 8-bit values in a 32-bit image, or 16-bit
+            arr = arr / (65535.0 if im.mode.startswith("I;16") or hi > 255 else 255.0)
+        elif im.mode == "F" and lo >= -1 and hi <= 1:  # float in [0, 1], or in [-1, 1] when it has negatives
+            arr = (arr + 1) / 2 if lo < 0 else arr
+        else:  # 32-bit integers beyond 16 bits, negative ones, floats in an unknown range: stretched, not clipped
+            arr = (arr - lo) / max(hi - lo, 1e-12)
         return Image.fromarray(np.clip(np.rint(arr * 255.0), 0, 255).astype(np.uint8), "L").convert("RGB")
     if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
         rgba = im.convert("RGBA")
@@ -113,7 +116,7 @@ def load_image(path: str, max_side: int | None = None) -> torch.Tensor:
 def atomic_write(path: str | os.PathLike, write) -> None:
     """Write through `write(fileobj)` to a temp file, fsync, then rename: readers see the old file or the new one."""
     path = os.fspath(path)
-    tmp = f"{path}{TEMP_MARK}{os.getpid()}"
+    tmp = temp_name(path)
     try:
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)  # inside: a file in the way is a WriteError
         with open(tmp, "wb") as f:
@@ -140,13 +143,18 @@ def atomic_write(path: str | os.PathLike, write) -> None:
         raise
 
 
+def temp_name(path: str) -> str:
+    """The temp file beside `path` that `atomic_write` writes first: '<path>.tmp.spar-<pid>'."""
+    return f"{path}{TEMP_MARK}{os.getpid()}"
+
+
 def check_writable(path: str | os.PathLike) -> None:
     """Fail early, in one sentence (WriteError), when `path` cannot be written: create its folder and a temp file
     beside it, then remove the temp file.  CLIs call this before the work, not after it."""
     path = os.fspath(path)
     if os.path.isdir(path):
         raise WriteError(f"cannot write '{display_name(path)}': it is a folder; give a file name.")
-    probe = f"{path}{TEMP_MARK}{os.getpid()}"
+    probe = temp_name(path)
     try:
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
         with open(probe, "wb"):
@@ -187,6 +195,24 @@ def file_sha1(path: str) -> str | None:
     except OSError:
         return None
     return digest.hexdigest()
+
+
+_SHA1_MEMO: dict[tuple, str | None] = {}
+
+
+def content_sha1(path: str) -> str | None:
+    """`file_sha1` of a file, computed once per process for one version of the file (its inode, size, mtime and
+    ctime, which no user can set back); None when it is not a file.  Caches key on this, not on names or sizes."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    if not stat.S_ISREG(st.st_mode):
+        return None
+    key = (os.path.realpath(path), st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+    if key not in _SHA1_MEMO:
+        _SHA1_MEMO[key] = file_sha1(path)
+    return _SHA1_MEMO[key]
 
 
 def read_json(path: str | os.PathLike):
@@ -232,22 +258,25 @@ def list_images(folder: str, error=UserError) -> list[str]:
     return sorted(found, key=lambda f: (natural_key(f), f))
 
 
-def clean_temp_files(folder: str) -> int:
-    """Remove temp files left by a killed `atomic_write` under `folder` (never a finished file)."""
+def clean_temp_files(folder: str, legacy=None) -> int:
+    """Remove temp files left by a killed `atomic_write` under `folder`: only names of our full pattern
+    ('<name>.tmp.spar-<pid>'), or those that `legacy(relative path)` accepts (an older writer's names); never a
+    finished file, never a file of the user's (a 'thesis.tmp.tex' is not ours)."""
     n = 0
     for root, _, names in os.walk(folder):
         for name in names:
-            if TEMP_MARK in name:
+            rel = os.path.relpath(os.path.join(root, name), folder)
+            if TEMP_NAME.fullmatch(name) or (legacy is not None and legacy(rel)):
                 with contextlib.suppress(OSError):
                     os.remove(os.path.join(root, name))
                     n += 1
     return n
 
 
-def lock(folder: str, busy: str):
-    """An exclusive flock on folder/.lock, held while the returned file stays open (freed when the process ends,
+def lock(folder: str, busy: str, name: str = ".lock"):
+    """An exclusive flock on folder/`name`, held while the returned file stays open (freed when the process ends,
     even by kill -9); UserError(`busy`) when another process holds it."""
-    f = open(os.path.join(folder, ".lock"), "a")
+    f = open(os.path.join(folder, name), "a")
     try:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
@@ -257,7 +286,7 @@ def lock(folder: str, busy: str):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="Show what the project's image reader makes of image files.")
+    parser = ArgumentParser(description="Show what the project's image reader makes of image files.")
     parser.add_argument("images", nargs="+")
     args = parser.parse_args(argv)
     failed = 0

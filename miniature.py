@@ -32,6 +32,7 @@ import argparse
 import copy
 import hashlib
 import json
+import math
 import os
 import subprocess
 import sys
@@ -43,7 +44,7 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks import WORLD, read_templates, render_scene, scene_rng, write_world
-from cli import UserError, main_guard, parse_size, resolve_device
+from cli import ArgumentParser, UserError, check_numbers, main_guard, parse_size, resolve_device
 from files import read_json, save_torch, write_json
 from pictures import speed_accuracy_plot
 
@@ -388,7 +389,7 @@ def apply_sets(cfg: dict, sets: list[str]) -> dict:
 
 def world(argv: list[str]):
     """`python miniature.py world ...`: write a labelled set of scenes."""
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="miniature.py world",
         description="Write a labelled set of toy scenes "
         "(images/ and labels/), read by evaluate.py --dataset miniature.",
@@ -402,17 +403,73 @@ def world(argv: list[str]):
     H, W = parse_size(a.size)
     if a.count < 1:
         raise UserError(f"--count must be at least 1, got {a.count}.")
-    cfg = apply_sets(DEFAULTS, a.set)["world"]
+    cfg = apply_sets(DEFAULTS, a.set)
+    check_config(cfg)
+    cfg = cfg["world"]
     write_world(a.out, H, W, a.count, a.seed, cfg)
     print(f"wrote {a.count} scenes of {H}x{W} to {a.out} (images/, labels/)")
+
+
+# --set values: integers (and their least value), numbers (a `cli.check_numbers` rule), sizes; anything else a string
+INTEGERS = {
+    "pretrain.steps": 4,  # OneCycleLR needs its 3 warm-up steps before the last
+    "pretrain.batch": 1,
+    "pretrain.templates": 1,
+    "pretrain.seed": 0,
+    "pretrain.big_size": 16,
+    "eval.native_count": 1,
+    "eval.large_count": 1,
+    "eval.stride": 1,
+    "distill.images": 3,  # 2 are held out for distill.py's report
+    "distill.epochs": 0,
+    "distill.batch_size": 1,
+    "distill.stride": 1,
+}
+NUMBERS = {
+    "pretrain.lr": "finite>0",
+    "pretrain.weight_decay": "finite>=0",
+    "pretrain.logit_scale": "finite>0",
+    "pretrain.pos_rms": "finite>=0",
+    "pretrain.big_frac": "0..1",
+    "distill.lr": "finite>0",
+    "distill.aug_scale": "finite>0",
+}
+SIZES = ("eval.large_size", "distill.size")
+
+
+def check_config(cfg: dict):
+    """Every knob a --set may change, checked before any work (one sentence each): integers are integers of at
+    least their least value, numbers finite and in range, sizes HxW, the world's numbers finite and >= 0."""
+    rules = []
+    for key, least in INTEGERS.items():
+        section, name = key.split(".")
+        value = cfg[section][name]
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise UserError(f"--set {key} must be an integer of at least {least}, not {value!r}.")
+        rules.append((f"--set {key}", value, (">=", least)))
+    for key, rule in NUMBERS.items():
+        section, name = key.split(".")
+        value = cfg[section][name]
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise UserError(f"--set {key} must be a number, not {value!r}.")
+        rules.append((f"--set {key}", float(value), rule))
+    check_numbers(rules)
+    for key in SIZES:
+        section, name = key.split(".")
+        parse_size(str(cfg[section][name]), f"--set {key}")
+    if cfg["pretrain"]["templates"] > len(read_templates()):
+        raise UserError(f"--set pretrain.templates must be at most the {len(read_templates())} templates there are.")
+    for name, value in cfg["world"].items():
+        values = value if isinstance(value, list) else [value]
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0
+                   for v in values):  # fmt: skip
+            raise UserError(f"--set world.{name} must be finite numbers >= 0, not {value!r}.")
 
 
 def _run(argv: list[str]):
     if argv[:1] == ["world"]:
         return world(argv[1:])
-    p = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    p = ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="runs/miniature", help="run folder (default %(default)s); a rerun resumes")
     p.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N, for every stage")
     p.add_argument(
@@ -437,6 +494,8 @@ def _run(argv: list[str]):
     )
     a = p.parse_args(argv)
     cfg = apply_sets(DEFAULTS, a.set)
+    check_config(cfg)
+    check_numbers([("--threads", a.threads, (">=", 1))])
     resolve_device(a.device)
     if a.threads:  # also for the evaluate.py / distill.py it runs
         torch.set_num_threads(a.threads)

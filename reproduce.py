@@ -343,7 +343,9 @@ def timing(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    from cli import ArgumentParser
+
+    p = ArgumentParser(
         description="The paper's Table 1 from checkpoints: evaluate the six benchmarks "
         "(pre-trained single pass and SPAR, SigLIP2 and OpenCLIP/MaskCLIP) "
         "with evaluate.py and write one Markdown table beside the paper's "

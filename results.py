@@ -7,7 +7,8 @@ from it, and reading it back (reproduce.py).
      "modes": {label: {images_done, seconds, seconds_per_image, miou, per_class_iou, confusion, ...}}}
 
 A rerun with the same settings continues every mode from its last saved image (the file is rewritten atomically
-every --save-every images); a rerun with other settings starts over.  A checkpoint is recorded by `file_stamp`.
+every --save-every images); a rerun with other settings starts over.  Weights and checkpoints are recorded by
+their content (sha1); the file is marked as ours (`RESULTS_FORMAT`): evaluate.py overwrites no file without it.
 """
 
 from __future__ import annotations
@@ -17,8 +18,11 @@ import os
 from pathlib import Path
 
 from benchmarks import settings_for
+from checkpoints import weights_sha1
 from cli import UserError, display_name
-from files import read_json
+from files import check_writable, content_sha1, lock, read_json
+
+RESULTS_FORMAT = "spar-evaluate-results"  # the marker by which evaluate.py knows a results file as its own
 
 HERE = Path(__file__).resolve().parent
 
@@ -40,14 +44,15 @@ def out_path(args) -> Path:
 
 def run_settings(args, num_images: int, templates: list[str], overrides: dict) -> dict:
     """The run's settings as the results file records them: the (backbone, dataset)'s, with the flags' `overrides`."""
-    stamp = file_stamp(args.checkpoint)  # a missing checkpoint is reported by load_backbone
+    ckpt = content_sha1(args.checkpoint) if args.checkpoint else None  # a missing one: load_backbone says so
     return dict(
         dataset=args.dataset,
         root=os.path.abspath(args.root),
         num_images=num_images,
         backbone=args.backbone,
         pretrained=args.pretrained,
-        checkpoint=":".join(str(v) for v in stamp) if stamp else (args.checkpoint or None),
+        pretrained_sha1=weights_sha1(args.pretrained),  # the weights' content, hashed once per run
+        checkpoint=f"{os.path.abspath(args.checkpoint)}:{ckpt}" if ckpt else (args.checkpoint or None),
         **settings_for(args.dataset, args.backbone, **overrides),
         protocol=args.protocol,
         amp=args.amp,
@@ -55,22 +60,74 @@ def run_settings(args, num_images: int, templates: list[str], overrides: dict) -
     )
 
 
+def ours(obj) -> bool:
+    """A results file of evaluate.py: its marker, or (written before the marker) exactly our three keys."""
+    return isinstance(obj, dict) and (
+        obj.get("format") == RESULTS_FORMAT or set(obj) == {"settings", "classes", "modes"}
+    )
+
+
+def claim(out: Path):
+    """Before any work: `out` can be written, is not the plot's path, and holds nothing but our own results; then
+    locked against a second evaluate.py on it (the returned file holds the lock while it stays open)."""
+    if out.suffix.lower() == ".png":
+        raise UserError(f"--out '{display_name(out)}' is where the plot goes; give the results a .json name.")
+    check_writable(out)
+    if os.path.lexists(out) and not ours(read_json(out)):
+        raise UserError(
+            f"--out '{display_name(out)}' exists and is not a results file of evaluate.py; it is not overwritten, "
+            f"give another --out."
+        )
+    busy = f"another evaluate.py run is writing '{display_name(out)}'; wait for it to finish or give another --out."
+    return lock(str(out.parent), busy, f".{out.name}.lock")
+
+
 def resumed(out: Path, record: dict, no_resume: bool = False) -> dict:
-    """`record` with the modes of `out` when it holds a run with the same settings (a note when it holds others)."""
+    """`record` (marked as ours) with the modes of `out` when it holds a run with the same settings (a note when it
+    holds others)."""
+    record = {"format": RESULTS_FORMAT, **record}
     old = read_json(out) if out.is_file() and not no_resume else None
     if old is None:
         return record
-    if not isinstance(old, dict) or not isinstance(old.get("modes", {}), dict):
+    if not ours(old) or not isinstance(old.get("modes", {}), dict):
         raise UserError(
             f"--out '{out}' holds JSON that is not a results file of evaluate.py (a {type(old).__name__}); "
             f"give another --out or remove it."
         )
     if old.get("settings") == record["settings"]:
+        for label, state in old.get("modes", {}).items():
+            problem = state_problem(state, len(record["classes"]), record["settings"]["num_images"])
+            if problem:
+                raise UserError(
+                    f"--out '{display_name(out)}' holds a damaged record of mode '{label}' ({problem}); pass "
+                    f"--no-resume to start over, or remove the file."
+                )
         record["modes"] = old.get("modes", {})
         print(f"resuming from {display_name(out)}")
     elif old:
         print(f"note: {display_name(out)} holds results for other settings; starting over (it will be overwritten).")
     return record
+
+
+def state_problem(state, K: int, num_images: int) -> str:
+    """'' when a saved mode state can be resumed: images_done in 0..num_images, seconds finite >= 0, a K x K
+    confusion matrix of counts >= 0, out_of_range_pixels a count; else what is wrong (one phrase)."""
+    if not isinstance(state, dict):
+        return f"a {type(state).__name__}, not a record"
+    done, seconds, bad = state.get("images_done", 0), state.get("seconds", 0.0), state.get("out_of_range_pixels", 0)
+    if isinstance(done, bool) or not isinstance(done, int) or not 0 <= done <= num_images:
+        return f"images_done {done!r} is not a count in 0..{num_images}"
+    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not 0 <= seconds < float("inf"):
+        return f"seconds {seconds!r} is not a finite number >= 0"
+    if isinstance(bad, bool) or not isinstance(bad, int) or bad < 0:
+        return f"out_of_range_pixels {bad!r} is not a count"
+    conf = state.get("confusion")
+    if conf is None and done == 0:
+        return ""
+    rows_ok = isinstance(conf, list) and len(conf) == K and all(isinstance(r, list) and len(r) == K for r in conf)
+    if not rows_ok or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for r in conf for v in r):
+        return f"its confusion matrix is not {K} x {K} counts"
+    return ""
 
 
 def complete_modes(path: Path) -> dict:

@@ -20,6 +20,7 @@ processes (not a part of the paper; distill.py calls it).
 from __future__ import annotations
 
 import contextlib
+import glob
 import hashlib
 import io
 import math
@@ -34,12 +35,13 @@ import torch.distributed as dist
 from PIL import Image
 from tqdm import tqdm
 
-from checkpoints import save_student
+from checkpoints import save_student, weights_sha1
 from cli import UserError, barrier, check_numbers, flag, is_main, log, printable, rank_world
 from files import (
     ImageError,
     atomic_write,
     clean_temp_files,
+    content_sha1,
     file_sha1,
     list_images,
     lock,
@@ -215,6 +217,7 @@ def run_settings(args) -> dict:
     return dict(
         backbone=args.backbone,
         pretrained=str(args.pretrained),
+        pretrained_sha1=weights_sha1(args.pretrained),  # a weights file: its content, hashed once per run
         stride=args.stride,
         train=args.train,
         lr=args.lr,
@@ -254,7 +257,11 @@ def open_run_folder(run: str, settings: dict, resume: bool):
                 f"--out (delete {run}/resume.pt to retrain there with the cached targets)."
             )
         old = read_json(os.path.join(run, "settings.json"))
-        if resume and isinstance(old, dict):
+        if resume and not isinstance(old, dict):  # missing or corrupt: what the caches say, before touching any
+            old = recorded_settings(run)
+            settings_known = {k: v for k, v in settings.items() if k in old}
+            refuse_changed(run, old, settings_known, "run")
+        elif resume:
             refuse_changed(run, old, settings, "run")
         write_json(os.path.join(run, "settings.json"), settings)
         yield
@@ -264,6 +271,25 @@ def open_run_folder(run: str, settings: dict, resume: bool):
         raise
     finally:
         held.close()
+
+
+def recorded_settings(run: str) -> dict:
+    """The settings of a run whose settings.json is missing or corrupt, from the files' own metadata: resume.pt's
+    copy, else those that made one cached target and one augmentation record ({} for a folder without them)."""
+    with contextlib.suppress(Exception):
+        ck = torch.load(os.path.join(run, "resume.pt"), map_location="cpu", weights_only=True, mmap=True)
+        return {k: v for k, v in ck["settings"].items() if k != "train_images"}
+    found = {}
+    targets = sorted(glob.glob(os.path.join(glob.escape(run), "targets", "*.pt")))[:1]
+    with contextlib.suppress(Exception):
+        meta = torch.load(targets[0], map_location="cpu", weights_only=True, mmap=True)["meta"]
+        names = ("backbone", "pretrained", "pretrained_sha1", "stride", "precision", "target_dtype")
+        found.update({k: meta[k] for k in names if k in meta})
+    records = sorted(glob.glob(os.path.join(glob.escape(run), "augment", "*.json")))[:1]
+    with contextlib.suppress(Exception):
+        key = read_json(records[0])["key"]
+        found.update({name: key[k] for k, name in (("augment", "augment"), ("scale", "aug_scale"), ("seed", "seed"))})
+    return found
 
 
 def refuse_changed(run: str, old: dict, new: dict, verb: str):
@@ -290,9 +316,15 @@ def remove_if_empty(run: str):
             os.rmdir(root)
 
 
+LEGACY_TEMP = re.compile(
+    r"((augment|heldout|targets)/[^/]+\.(png|json|pt)|resume\.pt|student\.pt|settings\.json|metrics\.json)\.tmp\.\d+"
+)
+
+
 def clean_leftovers(run: str):
-    """Temp files of a writer killed mid-write are removed (never a finished file) before any stage runs."""
-    if is_main() and clean_temp_files(run):
+    """Temp files of a writer killed mid-write are removed (never a finished file, never a user's file) before any
+    stage runs: our '<name>.tmp.spar-<pid>', and an older version's '<our file>.tmp.<pid>' where we write."""
+    if is_main() and clean_temp_files(run, lambda rel: LEGACY_TEMP.fullmatch(rel) is not None):
         log("removed temp files left by an interrupted run")
     barrier()
 
@@ -399,7 +431,7 @@ def make_jobs(args, patch: int) -> list[dict]:
         src = os.path.join(train_dir, rel)
         key = dict(
             source=os.path.abspath(src),
-            bytes=os.path.getsize(src),
+            sha1=content_sha1(src),  # the photo's content: another photo under the same name is redone
             augment=args.augment,
             scale=args.aug_scale,
             seed=args.seed,
@@ -409,7 +441,7 @@ def make_jobs(args, patch: int) -> list[dict]:
     for rel in held:
         src = os.path.join(held_dir, rel)
         for L in args.eval_sizes:
-            key = dict(source=os.path.abspath(src), bytes=os.path.getsize(src), long=L, patch=patch)
+            key = dict(source=os.path.abspath(src), sha1=content_sha1(src), long=L, patch=patch)
             jobs.append(dict(id=item_id(rel, f"-L{L}"), kind="heldout", src=src, rel=rel, key=key, long=L))
     return jobs
 
@@ -501,6 +533,7 @@ def teacher_key(backbone, args) -> dict:
     return dict(
         backbone=backbone.name,
         pretrained=str(args.pretrained),
+        pretrained_sha1=weights_sha1(args.pretrained),
         window=backbone.window,
         stride=args.stride,
         precision=args.precision,
@@ -624,9 +657,24 @@ class Checkpoints:
         saving = every and state["step"] % every == 0 and state["step"] < steps
         if saving or state["step"] % LOSS_SYNC_EVERY == 0:
             state["loss_sum"] = base + running.item()
+            self.refuse_diverged(state, state["loss_sum"])
             bar.set_postfix(loss=f"{state['loss_sum'] / state['loss_n']:.4g}")
         if saving and is_main():
             self.save(state, last)
+
+    def refuse_diverged(self, state: dict, loss: float):
+        """A non-finite training loss or trained weight stops the run before anything is saved: the files keep
+        the last good epoch (or --save-every step)."""
+        params = dict(self.backbone.image_tower().named_parameters())
+        bad = [n for n in self.names if not torch.isfinite(params[n]).all()]
+        if math.isfinite(loss) and not bad:
+            return
+        what = f"the training loss is {loss}" if not math.isfinite(loss) else f"the weights of {bad[0]} are not finite"
+        kept = "keeps the last good checkpoint" if os.path.isfile(self.student_path) else "holds no checkpoint yet"
+        raise DistillError(
+            f"training diverged in epoch {state['epoch'] + 1}: {what} (--lr {self.settings['lr']:g} is too "
+            f"large?); '{self.run}' {kept}, so lower --lr and run again with a new --out."
+        )
 
     def save(self, state: dict, with_student: bool = True):
         """student.pt (when this state is the one kept) first, then resume.pt: a kill between the two makes
@@ -673,6 +721,7 @@ class Checkpoints:
 
     def end_epoch(self, state: dict, keep: bool, loss: float):
         """Every epoch: both files (student.pt only when this epoch is kept), one log line, all processes wait."""
+        self.refuse_diverged(dict(state, epoch=state["epoch"] - 1), loss)
         if is_main():
             self.save(state, keep)  # atomically, every epoch
             path = self.student_path

@@ -13,13 +13,12 @@
 Run `python stitch.py --height 1024 --width 2048` to print the window grid the paper's teacher uses.
 """
 
-import argparse
 import math
 
 import torch
 import torch.nn.functional as F
 
-from cli import UserError, main_guard
+from cli import ArgumentParser, UserError, main_guard
 
 
 def window_starts(length: int, window: int, stride: int) -> list[int]:
@@ -122,7 +121,7 @@ def stitch(
 
 
 def _run(argv):
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         description="Print the teacher's window grid (E1) and stitching canvas (E2) for an image size."
     )
     parser.add_argument("--height", type=int, default=1024)

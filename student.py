@@ -19,7 +19,6 @@ not seen).  This file holds:
 Run `python student.py --backbone tiny` to see the dense-feature shapes and timings at a few resolutions.
 """
 
-import argparse
 import contextlib
 import math
 import time
@@ -29,7 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from checkpoints import BACKBONES, BackboneError, load_checkpoint, open_clip_model, tokenizer_factory
-from cli import UserError, add_backbone_args, main_guard, parse_size, resolve_device
+from cli import ArgumentParser, UserError, add_backbone_args, main_guard, parse_size, resolve_device
 
 # ----------------------------------------------------------------------------------------------------------------
 # (E3) the single pass: position-embedding resize, the backbone interface, the two dense heads
@@ -328,7 +327,7 @@ def timed(fn, device, warmup: bool = True):
 
 
 def _run(argv):
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         description="Single-pass dense features at any resolution (E3): prints the "
         "patch grid, feature shape and time for a few image sizes."
     )

@@ -15,14 +15,12 @@ rescaled, so object scale stays what the student sees.  The authors make distill
 Run `python teacher.py --backbone tiny --image photo.jpg` to compare teacher and single-pass student features.
 """
 
-import argparse
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from cli import UserError, add_backbone_args, main_guard, parse_size, resolve_device
+from cli import ArgumentParser, UserError, add_backbone_args, main_guard, parse_size, resolve_device
 from files import load_image
 from stitch import Stitcher, sub_patch_factor, window_starts
 from student import BACKBONES, PRECISIONS, Backbone, autocast, load_backbone, timed
@@ -135,7 +133,7 @@ def gather_windows(x: torch.Tensor, b: torch.Tensor, y0: torch.Tensor, x0: torch
 
 
 def _run(argv):
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         description="Sliding-window teacher (E1-E2) vs single-pass student (E3): "
         "prints the grid, window count, timings and their agreement."
     )

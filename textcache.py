@@ -46,15 +46,19 @@ def text_weights_fingerprint(backbone) -> str:
     """A cheap identity of the TEXT tower's weights (everything outside `model.visual`).
 
     A distilled checkpoint only replaces the image tower, so it shares the cache with its base model, while
-    random weights (`--pretrained none`) and real weights never do.  Up to 256 evenly spaced values of each
-    tensor are hashed: one device->host copy, milliseconds even for SigLIP2's large text tower.
+    random weights (`--pretrained none`) and real weights never do.  Every value counts (other weights of the
+    same shapes are another key): per tensor, up to 256 evenly spaced values and its row and column sums, each
+    weighted by position, in float64 on the device; one device->host copy, milliseconds on a GPU.
     """
     names, samples = [], []
     for name, p in backbone.model.named_parameters():
         if name.startswith("visual."):
             continue
         flat = p.detach().reshape(-1)
-        samples.append(flat[:: max(1, flat.numel() // 256)][:256].float())
+        grid = p.detach().reshape(p.shape[0] if p.dim() else 1, -1).double()
+        rows, cols = (torch.arange(1, n + 1, device=p.device, dtype=torch.float64) for n in grid.shape)
+        sums = torch.stack([(grid.sum(1) * rows).sum(), (grid.sum(0) * cols).sum(), grid.square().sum()])
+        samples += [flat[:: max(1, flat.numel() // 256)][:256].double(), sums]
         names.append(f"{name}:{tuple(p.shape)}")
     h = hashlib.sha256("|".join(names).encode())
     if samples:
@@ -76,6 +80,12 @@ def _cache_key(backbone, queries: list[str], templates: list[str]) -> str:
     return f"{backbone.name}-{hashlib.sha256(blob.encode()).hexdigest()[:20]}"
 
 
+def usable(emb, num_queries: int) -> bool:
+    """A cached (Q, C) float tensor of finite numbers, one row per query."""
+    ok = torch.is_tensor(emb) and emb.dim() == 2 and emb.shape[0] == num_queries and emb.is_floating_point()
+    return ok and bool(torch.isfinite(emb).all())
+
+
 def cached(backbone, queries: list[str], templates: list[str], cache_dir, compute) -> torch.Tensor:
     """The (Q, C) embeddings of `queries`: from memory, else from `cache_dir` (True -> `default_cache_dir()`,
     None/False -> no disk cache), else `compute()`, kept in memory and saved."""
@@ -88,8 +98,15 @@ def cached(backbone, queries: list[str], templates: list[str], cache_dir, comput
     if emb is None and path is not None and path.is_file():
         try:
             saved = torch.load(path, map_location="cpu", weights_only=True)
-            if saved.get("queries") == queries and saved.get("templates") == templates:
-                emb = saved["embeddings"]
+            emb = (
+                saved["embeddings"] if saved.get("queries") == queries and saved.get("templates") == templates else None
+            )
+            if emb is not None and not usable(emb, len(queries)):
+                print(
+                    f"warning: the text cache '{path}' is damaged (not finite or not (Q, C)); recomputing.",
+                    file=sys.stderr,
+                )
+                emb = None
         except Exception:  # a corrupt cache file is simply recomputed
             emb = None
     if emb is None:
