@@ -7,10 +7,8 @@ each window exactly as the student would at K x K, and stitches them back into o
     (E1)  windows  W(H, W; K, s),  F_w = f(x[:, y:y+K, x:x+K])
     (E2)  F_T = resize_{h x w}( sum_w place_w(up_r(F_w)) / sum_w place_w(1) )
 
-Teacher and student share one h x w grid: the image is fitted to the backbone's grid (`Backbone.fit_to_grid`: the
-ceil grid, zero-padded, for SigLIP2 and `tiny`; the floor grid, cropped, for OpenCLIP, as the authors' wrappers
-do), a side shorter than K is zero-padded up to K, and those cells are cropped from the result.  The image is never
-rescaled, so object scale stays what the student sees.  The authors make distillation targets in fp16.
+One h x w grid for teacher and student (`Backbone.fit_to_grid`: SigLIP2 pads to the ceil grid, OpenCLIP crops to
+the floor grid, DINOv3 resizes up to it); a side < K is zero-padded to K, then cropped.  Targets: fp16 (authors).
 
 Run `python teacher.py --backbone tiny --image photo.jpg` to compare teacher and single-pass student features.
 """
@@ -50,6 +48,8 @@ class Teacher(nn.Module):
         self.precision = precision
         self.head = head
         p = backbone.patch_size
+        if not getattr(backbone, "slides", True):  # NaFlex: each image is resized to a patch budget, no window K
+            raise TeacherError(f"{backbone.name} is a single-pass baseline with no native window; use --mode single.")
         if self.window % p:
             raise TeacherError(f"window {self.window} must be a multiple of the patch size {p}.")
         if not 0 < stride <= self.window:  # a stride above K leaves strips that no window sees
