@@ -314,7 +314,7 @@ def time_backbone(name: str, args) -> list[dict]:
         with torch.inference_mode(), autocast(device, args.precision):
             single = _seconds(lambda: backbone.dense(x), device, args.repeats)
         if not getattr(backbone, "slides", True):  # NaFlex: a single-pass baseline, no teacher
-            rows.append(dict(backbone=name, size=[H, W], datasets=datasets, single_s=single, teacher_s=float("nan"),
+            rows.append(dict(backbone=name, size=[H, W], benchmarks=datasets, single_s=single, teacher_s=float("nan"),
                              windows=0, teacher_how="no teacher (single-pass baseline)"))  # fmt: skip
             continue
         teacher = Teacher(backbone, stride=24, precision=args.precision)
@@ -334,7 +334,7 @@ def time_backbone(name: str, args) -> list[dict]:
             dict(
                 backbone=name,
                 size=[H, W],
-                datasets=datasets,
+                benchmarks=datasets,
                 single_s=single,
                 teacher_s=slide,
                 windows=n,
@@ -367,7 +367,7 @@ def timing(args) -> int:
         )
     say(f"\n{'backbone':<12} {'dataset':<11} {'images':>6} {'single min':>11} {'teacher min':>12}")
     for r in rows:
-        for d in r["datasets"]:
+        for d in r["benchmarks"]:
             say(
                 f"{r['backbone']:<12} {d:<11} {split[d]:>6} {split[d] * r['single_s'] / 60:11.1f} "
                 f"{split[d] * r['teacher_s'] / 60:12.1f}"
