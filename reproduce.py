@@ -384,17 +384,8 @@ def timing(args) -> int:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        description="The paper's Table 1 from checkpoints: evaluate the six benchmarks "
-        "(pre-trained single pass and SPAR, SigLIP2 and OpenCLIP/MaskCLIP) "
-        "with evaluate.py and write one Markdown table beside the paper's "
-        "numbers.  Resumable: run the same command again."
-    )
-    p.add_argument("--voc", help="VOC root (VOCdevkit/VOC2012 inside): VOC21 and VOC20")
-    p.add_argument("--context", help="PASCAL Context root (VOCdevkit/VOC2010 inside): Context60 and Context59")
-    p.add_argument("--cityscapes", help="Cityscapes root (leftImg8bit/, gtFine/ inside)")
-    p.add_argument("--ade", help="ADE20K root (ADEChallengeData2016/ inside)")
+def add_row_flags(p: argparse.ArgumentParser):
+    """Each row's SPAR checkpoint and, where a row needs its own, its base weights."""
     p.add_argument("--siglip2-ckpt", help="SPAR SigLIP2 checkpoint: the authors' .pth/.ckpt or our student.pt")
     p.add_argument("--maskclip-ckpt", help="SPAR MaskCLIP (OpenCLIP ViT-B/16) checkpoint")
     p.add_argument("--dinov3-ckpt", help="SPAR DINOv3.txt checkpoint (the authors' SPAR DINOv3-TXT .pth or ours)")
@@ -410,6 +401,20 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="also evaluate the sliding-window rows (slidelogit24: stride-24 windows, slow)",
     )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        description="The paper's Table 1 from checkpoints: evaluate the six benchmarks "
+        "(pre-trained single pass and SPAR, SigLIP2 and OpenCLIP/MaskCLIP) "
+        "with evaluate.py and write one Markdown table beside the paper's "
+        "numbers.  Resumable: run the same command again."
+    )
+    p.add_argument("--voc", help="VOC root (VOCdevkit/VOC2012 inside): VOC21 and VOC20")
+    p.add_argument("--context", help="PASCAL Context root (VOCdevkit/VOC2010 inside): Context60 and Context59")
+    p.add_argument("--cityscapes", help="Cityscapes root (leftImg8bit/, gtFine/ inside)")
+    p.add_argument("--ade", help="ADE20K root (ADEChallengeData2016/ inside)")
+    add_row_flags(p)
     p.add_argument(
         "--backbones",
         default="siglip2-b16,clip-b16",
