@@ -37,9 +37,9 @@ import time
 import torch
 import torch.nn.functional as F
 
-from cli import ArgumentParser, UserError, check_numbers, main_guard, parse_size, resolve_device
+from cli import ArgumentParser, UserError, autocast, check_numbers, main_guard, parse_size, resolve_device, synchronize
 from files import atomic_write, check_writable, write_json
-from student import BACKBONES, autocast, load_backbone, synchronize
+from student import BACKBONES, load_backbone
 from teacher import Teacher, default_batch_size
 
 GiB = 2**30

@@ -52,7 +52,9 @@ FORMAT_NAMES = {
     "ours": f"a SPAR student checkpoint from distill.py ('{CHECKPOINT_FORMAT}')",
     "authors-pth": f"the authors' released .pth (their wrapper's state dict, keys '{AUTHORS_PTH_PREFIX}*')",
     "authors-ckpt": f"the authors' Lightning .ckpt (state_dict keys '{AUTHORS_CKPT_PREFIX}*')",
+    "dinotxt": "a dino.txt / SPAR DINOv3-TXT file (keys 'model.visual_model.*', 'model.text_model.*')",
 }
+DINOTXT_PREFIXES = ("model.visual_model.", "model.text_model.", "visual_model.", "text_model.")
 # One key whose shape tells the architecture apart, for the "it looks like ..." hint of a refused file.
 SIGNATURES = {
     "siglip2-b16": ("visual.trunk.pos_embed", (1, 1024, 768)),
@@ -94,9 +96,11 @@ def _is_state_dict(obj) -> bool:
 
 
 def checkpoint_format(obj) -> str:
-    """'ours' | 'authors-pth' | 'authors-ckpt' | 'state-dict' (plain open_clip weights) | 'unknown', by content."""
+    """'ours' | 'authors-pth' | 'authors-ckpt' | 'dinotxt' | 'state-dict' (plain open_clip weights) | 'unknown'."""
     if isinstance(obj, dict) and obj.get("format") == CHECKPOINT_FORMAT:
         return "ours"
+    if _is_state_dict(obj) and any(k.startswith(DINOTXT_PREFIXES) for k in obj):
+        return "dinotxt"
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         return "authors-ckpt"
     if _is_state_dict(obj):
@@ -188,6 +192,22 @@ def load_checkpoint(backbone, path: str) -> dict:
         )
     ckpt = _read_torch_file(path)
     fmt = checkpoint_format(ckpt)
+    module, state = _module_and_state(backbone, path, ckpt, fmt)
+    problem = _state_mismatch(module.state_dict(), state)  # validate everything before assigning anything
+    if problem:
+        raise BackboneError(
+            f"'{path}' is {FORMAT_NAMES[fmt]} but does not fit {backbone.name} (open_clip "
+            f"{backbone.source}): {problem}"
+            f"{_guess_hint(state if fmt != 'ours' else {}, backbone.name)}."
+        )
+    _refuse_bad_values(module, state, f"checkpoint '{path}' cannot be used")
+    module.load_state_dict(state, strict=True)
+    return ckpt.get("settings", {}) if fmt == "ours" else {}
+
+
+def _module_and_state(backbone, path: str, ckpt, fmt: str):
+    """Which module of `backbone` a checkpoint of format `fmt` fills, and with which state dict (its keys in the
+    module's names); one sentence for a file that is no student checkpoint."""
     if fmt == "state-dict":
         raise BackboneError(
             f"'{path}' is a plain state dict without the authors' '{AUTHORS_PTH_PREFIX}' prefix "
@@ -217,17 +237,10 @@ def load_checkpoint(backbone, path: str) -> dict:
                 f"'{path}' holds a Lightning 'state_dict' but no '{AUTHORS_CKPT_PREFIX}*' keys "
                 f"(e.g. {_few(list(ckpt['state_dict']))}); it is not an authors' SPAR checkpoint."
             )
-        module, state = backbone.model, _authors_state(ckpt, fmt)
-    problem = _state_mismatch(module.state_dict(), state)  # validate everything before assigning anything
-    if problem:
-        raise BackboneError(
-            f"'{path}' is {FORMAT_NAMES[fmt]} but does not fit {backbone.name} (open_clip "
-            f"{backbone.source}): {problem}"
-            f"{_guess_hint(state if fmt != 'ours' else {}, backbone.name)}."
-        )
-    _refuse_bad_values(module, state, f"checkpoint '{path}' cannot be used")
-    module.load_state_dict(state, strict=True)
-    return ckpt.get("settings", {}) if fmt == "ours" else {}
+        module, state = backbone.model, (ckpt if fmt == "dinotxt" else _authors_state(ckpt, fmt))
+        if any(k.startswith(DINOTXT_PREFIXES) for k in state):  # the dino.txt layout: the backbone names it
+            state = _released_state(backbone, path, state)
+    return module, state
 
 
 def weights_sha1(pretrained) -> str | None:
@@ -236,6 +249,15 @@ def weights_sha1(pretrained) -> str | None:
     if pretrained is None or str(pretrained).lower() in ("none", "default"):
         return None
     return content_sha1(str(pretrained))
+
+
+def _released_state(backbone, path: str, state: dict) -> dict:
+    """A dino.txt-layout state dict in `backbone`'s names (`dinotxt.DinoTxt.released_state`); others refuse."""
+    if not hasattr(backbone.model, "released_state"):
+        raise BackboneError(
+            f"'{path}' is {FORMAT_NAMES['dinotxt']}, not a {backbone.name} file; pass --backbone dinov3-l16."
+        )
+    return backbone.model.released_state(state)
 
 
 def save_student(path: str, backbone, settings: dict):
@@ -280,6 +302,8 @@ OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 SIGLIP_MEAN = (0.5, 0.5, 0.5)
 SIGLIP_STD = (0.5, 0.5, 0.5)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 @dataclass(frozen=True)
@@ -313,6 +337,41 @@ BACKBONES = {
         "clip-b16", "openclip", "ViT-B-16", None, "laion2b_s34b_b88k", 224, OPENAI_MEAN, OPENAI_STD, "ViT-B-16"
     ),
     "tiny": BackboneSpec("tiny", "siglip", "spar-tiny", None, None, 128, SIGLIP_MEAN, SIGLIP_STD, "ViT-B-16"),
+    # DINOv3.txt (dinotxt.py): a timm trunk and dino.txt's text tower with CLIP's BPE tokenizer (inside open_clip).
+    "dinov3-l16": BackboneSpec(
+        "dinov3-l16",
+        "dinov3",
+        "vit_large_patch16_dinov3_qkvb",
+        None,
+        None,
+        384,
+        IMAGENET_MEAN,
+        IMAGENET_STD,
+        "ViT-B-16",
+    ),
+    "dinov3-tiny": BackboneSpec(
+        "dinov3-tiny",
+        "dinov3",
+        "vit_large_patch16_dinov3_qkvb",
+        None,
+        None,
+        64,
+        IMAGENET_MEAN,
+        IMAGENET_STD,
+        "ViT-B-16",
+    ),
+    # The SigLIP2 NaFlex baseline (naflex.py): open_clip's SigLIP2 B/16 text tower, timm's NaFlexViT image trunk.
+    "siglip2-naflex-b16": BackboneSpec(
+        "siglip2-naflex-b16",
+        "naflex",
+        "ViT-B-16-SigLIP2",
+        None,
+        None,
+        256,
+        SIGLIP_MEAN,
+        SIGLIP_STD,
+        "hf-hub:timm/ViT-B-16-SigLIP2",
+    ),
 }
 
 

@@ -6,6 +6,8 @@
 * the flags and checks every CLI shares: `add_backbone_args`, `resolve_device`, `parse_size`, `check_numbers`, and
   `flag` / `add_flags` / `check_flag_numbers`, which make a dataclass of settings the CLI's flags, said once;
 * the torchrun helpers: `rank_world`, `is_main`, `barrier`, `log` (a single process is rank 0 of 1);
+* the forward passes' precision and timing: `PRECISIONS`, `autocast`, `synchronize`, `timed` (student.py re-exports
+  them); `patch_budget`, the NaFlex backbone's --naflex-patches;
 * `printable` / `display_name`: text with undecodable file-name bytes made printable.
 
 This file imports nothing from the project: every other file may import it.
@@ -14,6 +16,7 @@ This file imports nothing from the project: every other file may import it.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
 import signal
@@ -109,8 +112,9 @@ class ArgumentParser(argparse.ArgumentParser):
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def add_backbone_args(parser: argparse.ArgumentParser, names, default: str = "tiny"):
-    """The --backbone / --pretrained / --device flags shared by every CLI (`names`: the known backbones)."""
+def add_backbone_args(parser: argparse.ArgumentParser, names, default: str = "tiny", naflex: bool = False):
+    """The --backbone / --pretrained / --device flags shared by every CLI (`names`: the known backbones); with
+    `naflex`, also --naflex-patches (the CLI then sets `backbone.max_patches`, which only `NaFlexBackbone` reads)."""
     parser.add_argument("--backbone", default=default, help=f"one of {', '.join(names)} (default: {default})")
     parser.add_argument(
         "--pretrained",
@@ -119,6 +123,16 @@ def add_backbone_args(parser: argparse.ArgumentParser, names, default: str = "ti
         "or a local open_clip weights file",
     )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    if not naflex:
+        return
+    parser.add_argument(
+        "--naflex-patches",
+        default="256",
+        type=patch_budget,
+        metavar="N|all",
+        help="siglip2-naflex-b16 only: the patch budget each image is resized to, aspect ratio kept (default: "
+        "%(default)s, the reference preprocessing; 'all': the image's own grid, no resize)",
+    )
 
 
 def resolve_device(name: str) -> torch.device:
@@ -226,3 +240,53 @@ def log(msg: str):
 
     prefix = f"[rank {dist.get_rank()}] " if dist.is_initialized() else ""
     tqdm.write(printable(f"{prefix}{msg}"), file=sys.stderr)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Precision and timing of the forward passes (student.py re-exports them)
+# ----------------------------------------------------------------------------------------------------------------
+
+PRECISIONS = ("auto", "fp32", "fp16", "bf16")
+
+
+def autocast(device: torch.device | str, precision: str = "auto"):
+    """The mixed-precision context every CLI runs its forward passes in.
+
+    precision "auto": bf16 autocast on GPUs that support it, fp16 on other GPUs; "fp32": no autocast (the authors
+    evaluate in fp32); "fp16" / "bf16": autocast to that dtype on CUDA (the authors train and make teacher targets
+    in fp16).  On CPU every precision is a no-op (fp32): CPU half-precision autocast is slow on most CPUs and would
+    make the CPU tests inexact, so it buys nothing here.
+    """
+    if precision not in PRECISIONS:
+        raise UserError(f"unknown precision '{precision}'; choose one of {', '.join(PRECISIONS)}.")
+    device = torch.device(device)
+    if device.type != "cuda" or precision == "fp32":
+        return contextlib.nullcontext()
+    if precision == "auto":
+        precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return torch.autocast("cuda", dtype=torch.float16 if precision == "fp16" else torch.bfloat16)
+
+
+def synchronize(device):
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn, device, warmup: bool = True):
+    """(fn(), its wall time in seconds): after one untimed warm-up call, synchronised around the timed call on CUDA."""
+    if warmup:
+        fn()
+    synchronize(device)
+    t0 = time.perf_counter()
+    out = fn()
+    synchronize(device)
+    return out, time.perf_counter() - t0
+
+
+def patch_budget(text: str) -> int | None:
+    """--naflex-patches (an argparse type): a positive number of patches, or 'all' (None)."""
+    if str(text).strip().lower() == "all":
+        return None
+    if not str(text).strip().isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"a positive number of patches or 'all', got '{printable(str(text))}'")
+    return int(text)

@@ -46,10 +46,11 @@ import torch.nn.functional as F
 from PIL import Image, ImageOps
 from tqdm import tqdm
 
+import cli
 import runfolder
-from cli import ArgumentParser, add_backbone_args, add_flags, barrier, flag, is_main, log, main_guard, rank_world
+from cli import autocast, barrier, flag, is_main, log, rank_world
 from runfolder import TRAIN_PARTS, DistillError, ImageSkip, parse_train, train_parameters
-from student import BACKBONES, autocast, load_backbone
+from student import BACKBONES, load_backbone
 from teacher import Teacher
 
 PAPER_TRAIN = "blk_-1,blk_-2"  # the last two blocks
@@ -363,10 +364,10 @@ def evaluate(backbone, items: list[dict], run: str, device, label: str, precisio
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_backbone_args(parser, BACKBONES, default="siglip2-b16")
-    add_flags(parser, Config)  # the paper's
-    add_flags(parser, runfolder.RunFlags)  # the run's
+    parser = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    cli.add_backbone_args(parser, BACKBONES, default="siglip2-b16")
+    cli.add_flags(parser, Config)  # the paper's
+    cli.add_flags(parser, runfolder.RunFlags)  # the run's
     return parser
 
 
@@ -424,7 +425,7 @@ def main(argv=None):
     args.out = args.out or os.path.join("runs", f"distill-{args.backbone}")
     interrupted = f"interrupted: finished work in '{args.out}' is kept; run the same command with --resume to continue."
     try:
-        return main_guard(lambda _: run(args), argv, interrupted)
+        return cli.main_guard(lambda _: run(args), argv, interrupted)
     finally:
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()

@@ -36,6 +36,7 @@ from cli import (
     UserError,
     add_backbone_args,
     add_flags,
+    autocast,
     check_flag_numbers,
     check_numbers,
     display_name,
@@ -52,7 +53,7 @@ from segment import (
     text_embeddings,
     window_teacher,
 )
-from student import BACKBONES, autocast, load_backbone
+from student import BACKBONES, load_backbone
 from textcache import cache_dir_arg
 
 
@@ -180,7 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--dataset", required=True, choices=list(benchmarks.DATASETS))
     p.add_argument("--root", help="dataset folder (see the layouts below / README)")
-    add_backbone_args(p, BACKBONES, default="siglip2-b16")
+    add_backbone_args(p, BACKBONES, default="siglip2-b16", naflex=True)
     p.add_argument("--checkpoint", help="student.pt from distill.py, used by the 'single' mode")
     p.add_argument(
         "--modes",
@@ -220,6 +221,7 @@ def prepare(args):
     settings = run_settings(args, len(samples), templates, {k: getattr(args, k) for k in benchmarks.SETTINGS})
     needs_pretrained = any(k != "single" for _, k, _ in modes) and args.checkpoint
     backbone = load_backbone(args.backbone, args.pretrained, device, checkpoint=args.checkpoint)
+    backbone.max_patches = args.naflex_patches  # NaFlex's patch budget (only `NaFlexBackbone` reads it)
     base = load_backbone(args.backbone, args.pretrained, device) if needs_pretrained else backbone
     for label, kind, stride in modes:
         if kind.startswith("slide"):

@@ -41,7 +41,7 @@ import numpy as np
 import torch
 
 import benchmarks
-from cli import UserError, add_backbone_args, check_numbers, display_name, main_guard, resolve_device
+from cli import ArgumentParser, UserError, add_backbone_args, check_numbers, display_name, main_guard, resolve_device
 from files import atomic_write, check_writable, read_json, write_json
 from pictures import class_colours, pca_rgb
 from results import complete_modes, run_settings
@@ -255,7 +255,7 @@ def run_hw(sample, dataset: str, args) -> tuple[int, int]:
 
 def window_seconds(backbone, repeats: int = 3) -> float:
     """Measured seconds of one K x K window's forward pass (the unit of the time estimate)."""
-    from student import synchronize
+    from cli import synchronize
 
     K, device = backbone.window, backbone.device
     x = backbone.normalize(torch.rand(1, 3, K, K, device=device))
@@ -785,7 +785,7 @@ def ablate_plot(r: dict, path: Path):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         description="The paper's figures, one command each (resumable; JSON + Markdown + PNG under --out).",
         epilog="e.g. python figures.py fig1 --backbone tiny --synthetic /tmp/syn --strides 64,24",
     )

@@ -1,7 +1,8 @@
 """The paper's Table 1 from checkpoints (SPAR, CVPR 2026, Sec. 4, Table 1: zero-shot segmentation mIoU).
 
 One command evaluates the six benchmarks (VOC21, VOC20, Context60, Context59, Cityscapes, ADE20K) for the
-pre-trained single pass and for SPAR -- SigLIP2 ViT-B/16 and OpenCLIP ViT-B/16 (MaskCLIP) -- and writes ONE
+pre-trained single pass and for SPAR -- SigLIP2 ViT-B/16 and OpenCLIP ViT-B/16 (MaskCLIP); with --backbones also
+DINOv3.txt ViT-L/16 and the SigLIP2 NaFlex baseline; with --slide the sliding-window (teacher) rows -- and writes ONE
 Markdown table of our numbers beside the paper's, with the difference per cell and a mean column:
 
     python reproduce.py --voc VOC --context CONTEXT --cityscapes CITYSCAPES --ade ADE \\
@@ -39,13 +40,23 @@ BENCHMARKS = [
     ("context59", "C59", "context", 5105),
 ]
 
-# Table 1 rows: backbone -> (title, checkpoint flag).
+# Table 1 rows: backbone -> (title, SPAR checkpoint flag or None, flag of its own base weights or None).
 ROWS = {
-    "siglip2-b16": ("SigLIP2 ViT-B/16", "siglip2_ckpt"),
-    "clip-b16": ("OpenCLIP ViT-B/16 (MaskCLIP)", "maskclip_ckpt"),
+    "siglip2-b16": ("SigLIP2 ViT-B/16", "siglip2_ckpt", None),
+    "clip-b16": ("OpenCLIP ViT-B/16 (MaskCLIP)", "maskclip_ckpt", None),
+    "dinov3-l16": ("DINOv3.txt ViT-L/16", "dinov3_ckpt", "dinov3_pretrained"),
+    "siglip2-naflex-b16": ("SigLIP2 NaFlex B/16", None, "naflex_pretrained"),  # a single-pass baseline only
 }
+SLIDE = "slidelogit24"  # the sliding-window rows: stride-24 windows, cosine logits averaged where they overlap
 
-# The paper's numbers (mIoU %, single pass).  For OpenCLIP the paper reports only the mean over the six.
+
+def paper_row(voc21, voc20, cityscapes, ade20k, context60, context59, mean) -> dict:
+    """One row of the paper's Table 1, in its column order (VOC21, VOC20, Cityscapes, ADE20K, Context60/59, mean)."""
+    return dict(voc21=voc21, voc20=voc20, cityscapes=cityscapes, ade20k=ade20k, context60=context60,
+                context59=context59, mean=mean)  # fmt: skip
+
+
+# The paper's numbers (mIoU %): the pre-trained single pass, SPAR (single pass), the sliding window.
 PAPER = {
     ("siglip2-b16", "pretrained"): dict(
         voc21=36.1, voc20=71.3, cityscapes=23.5, ade20k=16.8, context60=24.5, context59=26.1, mean=33.1
@@ -53,10 +64,20 @@ PAPER = {
     ("siglip2-b16", "spar"): dict(
         voc21=47.3, voc20=81.5, cityscapes=38.4, ade20k=23.4, context60=33.8, context59=37.2, mean=43.6
     ),
-    ("clip-b16", "pretrained"): dict(mean=27.7),
-    ("clip-b16", "spar"): dict(mean=34.4),
+    ("siglip2-b16", "slide"): paper_row(45.0, 77.5, 38.4, 21.8, 30.7, 34.0, 41.2),
+    ("clip-b16", "pretrained"): paper_row(43.1, 52.3, 17.7, 11.5, 20.3, 21.4, 27.7),
+    ("clip-b16", "spar"): paper_row(48.5, 57.6, 25.7, 16.2, 28.2, 30.3, 34.4),
+    ("clip-b16", "slide"): paper_row(48.5, 55.1, 30.8, 15.4, 25.2, 26.6, 33.6),
+    ("dinov3-l16", "pretrained"): paper_row(46.0, 89.5, 35.9, 24.4, 32.1, 34.8, 43.8),
+    ("dinov3-l16", "spar"): paper_row(43.1, 91.3, 40.1, 25.4, 31.6, 35.0, 44.4),
+    ("dinov3-l16", "slide"): paper_row(42.6, 90.8, 39.7, 24.9, 31.8, 34.4, 44.0),
+    ("siglip2-naflex-b16", "pretrained"): paper_row(35.8, 66.6, 22.8, 16.2, 23.7, 25.2, 31.7),
 }
-MODEL_TITLES = {"pretrained": "pre-trained, single pass", "spar": "SPAR, single pass"}
+MODEL_TITLES = {
+    "pretrained": "pre-trained, single pass",
+    "spar": "SPAR, single pass",
+    "slide": "pre-trained, sliding window",
+}
 
 
 def say(msg: str):
@@ -68,8 +89,18 @@ def say(msg: str):
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def evaluate_command(args, backbone: str, dataset: str, root: str, ckpt: str | None, out: Path) -> list[str]:
-    """The evaluate.py call of one (backbone, dataset): mode 'pretrained', plus 'single' (= SPAR) with a checkpoint."""
+def wanted_modes(args, backbone: str, ckpt: str | None) -> tuple[str, ...]:
+    """evaluate.py's modes of a row: 'pretrained'; the stride-24 teacher with --slide (when the paper has the row);
+    'single' (= SPAR) with a checkpoint."""
+    slide = (SLIDE,) if args.slide and (backbone, "slide") in PAPER else ()
+    return ("pretrained",) + slide + (("single",) if ckpt else ())
+
+
+def evaluate_command(
+    args, backbone: str, dataset: str, root: str, ckpt: str | None, out: Path, modes: tuple[str, ...]
+) -> list[str]:
+    """The evaluate.py call of one (backbone, dataset) for `modes`, with the row's own base weights if it has a flag."""
+    own = ROWS.get(backbone, (None, None, None))[2]
     cmd = [
         sys.executable,
         str(HERE / "evaluate.py"),
@@ -80,14 +111,16 @@ def evaluate_command(args, backbone: str, dataset: str, root: str, ckpt: str | N
         "--backbone",
         backbone,
         "--pretrained",
-        args.pretrained,
+        (getattr(args, own) if own else None) or args.pretrained,
         "--modes",
-        "pretrained,single" if ckpt else "pretrained",
+        ",".join(modes),
         "--out",
         str(out),
     ]
     if ckpt:
         cmd += ["--checkpoint", ckpt]
+    if backbone == "siglip2-naflex-b16":
+        cmd += ["--naflex-patches", args.naflex_patches]
     for flag in ("device", "max_images", "short_side", "templates", "text_cache"):
         value = getattr(args, flag)
         if value is not None:
@@ -127,9 +160,9 @@ def run_all(args, results: dict, errors: list[str]):
     done_path = out_dir / "done.json"  # run key -> the command that finished it
     done = read_json(done_path) or {}
     for backbone in args.backbones:
-        ckpt = getattr(args, ROWS[backbone][1])
+        ckpt = getattr(args, ROWS[backbone][1]) if ROWS[backbone][1] else None
         arch = args.smoke_backbone or backbone
-        if not ckpt:
+        if not ckpt and ROWS[backbone][1]:
             say(f"skip: SPAR row of {ROWS[backbone][0]} (no --{ROWS[backbone][1].replace('_', '-')} given)")
         for dataset, title, flag, _ in BENCHMARKS:
             root = getattr(args, flag)
@@ -138,11 +171,11 @@ def run_all(args, results: dict, errors: list[str]):
                 say(f"skip: {title} with {backbone} ({reason})")
                 continue
             out = out_dir / backbone / f"{dataset}{'-spar' if ckpt else ''}.json"
-            cmd = evaluate_command(args, arch, dataset, root, ckpt, out)
+            wanted = wanted_modes(args, backbone, ckpt)
+            cmd = evaluate_command(args, arch, dataset, root, ckpt, out, wanted)
             key = f"{backbone}/{dataset}{'-spar' if ckpt else ''}"
             stamp = {"cmd": cmd[1:], "checkpoint": list(file_stamp(ckpt)) if ckpt else None}
             modes = complete_modes(out)
-            wanted = ("pretrained", "single") if ckpt else ("pretrained",)
             if done.get(key) == stamp and all(m in modes for m in wanted):
                 say(f"done already: {title} with {backbone} ({out})")
             else:
@@ -160,6 +193,8 @@ def run_all(args, results: dict, errors: list[str]):
                 done[key] = stamp
                 write_json(done_path, done)
             results[(backbone, "pretrained", dataset)] = modes["pretrained"]
+            if SLIDE in wanted:
+                results[(backbone, "slide", dataset)] = modes[SLIDE]
             if ckpt:
                 results[(backbone, "spar", dataset)] = modes["single"]
 
@@ -186,7 +221,7 @@ def markdown_table(results: dict, backbones: list[str], notes: list[str]) -> str
         "|" + "---|" * len(head),
     ]
     for backbone in backbones:
-        for model in ("pretrained", "spar"):
+        for model in (m for m in ("slide", "pretrained", "spar") if (backbone, m) in PAPER):
             paper = PAPER[(backbone, model)]
             ours = [results.get((backbone, model, d)) for d, _, _, _ in BENCHMARKS]
             mean = statistics.fmean(ours) if all(v is not None for v in ours) else None
@@ -208,8 +243,9 @@ def markdown_table(results: dict, backbones: list[str], notes: list[str]) -> str
     lines += [
         "",
         "An empty 'ours' cell: not evaluated (dataset root or checkpoint not given, or the run failed; "
-        "see the log).  Mean: over the six benchmarks, only when all six were evaluated.  The paper reports "
-        "only the mean for OpenCLIP.",
+        "see the log; sliding-window rows need --slide).  Mean: over the six benchmarks, only when all six were "
+        "evaluated.  Sliding window: stride-24 windows, cosine logits averaged where they overlap (slidelogit24, the "
+        "authors' evaluation; docs/defaults.md).",
     ]
     return "\n".join(lines + [f"- {n}" for n in notes]) + "\n"
 
@@ -218,7 +254,9 @@ def table_notes(args) -> list[str]:
     notes = [
         f"weights: --pretrained {args.pretrained}; SPAR checkpoints: "
         + ", ".join(
-            f"{ROWS[b][0]}: {os.path.basename(getattr(args, ROWS[b][1]) or '') or 'none'}" for b in args.backbones
+            f"{ROWS[b][0]}: {os.path.basename(getattr(args, ROWS[b][1]) or '') or 'none'}"
+            for b in args.backbones
+            if ROWS[b][1]
         )
     ]
     if args.max_images or args.short_side:
@@ -250,7 +288,7 @@ QUICK_SIZES = [((96, 128), ["voc21", "voc20", "context60", "context59", "ade20k"
 
 def _seconds(fn, device, repeats: int) -> float:
     """Median wall time of `fn()` after one warm-up call (kernels, allocator, cudnn autotuning)."""
-    from student import synchronize
+    from cli import synchronize
 
     fn()
     synchronize(device)
@@ -266,7 +304,8 @@ def _seconds(fn, device, repeats: int) -> float:
 def time_backbone(name: str, args) -> list[dict]:
     import torch
 
-    from student import autocast, load_backbone
+    from cli import autocast
+    from student import load_backbone
     from teacher import Teacher
 
     backbone = load_backbone(name, None, args.device)
@@ -276,6 +315,10 @@ def time_backbone(name: str, args) -> list[dict]:
         x = backbone.normalize(torch.rand(1, 3, H, W, device=device))
         with torch.inference_mode(), autocast(device, args.precision):
             single = _seconds(lambda: backbone.dense(x), device, args.repeats)
+        if not getattr(backbone, "slides", True):  # NaFlex: a single-pass baseline, no teacher
+            rows.append(dict(backbone=name, size=[H, W], benchmarks=datasets, single_s=single, teacher_s=float("nan"),
+                             windows=0, teacher_how="no teacher (single-pass baseline)"))  # fmt: skip
+            continue
         teacher = Teacher(backbone, stride=24, precision=args.precision)
         n = teacher.num_windows(H, W)
         limit = args.teacher_windows or n
@@ -293,7 +336,7 @@ def time_backbone(name: str, args) -> list[dict]:
             dict(
                 backbone=name,
                 size=[H, W],
-                datasets=datasets,
+                benchmarks=datasets,
                 single_s=single,
                 teacher_s=slide,
                 windows=n,
@@ -342,6 +385,25 @@ def timing(args) -> int:
 # ----------------------------------------------------------------------------------------------------------------
 
 
+def add_row_flags(p: argparse.ArgumentParser):
+    """Each row's SPAR checkpoint and, where a row needs its own, its base weights."""
+    p.add_argument("--siglip2-ckpt", help="SPAR SigLIP2 checkpoint: the authors' .pth/.ckpt or our student.pt")
+    p.add_argument("--maskclip-ckpt", help="SPAR MaskCLIP (OpenCLIP ViT-B/16) checkpoint")
+    p.add_argument("--dinov3-ckpt", help="SPAR DINOv3.txt checkpoint (the authors' SPAR DINOv3-TXT .pth or ours)")
+    p.add_argument(
+        "--dinov3-pretrained",
+        help="base weights of the DINOv3.txt rows: 'BACKBONE.pth,DINOTXT.pth' (Meta's two files) or one file in "
+        "the released layout (default: --pretrained)",
+    )
+    p.add_argument("--naflex-pretrained", help="base weights of the NaFlex row: an open_clip state dict")
+    p.add_argument("--naflex-patches", default="256", help="the NaFlex row's patch budget (default: %(default)s)")
+    p.add_argument(
+        "--slide",
+        action="store_true",
+        help="also evaluate the sliding-window rows (slidelogit24: stride-24 windows, slow)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     from cli import ArgumentParser
 
@@ -355,10 +417,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--context", help="PASCAL Context root (VOCdevkit/VOC2010 inside): Context60 and Context59")
     p.add_argument("--cityscapes", help="Cityscapes root (leftImg8bit/, gtFine/ inside)")
     p.add_argument("--ade", help="ADE20K root (ADEChallengeData2016/ inside)")
-    p.add_argument("--siglip2-ckpt", help="SPAR SigLIP2 checkpoint: the authors' .pth/.ckpt or our student.pt")
-    p.add_argument("--maskclip-ckpt", help="SPAR MaskCLIP (OpenCLIP ViT-B/16) checkpoint")
+    add_row_flags(p)
     p.add_argument(
-        "--backbones", default="siglip2-b16,clip-b16", help="rows to evaluate, comma-separated (default: %(default)s)"
+        "--backbones",
+        default="siglip2-b16,clip-b16",
+        help=f"rows to evaluate, comma-separated, of {', '.join(ROWS)} (default: %(default)s)",
     )
     p.add_argument(
         "--pretrained",
@@ -418,7 +481,7 @@ def _run(argv=None) -> int:
             args.repeats = 1
         return timing(args)
     for b in args.backbones:
-        ckpt = getattr(args, ROWS[b][1])
+        ckpt = getattr(args, ROWS[b][1]) if ROWS[b][1] else None
         if ckpt and not os.path.isfile(ckpt):
             raise UserError(f"checkpoint '{ckpt}' (--{ROWS[b][1].replace('_', '-')}) does not exist.")
 

@@ -176,7 +176,10 @@ def train_parameters(backbone, parts: list[str]) -> list[torch.nn.Parameter]:
         if part == "all":
             chosen += tower.parameters()
         elif part == "posembed":
-            chosen.append(trunk.pos_embed if hasattr(trunk, "pos_embed") else trunk.positional_embedding)
+            pos = trunk.pos_embed if hasattr(trunk, "pos_embed") else trunk.positional_embedding
+            if pos is None:  # DINOv3: rotary position encoding, computed, not learned
+                raise DistillError(f"--train posembed: {backbone.name} has no position embeddings (it uses RoPE).")
+            chosen.append(pos)
         elif part == "patchembed":
             chosen += (trunk.patch_embed if hasattr(trunk, "patch_embed") else trunk.conv1).parameters()
         elif part == "attn_pool_kv":
@@ -199,8 +202,11 @@ def train_parameters(backbone, parts: list[str]) -> list[torch.nn.Parameter]:
                 chosen += blk.parameters()
             elif kind == "mlp":
                 chosen += blk.mlp.parameters()
-            elif hasattr(blk.attn, "qkv"):  # timm: one fused Linear
+            elif hasattr(blk.attn, "qkv"):  # timm: one fused Linear (DINOv3 / Eva: q and v biases beside it)
                 chosen += blk.attn.qkv.parameters()
+                chosen += [
+                    b for b in (getattr(blk.attn, "q_bias", None), getattr(blk.attn, "v_bias", None)) if b is not None
+                ]
             else:  # nn.MultiheadAttention (OpenCLIP)
                 chosen += [p for p in (blk.attn.in_proj_weight, blk.attn.in_proj_bias) if p is not None]
     return chosen

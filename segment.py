@@ -25,7 +25,6 @@ overlap, then cosine; `slidelogit` the teacher with per-window cosine logits ave
 
 from __future__ import annotations
 
-import argparse
 import os
 import time
 from dataclasses import dataclass, fields
@@ -35,6 +34,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+import cli
 import outputs
 from benchmarks import (  # noqa: F401 (API)
     DEFAULT_TEMPLATES,
@@ -45,19 +45,9 @@ from benchmarks import (  # noqa: F401 (API)
     resize_image,
     resized_hw,
 )
-from cli import (
-    UserError,
-    add_backbone_args,
-    add_flags,
-    check_flag_numbers,
-    display_name,
-    flag,
-    log,
-    main_guard,
-    resolve_device,
-)
+from cli import UserError, autocast, flag, synchronize
 from files import load_image
-from student import BACKBONES, Backbone, autocast, load_backbone, synchronize
+from student import BACKBONES, Backbone, load_backbone
 from teacher import Teacher
 from textcache import CACHE_ENV, cache_dir_arg, cached
 
@@ -314,8 +304,8 @@ def check_stride(stride: int, backbone: Backbone, what: str = "--stride"):
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+def build_parser() -> cli.ArgumentParser:
+    p = cli.ArgumentParser(
         description="Open-vocabulary segmentation of one image or a folder (SPAR, E5): writes a colour mask (palette "
         "PNG, pixel value = class index) and an overlay with a legend per image, and prints per-class pixel shares.",
         epilog='example: python segment.py assets/rocket.jpg --classes "sky; smoke, cloud; rocket; tower; sea" '
@@ -324,9 +314,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("image", help="image file (any size and aspect ratio), or a folder of them (--out: a folder)")
     p.add_argument("--classes", help='class names: "road, car, sky"; with ";" commas give synonyms: "road; car, truck"')
     p.add_argument("--class-file", help="one class per line, synonyms comma-separated (e.g. data/classes/voc21.txt)")
-    add_backbone_args(p, BACKBONES, default="siglip2-b16")
+    cli.add_backbone_args(p, BACKBONES, default="siglip2-b16")
     p.add_argument("--checkpoint", help="student.pt from distill.py (single mode; the teacher is pre-trained)")
-    add_flags(p, SegmentSettings, protocol="aligned", short_side=672, long_side=2048)  # this CLI's defaults
+    cli.add_flags(p, SegmentSettings, protocol="aligned", short_side=672, long_side=2048)  # this CLI's defaults
     p.add_argument("--templates", default=str(DEFAULT_TEMPLATES), help="prompt templates, one per line with {}")
     p.add_argument("--text-cache", help=f"text-embedding cache folder ('none': off; default ${CACHE_ENV} or ~/.cache)")
     p.add_argument("--out", help="mask PNG (default seg.png; overlay: <stem>_overlay.png), or the output folder")
@@ -336,10 +326,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def read_args(args, folder: bool) -> tuple[SegmentSettings, list[list[str]] | None, torch.device]:
     """The settings (the flags are named for its fields), class list (None: features only) and device, checked."""
-    check_flag_numbers(args, SegmentSettings)
+    cli.check_flag_numbers(args, SegmentSettings)
     classes = class_list(args.classes, args.class_file) if outputs.check_outputs(args, folder) else None
     settings = SegmentSettings(**{f.name: getattr(args, f.name) for f in fields(SegmentSettings)})
-    return settings, classes, resolve_device(args.device)
+    return settings, classes, cli.resolve_device(args.device)
 
 
 def write_outputs(backbone, text, settings, path, outs: list[Path], title: str, image=None):
@@ -352,7 +342,7 @@ def write_outputs(backbone, text, settings, path, outs: list[Path], title: str, 
         outputs.save_features(outs[0], feats, image.shape[-2:], hw, backbone, settings)
     seg = segment(backbone, image, text, settings) if text is not None else None
     if seg is not None:
-        title = f"{Path(display_name(path)).name} - {title}"  # printable even if not UTF-8
+        title = f"{Path(cli.display_name(path)).name} - {title}"  # printable even if not UTF-8
         outputs.save_pictures(image, seg.labels[0].cpu().numpy(), text.names, outs[-2:], title)  # the one host copy
     return seg
 
@@ -365,7 +355,7 @@ def _run(argv=None):
     single = args.mode == "single"
     checkpoint = args.checkpoint if single else None
     if args.checkpoint and not single:
-        log("note: --checkpoint is ignored in slide mode (the teacher uses the pre-trained weights).")
+        cli.log("note: --checkpoint is ignored in slide mode (the teacher uses the pre-trained weights).")
     outs = partial(outputs.output_files, features=args.save_features, masks=classes is not None)
     image = None if folder else load_image(args.image)  # (1, 3, H, W) in [0, 1]
     if folder:  # the images, the outputs and the settings record, before any work
@@ -386,14 +376,14 @@ def _run(argv=None):
         return outputs.run_folder(plan, partial(write_outputs, backbone, text, settings, title=title))
     files = outs(args.out or "seg.png")
     seg = write_outputs(backbone, text, settings, args.image, files, title, image)
-    model = backbone.name + (f" + {display_name(checkpoint)}" if checkpoint else "")
+    model = backbone.name + (f" + {cli.display_name(checkpoint)}" if checkpoint else "")
     setup = f"(run at {hw[1]}x{hw[0]}), backbone {model}, mode {how}"
     seconds = (t_loaded - t_start, t_text - t_loaded, time.perf_counter() - t_start)  # load, text, total
-    outputs.print_report(display_name(args.image), seg, text and text.names, setup, args, seconds, files)
+    outputs.print_report(cli.display_name(args.image), seg, text and text.names, setup, args, seconds, files)
 
 
 def main(argv=None):
-    return main_guard(_run, argv, interrupted="interrupted; finished outputs are kept (rerun a folder to go on).")
+    return cli.main_guard(_run, argv, interrupted="interrupted; finished outputs are kept (rerun a folder to go on).")
 
 
 if __name__ == "__main__":

@@ -7,28 +7,29 @@ The student is the pre-trained ViT itself, run ONCE on the whole image at any re
 where g = K / p is the native (pre-training) grid and h x w is the patch grid of the input.  The grid follows the
 authors' wrapper of each backbone (`Backbone.grid_rule`): SigLIP2 (and `tiny`) zero-pad to the ceil grid
 ceil(H/p) x ceil(W/p); OpenCLIP crops to the floor grid floor(H/p) x floor(W/p) (the last < p rows/columns are
-not seen).  This file holds:
+not seen); DINOv3 resizes (bicubic) UP to the ceil grid.  This file holds:
 
 * `resize_pos_embed`  -- (E3): bicubic, mode "size" (SigLIP2: identity at the native grid) or "scale+0.1" (OpenCLIP);
 * `Backbone`          -- the common interface (`normalize`, `grid_size`, `fit_to_grid`, `dense`, `encode_text`, ...);
 * `SigLIPBackbone`    -- dense head = the attention-pool head without its attention (the value path), as in the paper;
 * `OpenCLIPBackbone`  -- dense head = MaskCLIP's value path in the last block;
-* `load_backbone`     -- `siglip2-b16`, `clip-b16`, the offline `tiny` (weights, `load_checkpoint`: checkpoints.py);
-* `autocast`, `timed` -- the precision switch and the timing every CLI uses.
+* `DINOv3Backbone`, `NaFlexBackbone` -- DINOv3.txt's last-layer patch tokens; the SigLIP2 NaFlex single pass;
+* `load_backbone`     -- by name (weights, `load_checkpoint`: checkpoints.py, dinotxt.py, naflex.py); `autocast`,
+                         `PRECISIONS`, `synchronize`, `timed` are cli.py's, re-exported for every CLI.
 
 Run `python student.py --backbone tiny` to see the dense-feature shapes and timings at a few resolutions.
 """
 
-import contextlib
 import math
-import time
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from checkpoints import BACKBONES, BackboneError, load_checkpoint, open_clip_model, tokenizer_factory
-from cli import ArgumentParser, UserError, add_backbone_args, main_guard, parse_size, resolve_device
+from cli import ArgumentParser, add_backbone_args, autocast, main_guard, parse_size, resolve_device, timed
+from dinotxt import build_dinotxt
+from naflex import DEFAULT_PATCHES, build_naflex, naflex_grid
 
 # ----------------------------------------------------------------------------------------------------------------
 # (E3) the single pass: position-embedding resize, the backbone interface, the two dense heads
@@ -78,11 +79,13 @@ def resize_pos_embed(
 class Backbone(nn.Module):
     """A frozen-or-trainable vision-language ViT that gives dense, text-aligned features at any resolution.
 
-    `grid_rule`: "ceil" zero-pads to ceil(H/p) x ceil(W/p), "floor" crops to floor(H/p) x floor(W/p), as the
-    authors' wrapper of each backbone does.  Subclasses implement `dense` and `blocks`.
+    `grid_rule`: "ceil" zero-pads to ceil(H/p) x ceil(W/p), "floor" crops to floor(H/p) x floor(W/p), "resize"
+    interpolates up to the ceil grid (`resize`: how), as the authors' wrapper of each backbone does.  Subclasses
+    implement `dense` and `blocks`; `build(spec, pretrained)` makes the model (weights: checkpoints.py).
     """
 
-    grid_rule: str = "ceil"
+    grid_rule, resize = "ceil", dict(mode="bicubic", align_corners=False)
+    build = staticmethod(open_clip_model)
     patch_size: int = 16  # p, the same for every backbone here
 
     def __init__(self, model: nn.Module, spec, dim: int):
@@ -120,11 +123,13 @@ class Backbone(nn.Module):
         return math.ceil(H / p), math.ceil(W / p)
 
     def fit_to_grid(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) -> (B, 3, h*p, w*p) with (h, w) = grid_size(H, W): zero-pad bottom/right (ceil rule) or
-        crop bottom/right (floor rule)."""
+        """(B, 3, H, W) -> (B, 3, h*p, w*p) with (h, w) = grid_size(H, W): zero-pad bottom/right (ceil rule),
+        crop bottom/right (floor rule) or interpolate the whole image (resize rule)."""
         H, W = x.shape[-2:]
         h, w = self.grid_size(H, W)
         Hg, Wg = h * self.patch_size, w * self.patch_size
+        if self.grid_rule == "resize":  # linear in x, so resizing before or after `normalize` is the same
+            return x if (Hg, Wg) == (H, W) else F.interpolate(x, size=(Hg, Wg), **self.resize)
         x = x[..., :Hg, :Wg]
         ph, pw = Hg - x.shape[-2], Wg - x.shape[-1]
         return F.pad(x, (0, pw, 0, ph)) if (ph or pw) else x
@@ -255,8 +260,39 @@ class OpenCLIPBackbone(Backbone):
         return x + blk.ls_2(blk.mlp(blk.ln_2(x)))
 
 
+class DINOv3Backbone(Backbone):
+    """DINOv3 ViT-L/16 + dino.txt's text tower (dinotxt.py); dense head (the authors'): the last block's patch tokens
+    after the final norm, no CLS, registers or vision head.  (E3): nothing to resize, RoPE uses normalised coords."""
+
+    grid_rule, build = "resize", staticmethod(build_dinotxt)  # bicubic up to the ceil grid, never padded
+
+    @property
+    def blocks(self):
+        return self.model.visual.blocks
+
+    def dense(self, x):
+        x, trunk, p = self.fit_to_grid(x), self.model.visual, self.patch_size
+        tokens = trunk.forward_features(x)  # (B, 5 + h*w, C): patch embed, RoPE for h x w, blocks, final norm
+        return tokens[:, trunk.num_prefix_tokens :].unflatten(1, (x.shape[-2] // p, x.shape[-1] // p))
+
+
+class NaFlexBackbone(SigLIPBackbone):
+    """SigLIP2 NaFlex B/16 (naflex.py), single pass only: the image resized, aspect kept, to the largest grid within
+    `max_patches` patches (None: its ceil grid); timm resizes the 16 x 16 position grid to it.  Head: SigLIP2's."""
+
+    grid_rule, build, slides, max_patches = "resize", staticmethod(build_naflex), False, DEFAULT_PATCHES
+    resize = dict(mode="bilinear", align_corners=False, antialias=True)  # as the reference preprocessing
+
+    def grid_size(self, H: int, W: int) -> tuple[int, int]:
+        return naflex_grid(H, W, self.max_patches, self.patch_size)
+
+    def tokens(self, x):
+        x, p = self.fit_to_grid(x), self.patch_size  # one image size per batch: no padding, no mask needed
+        return self.trunk.forward_features(x), (x.shape[-2] // p, x.shape[-1] // p)
+
+
 # ----------------------------------------------------------------------------------------------------------------
-# Plumbing every CLI shares: loading a backbone by name, precision, timing
+# Plumbing every CLI shares: loading a backbone by name
 # ----------------------------------------------------------------------------------------------------------------
 
 
@@ -265,7 +301,7 @@ def load_backbone(
 ) -> Backbone:
     """Build a backbone by name.
 
-    name:        'siglip2-b16' | 'clip-b16' | 'tiny'
+    name:        'siglip2-b16' | 'clip-b16' | 'tiny' | 'dinov3-l16' | 'dinov3-tiny' | 'siglip2-naflex-b16'
     pretrained:  'default' -> the paper's weights through open_clip (needs internet the first time; cached);
                  None      -> the exact architecture with random weights, no network;
                  a path    -> a local open_clip weights file (state dict) for that architecture.
@@ -277,53 +313,17 @@ def load_backbone(
     if name not in BACKBONES:
         raise BackboneError(f"unknown backbone '{name}'; choose one of: {', '.join(BACKBONES)}.")
     spec = BACKBONES[name]
-    model = open_clip_model(spec, pretrained)
-    cls = SigLIPBackbone if spec.kind == "siglip" else OpenCLIPBackbone
-    if spec.kind == "siglip":
-        dim = model.visual.trunk.embed_dim
-    else:
+    kinds = dict(siglip=SigLIPBackbone, openclip=OpenCLIPBackbone, dinov3=DINOv3Backbone, naflex=NaFlexBackbone)
+    cls = kinds[spec.kind]
+    model = cls.build(spec, pretrained)  # the model its `dense` and `encode_text` run
+    if spec.kind == "openclip":
         dim = model.visual.proj.shape[1] if model.visual.proj is not None else model.visual.transformer.width
+    else:  # the timm trunk's width: SigLIP2, NaFlex, DINOv3
+        dim = getattr(model.visual, "trunk", model.visual).embed_dim
     backbone = cls(model, spec, dim)
     if checkpoint:
         load_checkpoint(backbone, checkpoint)
     return backbone.to(device)
-
-
-PRECISIONS = ("auto", "fp32", "fp16", "bf16")
-
-
-def autocast(device: torch.device | str, precision: str = "auto"):
-    """The mixed-precision context every CLI runs its forward passes in.
-
-    precision "auto": bf16 autocast on GPUs that support it, fp16 on other GPUs; "fp32": no autocast (the authors
-    evaluate in fp32); "fp16" / "bf16": autocast to that dtype on CUDA (the authors train and make teacher targets
-    in fp16).  On CPU every precision is a no-op (fp32): CPU half-precision autocast is slow on most CPUs and would
-    make the CPU tests inexact, so it buys nothing here.
-    """
-    if precision not in PRECISIONS:
-        raise UserError(f"unknown precision '{precision}'; choose one of {', '.join(PRECISIONS)}.")
-    device = torch.device(device)
-    if device.type != "cuda" or precision == "fp32":
-        return contextlib.nullcontext()
-    if precision == "auto":
-        precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return torch.autocast("cuda", dtype=torch.float16 if precision == "fp16" else torch.bfloat16)
-
-
-def synchronize(device):
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize()
-
-
-def timed(fn, device, warmup: bool = True):
-    """(fn(), its wall time in seconds): after one untimed warm-up call, synchronised around the timed call on CUDA."""
-    if warmup:
-        fn()
-    synchronize(device)
-    t0 = time.perf_counter()
-    out = fn()
-    synchronize(device)
-    return out, time.perf_counter() - t0
 
 
 def _run(argv):

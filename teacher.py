@@ -7,10 +7,8 @@ each window exactly as the student would at K x K, and stitches them back into o
     (E1)  windows  W(H, W; K, s),  F_w = f(x[:, y:y+K, x:x+K])
     (E2)  F_T = resize_{h x w}( sum_w place_w(up_r(F_w)) / sum_w place_w(1) )
 
-Teacher and student share one h x w grid: the image is fitted to the backbone's grid (`Backbone.fit_to_grid`: the
-ceil grid, zero-padded, for SigLIP2 and `tiny`; the floor grid, cropped, for OpenCLIP, as the authors' wrappers
-do), a side shorter than K is zero-padded up to K, and those cells are cropped from the result.  The image is never
-rescaled, so object scale stays what the student sees.  The authors make distillation targets in fp16.
+One h x w grid for teacher and student (`Backbone.fit_to_grid`: SigLIP2 pads to the ceil grid, OpenCLIP crops to
+the floor grid, DINOv3 resizes up to it); a side < K is zero-padded to K, then cropped.  Targets: fp16 (authors).
 
 Run `python teacher.py --backbone tiny --image photo.jpg` to compare teacher and single-pass student features.
 """
@@ -20,10 +18,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from cli import ArgumentParser, UserError, add_backbone_args, main_guard, parse_size, resolve_device
+import cli
+from cli import PRECISIONS, UserError, autocast, timed
 from files import load_image
 from stitch import Stitcher, sub_patch_factor, window_starts
-from student import BACKBONES, PRECISIONS, Backbone, autocast, load_backbone, timed
+from student import BACKBONES, Backbone, load_backbone
 
 
 class TeacherError(UserError):
@@ -34,7 +33,7 @@ class Teacher(nn.Module):
     """Frozen sliding-window teacher: normalised (B, 3, H, W) -> stitched (B, h, w, C), the grid of `dense`.
 
     window: K (default: the backbone's); stride: s in px; batch_size: windows per forward (default: from the free
-    memory); precision: as `student.autocast`; head: an optional map of each window's (n, k, k, C) features before
+    memory); precision: as `cli.autocast`; head: an optional map of each window's (n, k, k, C) features before
     stitching, e.g. to cosine logits (segment.py's `slidelogitN` averages logits where windows overlap).
     """
 
@@ -48,6 +47,8 @@ class Teacher(nn.Module):
         self.precision = precision
         self.head = head
         p = backbone.patch_size
+        if not getattr(backbone, "slides", True):  # NaFlex: each image is resized to a patch budget, no window K
+            raise TeacherError(f"{backbone.name} is a single-pass baseline with no native window; use --mode single.")
         if self.window % p:
             raise TeacherError(f"window {self.window} must be a multiple of the patch size {p}.")
         if not 0 < stride <= self.window:  # a stride above K leaves strips that no window sees
@@ -133,11 +134,11 @@ def gather_windows(x: torch.Tensor, b: torch.Tensor, y0: torch.Tensor, x0: torch
 
 
 def _run(argv):
-    parser = ArgumentParser(
+    parser = cli.ArgumentParser(
         description="Sliding-window teacher (E1-E2) vs single-pass student (E3): "
         "prints the grid, window count, timings and their agreement."
     )
-    add_backbone_args(parser, BACKBONES)
+    cli.add_backbone_args(parser, BACKBONES)
     parser.add_argument("--image", help="image file (default: random noise of --size)")
     parser.add_argument("--size", default="512x1024", help="HxW used when --image is not given (default: %(default)s)")
     parser.add_argument("--stride", type=int, default=24, help="window stride s in pixels, 1..K (paper: 24)")
@@ -149,8 +150,8 @@ def _run(argv):
         help="auto: bf16/fp16 autocast on GPU, fp32 on CPU (default: %(default)s)",
     )
     args = parser.parse_args(argv)
-    device = resolve_device(args.device)
-    size = parse_size(args.size, "--size") if not args.image else None
+    device = cli.resolve_device(args.device)
+    size = cli.parse_size(args.size, "--size") if not args.image else None
     backbone = load_backbone(args.backbone, args.pretrained, device)
     teacher = Teacher(backbone, stride=args.stride, batch_size=args.batch_size, progress=True, precision=args.precision)
     img = load_image(args.image) if args.image else torch.rand(1, 3, *size, generator=torch.Generator().manual_seed(0))
@@ -171,7 +172,7 @@ def _run(argv):
 
 
 def main(argv=None):
-    return main_guard(_run, argv)
+    return cli.main_guard(_run, argv)
 
 
 if __name__ == "__main__":

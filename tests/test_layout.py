@@ -29,6 +29,8 @@ ORDER = [
     "files",
     "stitch",
     "checkpoints",
+    "dinotxt",
+    "naflex",
     "student",
     "teacher",
     "benchmarks",

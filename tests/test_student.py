@@ -9,16 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from student import (
-    PRECISIONS,
-    BackboneError,
-    OpenCLIPBackbone,
-    SigLIPBackbone,
-    autocast,
-    load_backbone,
-    load_checkpoint,
-    resize_pos_embed,
-)
+from cli import PRECISIONS, autocast
+from student import BackboneError, OpenCLIPBackbone, SigLIPBackbone, load_backbone, load_checkpoint, resize_pos_embed
 from tests.reference import bicubic_resize, bicubic_resize_by_scale, openclip_authors_dense
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -1,0 +1,99 @@
+"""The SigLIP2 NaFlex B/16 single-pass baseline (`siglip2-naflex-b16`): the patch-budget grid (aspect ratio kept),
+dense shapes at two aspect ratios and budgets, SigLIP2's value-path head unchanged, the teacher refused, and
+--naflex-patches."""
+
+import argparse
+import os
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+import evaluate  # noqa: E402
+from checkpoints import BackboneError  # noqa: E402
+from cli import patch_budget  # noqa: E402
+from naflex import naflex_grid  # noqa: E402
+from student import NaFlexBackbone, SigLIPBackbone, load_backbone  # noqa: E402
+from teacher import Teacher, TeacherError  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def naflex():
+    return load_backbone("siglip2-naflex-b16", pretrained=None)
+
+
+@pytest.mark.parametrize("hw", [(480, 640), (300, 1200), (1024, 2048), (37, 29), (2000, 100)])
+@pytest.mark.parametrize("budget", [64, 256, 1024])
+def test_grid_fits_the_budget_keeps_the_aspect_and_is_the_largest(hw, budget):
+    H, W = hw
+    h, w = naflex_grid(H, W, budget)
+    assert 1 <= h * w <= budget
+    if h > 1 and w > 1:  # the aspect ratio kept up to the ceil of each side: h-1 < H s/p <= h, w-1 < W s/p <= w
+        assert (h - 1) / w <= H / W <= h / (w - 1)
+    assert h * w > budget / 4  # the largest scale that fits, not a small one
+
+
+def test_budget_all_is_the_ceil_grid():
+    assert naflex_grid(37, 50, None) == (3, 4)
+    assert naflex_grid(480, 640, None) == (30, 40)
+
+
+@pytest.mark.parametrize("hw", [(240, 320), (200, 800)])
+@pytest.mark.parametrize("budget", [64, 256])
+def test_dense_shapes_at_two_aspect_ratios_and_budgets(naflex, hw, budget):
+    naflex.max_patches = budget
+    try:
+        with torch.inference_mode():
+            feats = naflex.dense(naflex.normalize(torch.rand(1, 3, *hw)))
+        h, w = naflex_grid(*hw, budget)
+        assert feats.shape == (1, h, w, 768) and naflex.grid_size(*hw) == (h, w)
+        assert h * w <= budget and (h < w) == (hw[0] < hw[1])
+    finally:
+        naflex.max_patches = 256
+
+
+def test_dense_head_is_siglip2_value_path_on_the_resized_image(naflex):
+    assert isinstance(naflex, NaFlexBackbone) and isinstance(naflex, SigLIPBackbone) and naflex.slides is False
+    x = naflex.normalize(torch.rand(1, 3, 200, 300))
+    h, w = naflex.grid_size(200, 300)
+    with torch.inference_mode():
+        resized = F.interpolate(x, size=(16 * h, 16 * w), mode="bilinear", align_corners=False, antialias=True)
+        tokens = naflex.trunk.forward_features(resized)
+        ref = SigLIPBackbone.head(naflex, tokens).unflatten(1, (h, w))
+        assert torch.equal(naflex.dense(x), ref)
+        assert not torch.allclose(ref, tokens.unflatten(1, (h, w)), atol=1e-3)  # the head does change the tokens
+
+
+def test_position_grid_is_resized_per_image(naflex):
+    """The learned 16 x 16 grid is resized bilinearly to each h x w (timm's NaFlexEmbeds): two budgets, two grids."""
+    embeds = naflex.trunk.embeds
+    assert tuple(embeds.pos_embed.shape[1:3]) == (16, 16)
+    with torch.inference_mode():
+        a = naflex.dense(naflex.normalize(torch.rand(1, 3, 256, 256)))
+    assert a.shape[1:3] == (16, 16)  # budget 256 at a square image: the native grid
+
+
+def test_teacher_is_refused_in_one_sentence(naflex):
+    with pytest.raises(TeacherError) as info:
+        Teacher(naflex, stride=24)
+    assert "single" in str(info.value) and "\n" not in str(info.value)
+
+
+def test_naflex_patches_flag():
+    assert patch_budget("all") is None and patch_budget("ALL") is None and patch_budget("1024") == 1024
+    for bad in ("0", "-3", "x", "1.5"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            patch_budget(bad)
+    flags = ["--dataset", "miniature", "--backbone", "siglip2-naflex-b16"]
+    assert evaluate.build_parser().parse_args([*flags, "--naflex-patches", "all"]).naflex_patches is None
+    assert evaluate.build_parser().parse_args(flags).naflex_patches == 256
+
+
+def test_default_weights_refused_in_one_sentence():
+    with pytest.raises(BackboneError) as info:
+        load_backbone("siglip2-naflex-b16", pretrained="default")
+    assert "--pretrained" in str(info.value) and "\n" not in str(info.value)
