@@ -62,8 +62,8 @@ def confusion(pred, label, num_classes: int, ignore_index: int = benchmarks.IGNO
     are skipped.  pred, label: integer tensors (or arrays) of the same shape, on any device (the result stays
     there)."""
     pred, label = torch.as_tensor(pred), torch.as_tensor(label, device=torch.as_tensor(pred).device)
-    if pred.is_floating_point() or pred.is_complex() or label.is_floating_point() or label.is_complex():
-        raise ValueError(f"confusion() takes integer class indices, not {pred.dtype} / {label.dtype} (no truncation)")
+    if any(t.is_complex() or (t.is_floating_point() and not torch.equal(t, t.round())) for t in (pred, label)):
+        raise ValueError(f"confusion() takes integer class indices, not fractions ({pred.dtype} / {label.dtype})")
     if pred.shape != label.shape:
         raise ValueError(f"prediction {tuple(pred.shape)} and label {tuple(label.shape)} differ in shape")
     pred, label = pred.reshape(-1).long(), label.reshape(-1).long()
