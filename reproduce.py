@@ -316,7 +316,7 @@ def time_backbone(name: str, args) -> list[dict]:
         with torch.inference_mode(), autocast(device, args.precision):
             single = _seconds(lambda: backbone.dense(x), device, args.repeats)
         if not getattr(backbone, "slides", True):  # NaFlex: a single-pass baseline, no teacher
-            rows.append(dict(backbone=name, size=[H, W], benchmarks=datasets, single_s=single, teacher_s=float("nan"),
+            rows.append(dict(backbone=name, size=[H, W], datasets=datasets, single_s=single, teacher_s=float("nan"),
                              windows=0, teacher_how="no teacher (single-pass baseline)"))  # fmt: skip
             continue
         teacher = Teacher(backbone, stride=24, precision=args.precision)
@@ -336,7 +336,7 @@ def time_backbone(name: str, args) -> list[dict]:
             dict(
                 backbone=name,
                 size=[H, W],
-                benchmarks=datasets,
+                datasets=datasets,
                 single_s=single,
                 teacher_s=slide,
                 windows=n,
