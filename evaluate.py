@@ -223,6 +223,7 @@ def prepare(args):
     backbone = load_backbone(args.backbone, args.pretrained, device, checkpoint=args.checkpoint)
     backbone.max_patches = args.naflex_patches  # NaFlex's patch budget (only `NaFlexBackbone` reads it)
     base = load_backbone(args.backbone, args.pretrained, device) if needs_pretrained else backbone
+    base.max_patches = args.naflex_patches
     for label, kind, stride in modes:
         if kind.startswith("slide"):
             check_stride(stride, backbone, f"mode '{label}': the stride")

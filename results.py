@@ -57,6 +57,7 @@ def run_settings(args, num_images: int, templates: list[str], overrides: dict) -
         protocol=args.protocol,
         amp=args.amp,
         templates=hashlib.sha256("\n".join(templates).encode()).hexdigest()[:16],
+        **({"naflex_patches": getattr(args, "naflex_patches", None)} if args.backbone.endswith("naflex-b16") else {}),
     )
 
 

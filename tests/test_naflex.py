@@ -97,3 +97,21 @@ def test_default_weights_refused_in_one_sentence():
     with pytest.raises(BackboneError) as info:
         load_backbone("siglip2-naflex-b16", pretrained="default")
     assert "--pretrained" in str(info.value) and "\n" not in str(info.value)
+
+
+def test_the_patch_budget_is_part_of_the_results_settings(tmp_path):
+    """A results file of one budget must not be resumed with another: the budget is in its settings record."""
+    from results import run_settings
+
+    (tmp_path / "images").mkdir()
+
+    def settings(backbone, *extra):
+        args = evaluate.build_parser().parse_args(
+            ["--dataset", "miniature", "--root", str(tmp_path), "--backbone", backbone, *extra]
+        )
+        return run_settings(args, 1, ["a photo of a {}."], {})
+
+    assert settings("siglip2-naflex-b16")["naflex_patches"] == 256
+    assert settings("siglip2-naflex-b16", "--naflex-patches", "1024")["naflex_patches"] == 1024
+    assert settings("siglip2-naflex-b16", "--naflex-patches", "all")["naflex_patches"] is None
+    assert "naflex_patches" not in settings("tiny")  # other backbones' records (and their resume) are unchanged
