@@ -175,6 +175,11 @@ def pretrain(out_path: Path, cfg: dict, world: dict, device: str = "cpu") -> dic
 # ----------------------------------------------------------------------------------------------------------------
 
 
+def model_flags(weights: Path, device: str) -> list[str]:
+    """The flags that run the miniature's pretrained `tiny` in evaluate.py and distill.py."""
+    return ["--backbone", "tiny", "--pretrained", str(weights), "--device", device]
+
+
 def evaluate(root: Path, weights: Path, modes: str, out: Path, device: str, checkpoint: Path | None = None) -> dict:
     """`python evaluate.py --dataset miniature ...` in a subprocess; returns {mode: {miou, seconds_per_image}}."""
     cmd = [
@@ -184,12 +189,7 @@ def evaluate(root: Path, weights: Path, modes: str, out: Path, device: str, chec
         "miniature",
         "--root",
         str(root),
-        "--backbone",
-        "tiny",
-        "--pretrained",
-        str(weights),
-        "--device",
-        device,
+        *model_flags(weights, device),
         "--modes",
         modes,
         "--out",
@@ -219,12 +219,7 @@ def distill_cmd(d: dict, run: Path, images: Path, weights: Path, device: str) ->
     cmd = [
         sys.executable,
         str(HERE / "distill.py"),
-        "--backbone",
-        "tiny",
-        "--pretrained",
-        str(weights),
-        "--device",
-        device,
+        *model_flags(weights, device),
         "--images",
         str(images),
         "--num-heldout",
