@@ -135,6 +135,27 @@ def add_backbone_args(parser: argparse.ArgumentParser, names, default: str = "ti
     )
 
 
+WINDOW_HELP = (
+    "the teacher's window K in px, a multiple of the patch size (default: the backbone's native K); at another K "
+    "than the native one each window runs with its position embeddings resized to the K/p grid, (E3)"
+)
+
+
+def add_teacher_args(parser: argparse.ArgumentParser):
+    """The sliding-window teacher's --stride and --window flags (teacher.py's CLI; figures.py uses the same help)."""
+    parser.add_argument("--stride", type=int, default=24, help="window stride s in pixels, 1..K (paper: 24)")
+    parser.add_argument("--window", type=int, default=None, metavar="K", help=WINDOW_HELP)
+
+
+def check_window_fits(window: int | None, H: int, W: int, what: str = "--window"):
+    """A teacher window larger than the H x W image on both sides sees only its zero padding around the image."""
+    if window is not None and window > max(H, W):
+        raise UserError(
+            f"{what} {window} is larger than the {W}x{H} px image; give a window of at most {max(H, W)} px "
+            f"(or leave --window out for the backbone's native K)."
+        )
+
+
 def resolve_device(name: str) -> torch.device:
     """'cpu', 'cuda', 'cuda:N' (or 'mps') -> torch.device, checked to exist here; DeviceError otherwise."""
     try:
