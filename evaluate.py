@@ -226,7 +226,7 @@ def prepare(args):
     base.max_patches = args.naflex_patches
     for label, kind, stride in modes:
         if kind.startswith("slide"):
-            check_stride(stride, backbone, f"mode '{label}': the stride")
+            check_stride(stride, backbone, f"mode '{label}': the stride", args.window)
     text = text_embeddings(backbone, classes, templates, cache_dir_arg(args.text_cache), progress=True)
     if args.dataset == "voc21":  # line 1 of voc21.txt: 26 "stuff" synonyms for background
         text.names[0] = "background"

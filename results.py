@@ -58,6 +58,7 @@ def run_settings(args, num_images: int, templates: list[str], overrides: dict) -
         amp=args.amp,
         templates=hashlib.sha256("\n".join(templates).encode()).hexdigest()[:16],
         **({"naflex_patches": getattr(args, "naflex_patches", None)} if args.backbone.endswith("naflex-b16") else {}),
+        **({"window": args.window} if getattr(args, "window", None) else {}),  # the teacher's K, when not native
     )
 
 

@@ -144,6 +144,7 @@ class SegmentSettings:
     protocol: str = flag("paper", "paper: the authors' resizes; aligned: ours (see upsample_logits)", choices=PROTOCOLS)
     amp: bool = flag(False, "bf16/fp16 autocast on GPU (default: fp32, as the authors)")
     batch_size: int | None = flag(None, "teacher windows per forward (default: auto)", (">=", 1))
+    window: int | None = flag(None, cli.WINDOW_HELP, (">=", 1), metavar="K")
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -170,7 +171,7 @@ def window_teacher(backbone: Backbone, settings: SegmentSettings, text: ClassTex
     per-window cosine logits (E5) with `text`."""
     head = (lambda f: cosine(f, text)) if settings.mode == "slidelogit" else None
     precision = "auto" if settings.amp else "fp32"
-    return Teacher(backbone, stride=settings.stride, batch_size=settings.batch_size, precision=precision, head=head)
+    return Teacher(backbone, settings.window, settings.stride, settings.batch_size, precision=precision, head=head)
 
 
 def dense_features(backbone: Backbone, x: torch.Tensor, settings: SegmentSettings, teacher: Teacher | None = None):
@@ -293,10 +294,10 @@ def segment(
     return Segmentation(labels, logits, time.perf_counter() - t0)
 
 
-def check_stride(stride: int, backbone: Backbone, what: str = "--stride"):
-    """A teacher stride above the window K leaves strips that no window sees: refuse it before any work."""
-    if not 0 < stride <= backbone.window:
-        raise SegmentError(f"{what} must be between 1 and the {backbone.window} px window, got {stride}.")
+def check_stride(stride: int, backbone: Backbone, what: str = "--stride", window: int | None = None):
+    """A teacher stride above the window K (default: the native one) leaves strips no window sees: refuse it early."""
+    if not 0 < stride <= (K := window or backbone.window):
+        raise SegmentError(f"{what} must be between 1 and the {K} px window, got {stride}.")
 
 
 # ----------------------------------------------------------------------------------------------------------------
