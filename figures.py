@@ -18,10 +18,15 @@ fig1   speed vs accuracy: the mean mIoU over the six benchmarks against seconds 
 fig3   accuracy and seconds vs resolution: each image resized keeping its ratio to an AREA (--areas, sides of the
        square of equal area), for the pre-trained single pass, the teacher at strides 256 and 24 (skipped, and said,
        where the image is smaller than the window K) and each --checkpoint; the paper's Cityscapes numbers tabled.
+       With --naflex-pretrained PATH also the NaFlex baseline (siglip2-naflex-b16); else a logged `skip:` line.
 fig5   qualitative maps: image | label | segmentation of the single pass, the teacher, each checkpoint | a PCA view
-       of each one's dense features (three components fitted jointly, `pictures.pca_rgb`).
+       of each one's dense features (three components fitted jointly, `pictures.pca_rgb`); each (image, model)
+       pair cached under OUT/fig5/cache, keyed by content, so a rerun recomputes nothing and is bit-identical.
 ablate a grid of distill.py settings (trained parts x teacher stride x images x epochs), each trained into
        OUT/ablate/<name>/ and evaluated; one table.  (distill.py has no teacher --window flag: not in the grid.)
+
+--window K (fig1, fig3, fig5): the teacher's window instead of the backbone's native K (each window's position
+embeddings resized, (E3)).  Each backbone is loaded once per command (`reuse_backbones`).
 """
 
 from __future__ import annotations
@@ -117,17 +122,18 @@ def parse_named(items: list[str] | None, what: str, must_exist: bool = True, bar
     return out
 
 
-def add_common(p: argparse.ArgumentParser, datasets: bool = True, teacher: bool = True):
+def add_common(p: argparse.ArgumentParser, datasets: bool = True, teacher: bool = True, checkpoints: bool = True):
     from student import BACKBONES
 
     add_backbone_args(p, BACKBONES, default="siglip2-b16")
     p.add_argument("--out", default="runs/figures", help="output folder (default: %(default)s)")
-    p.add_argument(
-        "--checkpoint",
-        action="append",
-        metavar="[NAME=]PATH",
-        help="a student checkpoint (repeatable; a bare PATH is named SPAR)",
-    )
+    if checkpoints:
+        p.add_argument(
+            "--checkpoint",
+            action="append",
+            metavar="[NAME=]PATH",
+            help="a student checkpoint (repeatable; a bare PATH is named SPAR)",
+        )
     if teacher:
         p.add_argument("--window", type=int, default=None, metavar="K", help=WINDOW_HELP)
     p.add_argument("--max-images", type=int, default=None, help="only the first N images of each split")
@@ -982,7 +988,7 @@ def build_parser() -> argparse.ArgumentParser:
     f5.add_argument("--root", help="the dataset folder (its first --max-images images, default 3)")
     f5.add_argument("--stride", type=int, default=24, help="the teacher's stride (default %(default)s)")
     ab = sub.add_parser("ablate", help="a grid of distill.py settings, trained and evaluated")
-    add_common(ab)
+    add_common(ab, teacher=False, checkpoints=False)  # it trains its own students, with distill.py's teacher
     ab.add_argument("--train", action="append", help="trained parts, repeatable (e.g. blk_-1,blk_-2; all)")
     ab.add_argument("--strides", default="24", help="teacher strides (default %(default)s)")
     ab.add_argument("--num-images", default="4", help="training images, comma-separated (default %(default)s)")

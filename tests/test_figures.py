@@ -4,6 +4,7 @@ resume without recomputing), the area resize of Fig. 3, the joint PCA colours of
 import json
 import shutil
 import sys
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -132,6 +133,37 @@ def test_fig3_areas_skip_below_K_and_resume(shared, monkeypatch, capsys):
     assert "22.3" in (out / "fig3.md").read_text() and (out / "fig3.png").is_file()
     calls.clear()
     assert figures.main(argv)["results"] == record["results"] and calls == []
+
+
+def test_fig3_naflex_line(shared, monkeypatch, tmp_path, capsys):
+    """The NaFlex baseline (siglip2-naflex-b16, random weights) through evaluate.py at each area, its own patch grid.
+    Offline its Gemma tokenizer cannot be downloaded: the text tower is replaced by a seeded vector per prompt (as
+    test_naflex.py, which never runs text); the image path, the results files and the figure are the real ones."""
+    from student import NaFlexBackbone
+
+    def offline_text(self, texts, batch_size=256):
+        seeds = [torch.Generator().manual_seed(zlib.crc32(t.encode())) for t in texts]
+        return torch.stack([torch.randn(self.dim, generator=g) for g in seeds])
+
+    monkeypatch.setattr(NaFlexBackbone, "encode_text", offline_text)
+    argv = ["fig3", *shared["common"], "--out", str(tmp_path), "--areas", "64,192", "--strides", "32"]
+    argv += ["--naflex-pretrained", "none", "--text-cache", "none"]
+    loads = count_loads(monkeypatch)
+    record = figures.main(argv)
+    assert "skip: NaFlex" not in capsys.readouterr().out and record["skipped"] == [
+        "slide32 at 64^2: 91x45 px is below the 128 px window K"
+    ]
+    assert set(record["results"]) == {"pretrained", "slide32", "NaFlex"}
+    assert record["naflex"] == {"backbone": "siglip2-naflex-b16", "patches": "all"}
+    for side, r in record["results"]["NaFlex"].items():
+        assert 0 <= r["miou"] <= 100 and r["seconds"] > 0 and r["images"] == 1
+        settings = json.loads((tmp_path / "fig3" / f"cityscapes-{side}-NaFlex.json").read_text())["settings"]
+        assert settings["backbone"] == "siglip2-naflex-b16" and settings["naflex_patches"] is None
+        assert [settings["short_side"], settings["long_side"]] == [
+            record["run_size"][side][k] for k in ("short", "long")
+        ]
+    assert set(record["results"]["NaFlex"]) == {"64", "192"} and loads.count(("siglip2-naflex-b16", None)) == 1
+    assert "| NaFlex |" in (tmp_path / "fig3.md").read_text()
 
 
 def test_pca_colours_deterministic_and_fitted_jointly():
