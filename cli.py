@@ -3,8 +3,9 @@
 * ONE error contract: every bad input raises a `UserError` (or a subclass) whose message is one sentence;
   `main_guard` wraps each CLI's main and turns it into one `error:` line and exit status 2, and Ctrl-C or
   SIGTERM into one line and exit status 130 -- never a traceback;
-* the flags and checks every CLI shares: `add_backbone_args`, `resolve_device`, `parse_size`, `check_numbers`, and
-  `flag` / `add_flags` / `check_flag_numbers`, which make a dataclass of settings the CLI's flags, said once;
+* the flags and checks every CLI shares: `add_backbone_args`, `add_threads_arg`, `resolve_device`, `parse_size`
+  (and `hxw`, how every size is printed: H x W), `check_numbers`, and `flag` / `add_flags` /
+  `check_flag_numbers`, which make a dataclass of settings the CLI's flags, said once;
 * the torchrun helpers: `rank_world`, `is_main`, `barrier`, `log` (a single process is rank 0 of 1);
 * the forward passes' precision and timing: `PRECISIONS`, `autocast`, `synchronize`, `timed` (student.py re-exports
   them); `patch_budget`, the NaFlex backbone's --naflex-patches;
@@ -100,11 +101,19 @@ def display_name(path: str | os.PathLike) -> str:
 
 class ArgumentParser(argparse.ArgumentParser):
     """argparse under the error contract: a bad command line is one `error:` line and exit status 2 (the usage is
-    what --help prints)."""
+    what --help prints).  A --threads flag added by `add_threads_arg` is applied as it is parsed (`apply_threads`)."""
+
+    threads_flag = False  # set by add_threads_arg
 
     def error(self, message):
         print(printable(f"error: {message} (see {self.prog} --help)"), file=sys.stderr)
         raise SystemExit(2)
+
+    def parse_known_args(self, args=None, namespace=None):
+        namespace, extras = super().parse_known_args(args, namespace)
+        if self.threads_flag:
+            apply_threads(namespace.threads)
+        return namespace, extras
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -113,8 +122,9 @@ class ArgumentParser(argparse.ArgumentParser):
 
 
 def add_backbone_args(parser: argparse.ArgumentParser, names, default: str = "tiny", naflex: bool = False):
-    """The --backbone / --pretrained / --device flags shared by every CLI (`names`: the known backbones); with
-    `naflex`, also --naflex-patches (the CLI then sets `backbone.max_patches`, which only `NaFlexBackbone` reads)."""
+    """The --backbone / --pretrained / --device / --threads flags shared by every CLI (`names`: the known
+    backbones); with `naflex`, also --naflex-patches (the CLI then sets `backbone.max_patches`, which only
+    `NaFlexBackbone` reads)."""
     parser.add_argument("--backbone", default=default, help=f"one of {', '.join(names)} (default: {default})")
     parser.add_argument(
         "--pretrained",
@@ -122,7 +132,12 @@ def add_backbone_args(parser: argparse.ArgumentParser, names, default: str = "ti
         help="'default' (download through open_clip, cached), 'none' (random weights, offline), "
         "or a local open_clip weights file",
     )
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument(
+        "--device",
+        default="cuda" if torch.cuda.is_available() else "cpu",
+        help="where the model runs: cpu, cuda or cuda:N (default: %(default)s; cuda when a GPU is there)",
+    )
+    add_threads_arg(parser)
     if not naflex:
         return
     parser.add_argument(
@@ -133,6 +148,40 @@ def add_backbone_args(parser: argparse.ArgumentParser, names, default: str = "ti
         help="siglip2-naflex-b16 only: the patch budget each image is resized to, aspect ratio kept (default: "
         "%(default)s, the reference preprocessing; 'all': the image's own grid, no resize)",
     )
+
+
+def thread_count(text: str) -> int:
+    """--threads (an argparse type): a whole number of threads, at least 1."""
+    if not str(text).strip().isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"--threads must be a whole number at least 1, got '{printable(str(text))}'")
+    return int(text)
+
+
+def add_threads_arg(parser: argparse.ArgumentParser):
+    """--threads N, every CLI's: torch's intra-op CPU threads (`apply_threads`, done by `ArgumentParser` as it
+    parses).  On a machine shared with other jobs (2 cores, busy), 1 thread can be several times faster."""
+    parser.add_argument(
+        "--threads",
+        type=thread_count,
+        default=None,
+        metavar="N",
+        help="CPU threads for torch, also for the scripts this one runs (default: torch's, one per core); on a "
+        "shared machine with few cores, 1 can be several times faster",
+    )
+    parser.threads_flag = True
+
+
+def apply_threads(threads: int | None):
+    """torch's intra-op threads, and OMP_NUM_THREADS for the processes this one starts; None: leave them."""
+    if threads is None:
+        return
+    torch.set_num_threads(threads)
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+
+
+def hxw(H: int, W: int) -> str:
+    """The one way a size is printed: height x width, as --size HxW is given ('512x1024': 512 high, 1024 wide)."""
+    return f"{H}x{W}"
 
 
 def resolve_device(name: str) -> torch.device:
