@@ -139,3 +139,88 @@ def test_student_mode_runs_the_checkpoint_and_single_still_does(eval_setup, tmp_
 def test_evaluate_help_lists_the_miniature_dataset(capsys):
     text = help_text("evaluate", capsys)
     assert "--dataset miniature" in text and "student" in text and "miniature:" in text
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Offline: a hub backbone without its weights on disk fails in seconds, with one line
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def empty_hub_cache(tmp_path, monkeypatch):
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    return tmp_path / "hub"
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+    import socket
+
+    tried = []
+
+    def refuse(*args, **kwargs):
+        tried.append(args)
+        raise OSError("network is unreachable (test)")
+
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    monkeypatch.setattr(socket.socket, "connect", lambda self, *a: refuse(*a))
+    return tried
+
+
+def test_offline_hub_backbone_fails_before_any_network_attempt(empty_hub_cache, no_network, monkeypatch):
+    import open_clip
+
+    from checkpoints import BackboneError
+    from student import load_backbone
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(open_clip, "create_model", lambda *a, **k: pytest.fail("open_clip built the model first"))
+    for name in ("siglip2-b16", "clip-b16"):
+        with pytest.raises(BackboneError) as exc:
+            load_backbone(name, "default")
+        msg = str(exc.value)
+        assert "HF_HUB_OFFLINE" in msg and "--backbone tiny" in msg and "--pretrained none" in msg and "\n" not in msg
+    assert no_network == []  # HF_HUB_OFFLINE: not even the quick check connects
+
+
+def test_unreachable_hub_is_said_after_one_quick_check(empty_hub_cache, no_network, monkeypatch):
+    from checkpoints import BACKBONES, BackboneError, check_hub
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    with pytest.raises(BackboneError, match="cannot be reached"):
+        check_hub(BACKBONES["siglip2-b16"])
+    assert len(no_network) == 1 and no_network[0][0] == ("huggingface.co", 443)
+
+
+def test_cached_weights_need_no_network(empty_hub_cache, no_network, monkeypatch):
+    from checkpoints import BACKBONES, check_hub
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    repo = empty_hub_cache / "models--timm--ViT-B-16-SigLIP2-512"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("abc123")
+    (repo / "snapshots" / "abc123").mkdir(parents=True)
+    (repo / "snapshots" / "abc123" / "open_clip_model.safetensors").write_bytes(b"x")
+    check_hub(BACKBONES["siglip2-b16"])  # cached: no error, no connection
+    assert no_network == []
+
+
+def test_hub_repos_are_open_clips():
+    import open_clip
+
+    from checkpoints import BACKBONES, hub_repo
+
+    spec = BACKBONES["clip-b16"]
+    assert open_clip.get_pretrained_cfg(spec.openclip_name, spec.pretrained_tag)["hf_hub"].strip("/") == hub_repo(spec)
+
+
+def test_offline_segment_cli_is_one_line_and_exit_2(tmp_path):
+    from PIL import Image
+
+    Image.new("RGB", (40, 30), (200, 20, 20)).save(tmp_path / "img.png")
+    env = {"HF_HOME": str(tmp_path / "hf"), "HF_HUB_CACHE": str(tmp_path / "hf" / "hub")}
+    res = run("segment.py", str(tmp_path / "img.png"), "--backbone", "siglip2-b16", "--classes", "a, b", env=env)
+    assert res.returncode == 2 and res.stderr.count("error:") == 1 and "Traceback" not in res.stderr
+    assert "HF_HUB_OFFLINE" in res.stderr and "--backbone tiny" in res.stderr
