@@ -44,6 +44,7 @@ from cli import (
     autocast,
     check_numbers,
     main_guard,
+    note_random_weights,
     parse_size,
     resolve_device,
     synchronize,
@@ -722,6 +723,7 @@ def _run(argv):
     args.batch_size = args.batch_size or default_batch_size(backbone, backbone.device)  # once: free memory changes
     meta = run_meta(backbone, ref, args, argv)
     print(describe(meta), flush=True)
+    note_random_weights(backbone.random_weights)  # speed does not depend on the weights; the agreement does not either
     if ref is not None:
         K = backbone.window
         meta["agreement_native"] = agreement(backbone, ref, K, K)

@@ -173,6 +173,12 @@ def _guess_hint(state: dict, name: str) -> str:
     return ""
 
 
+def random_weights(name: str, pretrained) -> bool:
+    """Whether `load_backbone(name, pretrained)` has random weights: --pretrained none (or None), or `tiny` without
+    a weights file (it has nothing to download).  load_backbone sets it as `backbone.random_weights`."""
+    return pretrained is None or str(pretrained).lower() == "none" or (name == "tiny" and pretrained == "default")
+
+
 def load_checkpoint(backbone, path: str) -> dict:
     """Load a distilled student into `backbone`; returns our checkpoint's settings ({} for the authors' files).
 
@@ -202,6 +208,8 @@ def load_checkpoint(backbone, path: str) -> dict:
         )
     _refuse_bad_values(module, state, f"checkpoint '{path}' cannot be used")
     module.load_state_dict(state, strict=True)
+    if fmt != "ours":  # the authors' files replace the whole model, image AND text tower
+        backbone.random_weights = False
     return ckpt.get("settings", {}) if fmt == "ours" else {}
 
 

@@ -9,7 +9,8 @@
 * the torchrun helpers: `rank_world`, `is_main`, `barrier`, `log` (a single process is rank 0 of 1);
 * the forward passes' precision and timing: `PRECISIONS`, `autocast`, `synchronize`, `timed` (student.py re-exports
   them); `patch_budget`, the NaFlex backbone's --naflex-patches;
-* `printable` / `display_name`: text with undecodable file-name bytes made printable.
+* `printable` / `display_name`: text with undecodable file-name bytes made printable; `note_random_weights`, the
+  line every CLI prints above results on random weights.
 
 This file imports nothing from the project: every other file may import it.
 """
@@ -177,6 +178,15 @@ def apply_threads(threads: int | None):
         return
     torch.set_num_threads(threads)
     os.environ["OMP_NUM_THREADS"] = str(threads)
+
+
+RANDOM_WEIGHTS = "random weights (--pretrained none, or --backbone tiny without a --pretrained file)"
+
+
+def note_random_weights(random: bool):
+    """Every CLI's one line above results computed with random weights (`Backbone.random_weights`), rank 0 only."""
+    if random and is_main():
+        print(f"note: {RANDOM_WEIGHTS}: the numbers below say nothing about the method.", flush=True)
 
 
 def hxw(H: int, W: int) -> str:

@@ -41,6 +41,7 @@ from cli import (
     check_numbers,
     display_name,
     main_guard,
+    note_random_weights,
     resolve_device,
 )
 from files import write_json
@@ -240,6 +241,7 @@ def run_modes(args, spec, out):
         f"area_thd {settings['area_thd']:g}, short side {settings['short_side']}, long side "
         f"{settings['long_side']}, protocol {args.protocol}, {'amp' if args.amp else 'fp32'}"
     )
+    note_random_weights(backbone.random_weights)
     fields = [f.name for f in dataclasses.fields(SegmentSettings)]
     try:
         for label, kind, stride in modes:

@@ -41,7 +41,16 @@ import numpy as np
 import torch
 
 import benchmarks
-from cli import ArgumentParser, UserError, add_backbone_args, check_numbers, display_name, main_guard, resolve_device
+from cli import (
+    ArgumentParser,
+    UserError,
+    add_backbone_args,
+    check_numbers,
+    display_name,
+    main_guard,
+    note_random_weights,
+    resolve_device,
+)
 from files import atomic_write, check_writable, read_json, write_json
 from pictures import class_colours, pca_rgb
 from results import complete_modes, run_settings
@@ -204,7 +213,8 @@ def progress(total: int, desc: str):
 def load_base(args):
     from student import load_backbone
 
-    return load_backbone(args.backbone, args.pretrained, resolve_device(args.device))
+    backbone = load_backbone(args.backbone, args.pretrained, resolve_device(args.device))
+    return note_random_weights(backbone.random_weights) or backbone
 
 
 def device_name(device: torch.device) -> str:

@@ -273,6 +273,13 @@ def table_notes(args) -> list[str]:
         )
     if args.smoke_backbone:
         notes.append(f"smoke test: every row ran on the '{args.smoke_backbone}' backbone, not the paper's")
+    from checkpoints import random_weights
+    from cli import RANDOM_WEIGHTS
+
+    if any(
+        random_weights(b, args.pretrained) for b in ([args.smoke_backbone] if args.smoke_backbone else args.backbones)
+    ):
+        notes.append(f"{RANDOM_WEIGHTS}: the numbers say nothing about the method")
     return notes
 
 

@@ -364,6 +364,7 @@ def _run(argv=None):
         if not plan.pending:  # a rerun of a finished folder
             return
     backbone = load_backbone(args.backbone, args.pretrained, device, checkpoint=checkpoint)
+    cli.note_random_weights(backbone.random_weights)
     if not single:
         check_stride(args.stride, backbone)
     hw = None if folder else run_size(*image.shape[-2:], settings, backbone.patch_size)  # before any work

@@ -153,6 +153,7 @@ def _run(argv):
     device = cli.resolve_device(args.device)
     size = cli.parse_size(args.size, "--size") if not args.image else None
     backbone = load_backbone(args.backbone, args.pretrained, device)
+    cli.note_random_weights(backbone.random_weights)
     teacher = Teacher(backbone, stride=args.stride, batch_size=args.batch_size, progress=True, precision=args.precision)
     img = load_image(args.image) if args.image else torch.rand(1, 3, *size, generator=torch.Generator().manual_seed(0))
     x = backbone.normalize(img.to(device))

@@ -224,3 +224,82 @@ def test_offline_segment_cli_is_one_line_and_exit_2(tmp_path):
     res = run("segment.py", str(tmp_path / "img.png"), "--backbone", "siglip2-b16", "--classes", "a, b", env=env)
     assert res.returncode == 2 and res.stderr.count("error:") == 1 and "Traceback" not in res.stderr
     assert "HF_HUB_OFFLINE" in res.stderr and "--backbone tiny" in res.stderr
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Results on random weights say so
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def rw(tmp_path_factory):
+    """A small image folder, one-line templates, a text cache and a tiny weights file (not random)."""
+    from PIL import Image
+
+    from student import load_backbone
+
+    base = tmp_path_factory.mktemp("random")
+    (base / "imgs").mkdir()
+    for i in range(3):
+        Image.new("RGB", (96 + 16 * i, 64), (60 * i, 120, 200)).save(base / "imgs" / f"{i}.png")
+    (base / "t.txt").write_text("a photo of a {}.\n")
+    weights = base / "tiny_weights.pt"
+    torch.save(load_backbone("tiny", None).model.state_dict(), weights)
+    text = ["--templates", str(base / "t.txt"), "--text-cache", str(base / "cache")]
+    return dict(base=base, img=str(base / "imgs" / "0.png"), weights=str(weights), text=text)
+
+
+def cli_output(name, argv, capsys) -> str:
+    module = __import__(name)
+    module.main(argv)
+    return capsys.readouterr().out
+
+
+NOTE = "random weights"
+
+
+def test_backbone_knows_when_its_weights_are_random(rw):
+    from checkpoints import save_student
+    from student import load_backbone
+
+    assert load_backbone("tiny").random_weights and load_backbone("tiny", "none").random_weights
+    assert not load_backbone("tiny", rw["weights"]).random_weights
+    model = load_backbone("tiny", None)
+    save_student(str(rw["base"] / "s.pt"), model, {})
+    assert load_backbone("tiny", None, checkpoint=str(rw["base"] / "s.pt")).random_weights  # text tower still random
+
+
+def test_segment_and_teacher_say_random_weights(rw, tmp_path, capsys, threads_restored):
+    seg = "segment"
+    argv = [rw["img"], "--backbone", "tiny", "--classes", "sky, sea", "--out", str(tmp_path / "m.png"), *rw["text"]]
+    assert NOTE in cli_output(seg, argv, capsys)
+    assert NOTE not in cli_output(seg, argv + ["--pretrained", rw["weights"]], capsys)
+    argv = ["--backbone", "tiny", "--size", "128x192", "--stride", "64", "--device", "cpu"]
+    assert NOTE in cli_output("teacher", argv, capsys)
+    assert NOTE not in cli_output("teacher", argv + ["--pretrained", rw["weights"]], capsys)
+
+
+def test_evaluate_says_random_weights(eval_setup, tmp_path, capsys):
+    args, _ = eval_setup
+    assert NOTE in cli_output("evaluate", args + ["--pretrained", "none", "--out", str(tmp_path / "a.json")], capsys)
+
+
+def test_bench_distill_figures_reproduce_say_random_weights(rw, tmp_path, capsys, threads_restored):
+    import reproduce
+
+    argv = ["--device", "cpu", "--backbone", "tiny", "--no-teacher", "--no-train", "--no-trunk", "--sizes", "64x64"]
+    assert NOTE in cli_output("bench", argv + ["--reps", "1", "--warmup", "0"], capsys)
+    argv = ["--backbone", "tiny", "--device", "cpu", "--images", str(rw["base"] / "imgs"), "--num-heldout", "1"]
+    argv += ["--epochs", "1", "--eval-sizes", "128", "--out", str(tmp_path / "run"), "--threads", "1"]
+    assert NOTE in cli_output("distill", argv, capsys)
+    argv = ["fig5", "--backbone", "tiny", "--device", "cpu", "--images", rw["img"], "--classes", "sky, sea"]
+    assert NOTE in cli_output("figures", argv + ["--out", str(tmp_path / "fig"), *rw["text"]], capsys)
+
+    def notes(*argv):
+        args = reproduce.build_parser().parse_args(list(argv))
+        args.backbones = args.backbones.split(",")  # as reproduce's _run does
+        return reproduce.table_notes(args)
+
+    assert any(NOTE in n for n in notes("--pretrained", "none"))
+    assert any(NOTE in n for n in notes("--smoke-backbone", "tiny"))
+    assert not any(NOTE in n for n in notes())
