@@ -25,9 +25,10 @@ import signal
 import sys
 import time
 from dataclasses import field, fields
+from typing import TYPE_CHECKING
 
-import torch
-import torch.distributed as dist
+if TYPE_CHECKING:  # torch is imported where it is used: `python files.py --help` answers at once
+    import torch
 
 
 class UserError(ValueError):
@@ -126,6 +127,8 @@ def add_backbone_args(parser: argparse.ArgumentParser, names, default: str = "ti
     """The --backbone / --pretrained / --device / --threads flags shared by every CLI (`names`: the known
     backbones); with `naflex`, also --naflex-patches (the CLI then sets `backbone.max_patches`, which only
     `NaFlexBackbone` reads)."""
+    import torch
+
     parser.add_argument("--backbone", default=default, help=f"one of {', '.join(names)} (default: {default})")
     parser.add_argument(
         "--pretrained",
@@ -174,6 +177,8 @@ def add_threads_arg(parser: argparse.ArgumentParser):
 
 def apply_threads(threads: int | None):
     """torch's intra-op threads, and OMP_NUM_THREADS for the processes this one starts; None: leave them."""
+    import torch
+
     if threads is None:
         return
     torch.set_num_threads(threads)
@@ -196,6 +201,8 @@ def hxw(H: int, W: int) -> str:
 
 def resolve_device(name: str) -> torch.device:
     """'cpu', 'cuda', 'cuda:N' (or 'mps') -> torch.device, checked to exist here; DeviceError otherwise."""
+    import torch
+
     try:
         device = torch.device(name)
     except (RuntimeError, ValueError, TypeError):
@@ -279,9 +286,15 @@ def check_flag_numbers(args, flags, skip=()):
 # ----------------------------------------------------------------------------------------------------------------
 
 
+def _dist():
+    import torch.distributed
+
+    return torch.distributed
+
+
 def rank_world() -> tuple[int, int]:
     """(rank, world size) under torchrun; (0, 1) in a single process."""
-    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    return (_dist().get_rank(), _dist().get_world_size()) if _dist().is_initialized() else (0, 1)
 
 
 def is_main() -> bool:
@@ -289,15 +302,15 @@ def is_main() -> bool:
 
 
 def barrier():
-    if dist.is_initialized():
-        dist.barrier()
+    if _dist().is_initialized():
+        _dist().barrier()
 
 
 def log(msg: str):
     """One line to stderr that does not break the tqdm bars; prefixed with the rank under torchrun."""
     from tqdm import tqdm
 
-    prefix = f"[rank {dist.get_rank()}] " if dist.is_initialized() else ""
+    prefix = f"[rank {_dist().get_rank()}] " if _dist().is_initialized() else ""
     tqdm.write(printable(f"{prefix}{msg}"), file=sys.stderr)
 
 
@@ -316,6 +329,8 @@ def autocast(device: torch.device | str, precision: str = "auto"):
     in fp16).  On CPU every precision is a no-op (fp32): CPU half-precision autocast is slow on most CPUs and would
     make the CPU tests inexact, so it buys nothing here.
     """
+    import torch
+
     if precision not in PRECISIONS:
         raise UserError(f"unknown precision '{precision}'; choose one of {', '.join(PRECISIONS)}.")
     device = torch.device(device)
@@ -327,6 +342,8 @@ def autocast(device: torch.device | str, precision: str = "auto"):
 
 
 def synchronize(device):
+    import torch
+
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize()
 

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from cli import UserError, display_name, log
+from cli import UserError, display_name, hxw, log
 from files import (
     WriteError,
     check_writable,
@@ -88,7 +88,7 @@ def print_report(name: str, seg, names: list[str] | None, setup: str, args, seco
         labels = seg.labels[0].cpu().numpy()
         H, W = labels.shape
         precision = "amp" if args.amp else "fp32"
-        print(f"{name}: {W}x{H} px {setup}, protocol {args.protocol}, {precision}, {len(names)} classes")
+        print(f"{name}: {hxw(H, W)} px {setup}, protocol {args.protocol}, {precision}, {len(names)} classes")
         shares, order = class_shares(labels, len(names))
         width = max(len(n) for n in names)
         for k in order:

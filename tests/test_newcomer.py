@@ -303,3 +303,37 @@ def test_bench_distill_figures_reproduce_say_random_weights(rw, tmp_path, capsys
     assert any(NOTE in n for n in notes("--pretrained", "none"))
     assert any(NOTE in n for n in notes("--smoke-backbone", "tiny"))
     assert not any(NOTE in n for n in notes())
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# One size convention: H x W, as --size HxW is given; files.py --help answers at once
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def test_sizes_are_printed_height_by_width(rw, tmp_path, capsys, threads_restored):
+    from PIL import Image
+
+    import runfolder
+    from segment import SegmentSettings, run_size
+
+    Image.new("RGB", (64, 32), (10, 200, 10)).save(tmp_path / "wide.png")  # 32 high, 64 wide
+    argv = [str(tmp_path / "wide.png"), "--backbone", "tiny", "--classes", "a, b", "--short-side", "0"]
+    out = cli_output("segment", argv + ["--out", str(tmp_path / "m.png"), *rw["text"]], capsys)
+    assert "32x64 px (run at 32x64)" in out and "64x32" not in out
+    out = cli_output("teacher", ["--backbone", "tiny", "--size", "128x256", "--stride", "128"], capsys)
+    assert "image 128x256" in out and "256x128" not in out
+    with pytest.raises(cli.UserError, match="the image is 8x40 px"):
+        run_size(8, 40, SegmentSettings(short_side=0, long_side=0), 16)
+    Image.new("RGB", (40, 8)).save(tmp_path / "strip.png")  # 8 high, 40 wide
+    with pytest.raises(runfolder.ImageSkip, match="it is 8x40 px"):
+        runfolder.read_image(str(tmp_path / "strip.png"))
+    with pytest.raises(SystemExit):
+        __import__("files").main([str(tmp_path / "wide.png"), str(tmp_path / "missing.png")])
+    assert "RGB 32x64 (H x W)" in capsys.readouterr().out
+
+
+def test_files_help_imports_no_torch():
+    res = run("files.py", "--help", timeout=120)
+    assert res.returncode == 0 and "usage: files.py" in res.stdout
+    res = run("-c", "import sys, files, cli; print('torch' in sys.modules)", timeout=120)
+    assert res.stdout.strip() == "False", res.stderr
