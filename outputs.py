@@ -71,7 +71,7 @@ def save_features(path: Path, feats: torch.Tensor, image_hw, run_hw, backbone, s
 
 def save_pictures(image: torch.Tensor, labels, names: list[str], outs: list[Path], title: str):
     """The mask and the overlay of one image (1, 3, H, W) in [0, 1] and its (H, W) label map, atomically."""
-    save_mask(labels, len(names), outs[0])
+    save_mask(labels, len(names), outs[0], names)
     save_overlay(image[0].permute(1, 2, 0).numpy(), labels, names, outs[1], title)
 
 

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -337,3 +338,38 @@ def test_files_help_imports_no_torch():
     assert res.returncode == 0 and "usage: files.py" in res.stdout
     res = run("-c", "import sys, files, cli; print('torch' in sys.modules)", timeout=120)
     assert res.stdout.strip() == "False", res.stderr
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# segment.py's palette: classes named by colours are drawn in those colours; the legend says the palette
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def test_colour_named_classes_are_drawn_in_their_colour_and_the_legend_says_so(rw, tmp_path, capsys, monkeypatch):
+    import matplotlib.axes
+    from PIL import Image
+
+    titles = []
+    real = matplotlib.axes.Axes.legend
+    monkeypatch.setattr(
+        matplotlib.axes.Axes, "legend", lambda self, *a, **k: titles.append(k.get("title")) or real(self, *a, **k)
+    )
+    classes = "background, red, green, blue, yellow"
+    out = tmp_path / "m.png"
+    cli_output(
+        "segment", [rw["img"], "--backbone", "tiny", "--classes", classes, "--out", str(out), *rw["text"]], capsys
+    )
+    palette = np.array(Image.open(out).getpalette()[:15]).reshape(5, 3)
+    red, green, blue, yellow = palette[1:5].astype(int)
+    assert red[0] > 200 and red[1:].max() < 60 and green[1] > 100 and green[[0, 2]].max() < 60
+    assert blue[2] > 200 and blue[:2].max() < 60 and yellow[:2].min() > 200 and yellow[2] < 60
+    assert len(set(palette[0])) == 1  # background: grey
+    assert titles and "by class name" in titles[-1]
+    out = tmp_path / "v.png"  # other class names: the VOC colour map, as before, and said so
+    cli_output(
+        "segment",
+        [rw["img"], "--backbone", "tiny", "--classes", "cat, orange, dog", "--out", str(out), *rw["text"]],
+        capsys,
+    )
+    assert Image.open(out).getpalette()[:9] == benchmarks.voc_palette(4)[1:].reshape(-1).tolist()
+    assert "PASCAL VOC" in titles[-1]
