@@ -528,9 +528,9 @@ def check_hub(spec: BackboneSpec):
     why = "HF_HUB_OFFLINE is set" if hub_offline() else None if hub_reachable() else "the hub cannot be reached"
     if why:
         raise BackboneError(
-            f"cannot load the {spec.name} weights: they are not in the local Hugging Face cache and {why} "
-            f"(huggingface.co/{repo}); use --backbone tiny or --pretrained none (random weights, offline), or "
-            f"--pretrained PATH (a local weights file), or connect once to download them."
+            f"cannot download the {spec.name} weights (huggingface.co/{repo}): they are not in the local Hugging "
+            f"Face cache and {why}; use --backbone tiny or --pretrained none (random weights, offline), or "
+            f"--pretrained PATH (a local weights file), or connect to the internet once (the files are cached)."
         )
 
 
