@@ -58,6 +58,7 @@ from cli import (
     check_window_fits,
     display_name,
     main_guard,
+    note_random_weights,
     patch_budget,
     resolve_device,
 )
@@ -270,7 +271,8 @@ def reuse_backbones():
 
 
 def load_base(args):
-    return load_model(args.backbone, args.pretrained, resolve_device(args.device))
+    backbone = load_model(args.backbone, args.pretrained, resolve_device(args.device))
+    return note_random_weights(backbone.random_weights) or backbone
 
 
 def teacher_window(args, backbone, sizes=()) -> int:

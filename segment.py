@@ -158,8 +158,8 @@ def run_size(H: int, W: int, settings: SegmentSettings, patch: int) -> tuple[int
     hw = resized_hw(H, W, settings.short_side, settings.long_side)
     if min(H, W, *hw) < patch:
         raise SegmentError(
-            f"the image is {W}x{H} px"
-            + (f", resized to {hw[1]}x{hw[0]}," if hw != (H, W) else "")
+            f"the image is {cli.hxw(H, W)} px"
+            + (f", resized to {cli.hxw(*hw)}," if hw != (H, W) else "")
             + f" smaller than one {patch} px patch on a side; there is nothing to segment"
             + ("; use a larger short side (paper: 672) or none to keep its size." if hw != (H, W) else ".")
         )
@@ -365,6 +365,7 @@ def _run(argv=None):
         if not plan.pending:  # a rerun of a finished folder
             return
     backbone = load_backbone(args.backbone, args.pretrained, device, checkpoint=checkpoint)
+    cli.note_random_weights(backbone.random_weights)
     if not single:
         check_stride(args.stride, backbone)
     hw = None if folder else run_size(*image.shape[-2:], settings, backbone.patch_size)  # before any work
@@ -378,7 +379,7 @@ def _run(argv=None):
     files = outs(args.out or "seg.png")
     seg = write_outputs(backbone, text, settings, args.image, files, title, image)
     model = backbone.name + (f" + {cli.display_name(checkpoint)}" if checkpoint else "")
-    setup = f"(run at {hw[1]}x{hw[0]}), backbone {model}, mode {how}"
+    setup = f"(run at {cli.hxw(*hw)}), backbone {model}, mode {how}"
     seconds = (t_loaded - t_start, t_text - t_loaded, time.perf_counter() - t_start)  # load, text, total
     outputs.print_report(cli.display_name(args.image), seg, text and text.names, setup, args, seconds, files)
 

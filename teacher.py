@@ -141,18 +141,12 @@ def _run(argv):
     cli.add_backbone_args(parser, BACKBONES)
     parser.add_argument("--image", help="image file (default: random noise of --size)")
     parser.add_argument("--size", default="512x1024", help="HxW used when --image is not given (default: %(default)s)")
-    cli.add_teacher_args(parser)  # --stride, --window
-    parser.add_argument("--batch-size", type=int, default=None, help="windows per forward (default: auto)")
-    parser.add_argument(
-        "--precision",
-        choices=PRECISIONS,
-        default="auto",
-        help="auto: bf16/fp16 autocast on GPU, fp32 on CPU (default: %(default)s)",
-    )
+    cli.add_teacher_args(parser)  # --stride, --window, --batch-size, --precision
     args = parser.parse_args(argv)
     device = cli.resolve_device(args.device)
     size = cli.parse_size(args.size, "--size") if not args.image else None
     backbone = load_backbone(args.backbone, args.pretrained, device)
+    cli.note_random_weights(backbone.random_weights)
     teacher = Teacher(backbone, args.window, args.stride, args.batch_size, progress=True, precision=args.precision)
     img = load_image(args.image) if args.image else torch.rand(1, 3, *size, generator=torch.Generator().manual_seed(0))
     x = backbone.normalize(img.to(device))
