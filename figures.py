@@ -542,7 +542,7 @@ def fig3_jobs(args, K: int, samples, areas, strides, ckpts):
         modes = ["pretrained"]
         for s in strides:
             if s > K or short < K:
-                why = f"stride {s} > K = {K}" if s > K else f"{long}x{short} px is below the {K} px window K"
+                why = f"stride {s} > K = {K}" if s > K else f"the short side {short} px is below the {K} px window K"
                 skipped.append(f"slide{s} at {side}^2: {why}")
             else:
                 modes.append(f"slide{s}")
