@@ -313,3 +313,39 @@ def test_evaluate_miniature_student_with_lposs(tmp_path, capsys):
     assert all(r["modes"]["single"]["images_done"] == 2 for r in runs.values())
     assert runs["none"]["modes"]["single"]["confusion"] != runs["lposs"]["modes"]["single"]["confusion"]
     assert "refine lposs" in capsys.readouterr().out
+
+
+# --------------------------------------------------------------------------------------------------------------
+# reproduce.py: the LPOSS + SPAR and SPAR + AnyUp rows beside the paper's means
+# --------------------------------------------------------------------------------------------------------------
+
+
+def test_reproduce_post_processed_rows(tmp_path, capsys):
+    import reproduce
+    from tests.test_reproduce import _row
+
+    benchmarks.make_synthetic("cityscapes", tmp_path / "cs", num_images=2)
+    (tmp_path / "t.txt").write_text("a photo of a {}.\n")
+    state = load_backbone("tiny").model.state_dict()
+    torch.save({"model." + k: v + 0.01 for k, v in state.items()}, tmp_path / "siglip2.pth")  # the authors' format
+    anyup_path, _ = fabricated_file(tmp_path)
+    out = tmp_path / "out"
+    args = ["--cityscapes", str(tmp_path / "cs"), "--smoke-backbone", "tiny", "--backbones", "siglip2-b16"]
+    args += ["--siglip2-ckpt", str(tmp_path / "siglip2.pth"), "--pretrained", "none", "--short-side", "64"]
+    args += ["--templates", str(tmp_path / "t.txt"), "--text-cache", str(tmp_path / "text"), "--out", str(out)]
+    args += ["--lposs", "lposs+", "--anyup-weights", anyup_path]
+    assert reproduce.main(args) == 0
+    table = (out / "table1.md").read_text()
+    for model, file, paper in (("LPOSS + SPAR", "lposs", 46.7), ("SPAR + AnyUp", "anyup", 46.8)):
+        result = json.loads((out / "siglip2-b16" / f"cityscapes-spar-{file}.json").read_text())
+        ours = 100 * result["modes"]["single"]["miou"]
+        assert _row(table, "SigLIP2 ViT-B/16", model, "ours (ours − paper)")[2] == f"{ours:.1f}"  # CS: no paper cell
+        assert _row(table, "SigLIP2 ViT-B/16", model, "paper")[-1] == f"{paper:.1f}"
+    settings = json.loads((out / "siglip2-b16" / "cityscapes-spar-lposs.json").read_text())["settings"]
+    assert settings["refine"] == "lposs+" and settings["checkpoint"]
+    spar = json.loads((out / "siglip2-b16" / "cityscapes-spar.json").read_text())["settings"]
+    assert "refine" not in spar and "upsample" not in spar
+    capsys.readouterr()
+    assert reproduce.main(args) == 0  # resumable: nothing is evaluated again
+    stdout = capsys.readouterr().out
+    assert "done already: CS with siglip2-b16, LPOSS + SPAR" in stdout and "== " not in stdout
