@@ -2,7 +2,8 @@
 from it, and reading it back (reproduce.py).
 
     {"settings": {dataset, root, num_images, backbone, pretrained, checkpoint, logit_scale, prob_thd, area_thd,
-                  short_side, long_side, protocol, amp, templates},
+                  short_side, long_side, protocol, amp, templates, [refine, affinity, upsample, anyup_weights,
+                  ...: refine.run_record, only when not the defaults]},
      "classes": [K names],
      "modes": {label: {images_done, seconds, seconds_per_image, miou, per_class_iou, confusion, ...}}}
 

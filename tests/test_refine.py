@@ -243,6 +243,18 @@ def test_cli_bad_input_is_one_error_line_before_any_work(cli_args, tmp_path, cap
     assert not (tmp_path / "x.png").exists()
 
 
+def test_folder_record_names_the_post_processing_only_when_asked(tmp_path):
+    import argparse
+
+    import outputs
+
+    args = argparse.Namespace(backbone="tiny", pretrained=None)
+    plain = outputs.folder_record(args, SegmentSettings(), None, [["a"]], ["{}"])["settings"]
+    assert "refine" not in plain and "upsample" not in plain and plain["mode"] == "single"  # as before refine.py
+    refined = outputs.folder_record(args, SegmentSettings(refine="lposs"), None, [["a"]], ["{}"])["settings"]
+    assert refined == plain | {"refine": "lposs"}  # a folder segmented without it is not "done" with it
+
+
 # --------------------------------------------------------------------------------------------------------------
 # evaluate.py: the flags, recorded in the results' settings
 # --------------------------------------------------------------------------------------------------------------
