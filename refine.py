@@ -83,6 +83,9 @@ def run_record(args) -> dict:
     from files import content_sha1
 
     RefineSettings(**{f.name: getattr(args, f.name, f.default) for f in fields(RefineSettings)}).check_refine()
+    post = getattr(args, "refine", "none") != "none" or getattr(args, "upsample", "bilinear") != "bilinear"
+    if post and "slidelogit" in getattr(args, "modes", ""):
+        raise RefineError("--refine and --upsample anyup need the dense features; leave out the slidelogitN modes.")
     record = {}
     if getattr(args, "refine", "none") != "none":
         affinity = args.affinity

@@ -298,11 +298,15 @@ def test_evaluate_anyup_records_its_weights_and_its_own_file(eval_args, tmp_path
     assert settings["upsample"] == "anyup" and settings["anyup_weights"] == path and len(settings["anyup_sha1"]) == 40
     args = evaluate.build_parser().parse_args(eval_args + ["--refine", "lposs+"])
     assert out_path(args).name == "voc20-tiny-lposs+.json"
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as exc:
-        evaluate.main(eval_args + ["--upsample", "anyup", "--out", str(tmp_path / "b.json")])
-    err = capsys.readouterr().err.strip().splitlines()
-    assert exc.value.code == 2 and len(err) == 1 and "--anyup-weights PATH" in err[0]
+    bad = [(["--upsample", "anyup"], "--anyup-weights PATH")]
+    bad += [(["--modes", "single,slidelogit24", "--refine", "lposs"], "slidelogitN")]
+    for extra, words in bad:
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as exc:
+            evaluate.main(eval_args + extra + ["--out", str(tmp_path / "b.json")])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert exc.value.code == 2 and len(err) == 1 and words in err[0], err
+    assert not (tmp_path / "b.json").exists()  # refused before any work
 
 
 def test_evaluate_miniature_student_with_lposs(tmp_path, capsys):
