@@ -23,7 +23,7 @@ import torch  # noqa: E402
 
 import segment  # noqa: E402
 from anyup import AnyUp  # noqa: E402
-from cli import synchronize  # noqa: E402
+from cli import UserError, synchronize  # noqa: E402
 from student import load_backbone  # noqa: E402
 
 OPTIONS = {"none": {}, "lposs": dict(refine="lposs"), "lposs+": dict(refine="lposs+"), "anyup": dict(upsample="anyup")}
@@ -42,7 +42,12 @@ def main():
         torch.set_num_threads(args.threads)
     backbone = load_backbone(args.backbone, None, args.device)
     classes = [[f"class {i}"] for i in range(21)]
-    text = segment.text_embeddings(backbone, classes, ["a photo of a {}."], cache_dir=False)
+    try:
+        text = segment.text_embeddings(backbone, classes, ["a photo of a {}."], cache_dir=False)
+    except UserError as e:  # SigLIP2 offline: no tokenizer; the image side costs the same with random text
+        print(f"note: random text embeddings ({e})")
+        emb = torch.nn.functional.normalize(torch.randn(21, backbone.dim), dim=-1).to(backbone.device)
+        text = segment.ClassText([c[0] for c in classes], [c[0] for c in classes], torch.arange(21), emb)
     image = torch.rand(1, 3, args.size, args.size, generator=torch.Generator().manual_seed(0))
     weights = os.path.join(tempfile.mkdtemp(), "anyup_random.pth")
     torch.save(AnyUp().state_dict(), weights)
