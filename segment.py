@@ -36,6 +36,7 @@ import torch.nn.functional as F
 
 import cli
 import outputs
+import refine
 from benchmarks import (  # noqa: F401 (API)
     DEFAULT_TEMPLATES,
     check_duplicates,
@@ -128,7 +129,7 @@ def query_logits(feats: torch.Tensor, text: ClassText) -> torch.Tensor:
 
 
 @dataclass(frozen=True)
-class SegmentSettings:
+class SegmentSettings(refine.RefineSettings):
     """How `segment` makes a label map.  The defaults are the API's; each field is also a flag of segment.py and
     evaluate.py (`add_flags`), which set their own defaults."""
 
@@ -151,6 +152,7 @@ class SegmentSettings:
             raise SegmentError(f"unknown mode '{self.mode}'; use one of {', '.join(MODES)}.")
         if self.protocol not in PROTOCOLS:
             raise SegmentError(f"unknown protocol '{self.protocol}'; use one of {', '.join(PROTOCOLS)}.")
+        self.check_refine()  # --refine, --upsample (refine.py)
 
 
 def run_size(H: int, W: int, settings: SegmentSettings, patch: int) -> tuple[int, int]:
@@ -274,14 +276,13 @@ def segment(
         raise SegmentError("mode 'slidelogit' needs a teacher with a per-window cosine head (see window_teacher).")
     synchronize(backbone.device)
     t0 = time.perf_counter()
-    x = resize_image(image.to(backbone.device, non_blocking=True), hw, antialias=s.protocol == "aligned")
-    x = backbone.normalize(x)
-    with torch.inference_mode():
-        if s.mode == "slidelogit":  # (E5) per window, stitched
-            cos = teacher(x).float().permute(0, 3, 1, 2)  # (B, Q, h, w)
-        else:  # (E5) on the stitched map
-            cos = query_logits(dense_features(backbone, x, s, teacher), text)
-        cos = upsample_logits(cos, backbone.patch_size, x.shape[-2:], out_hw, s.protocol)  # (B, Q, H, W)
+    rgb = resize_image(image.to(backbone.device, non_blocking=True), hw, antialias=s.protocol == "aligned")
+    x = backbone.normalize(rgb)
+    with torch.inference_mode():  # (E5) per window and stitched (slidelogit), or on the dense features
+        feats = None if s.mode == "slidelogit" else dense_features(backbone, x, s, teacher)  # (B, h, w, C)
+        cos = teacher(x).float().permute(0, 3, 1, 2) if feats is None else query_logits(feats, text)  # (B, Q, h, w)
+        up = partial(upsample_logits, patch=backbone.patch_size, in_hw=x.shape[-2:], protocol=s.protocol)
+        cos = refine.refined_logits(cos, feats, rgb, out_hw, s, up, partial(cosine, text=text), backbone.patch_size)
         scaled = s.logit_scale * cos  # + bias 0
         probs = max_over_synonyms(scaled.softmax(dim=1), text)  # (B, K, H, W)
         if s.area_thd > 0:

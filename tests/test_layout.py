@@ -39,6 +39,7 @@ ORDER = [
     "results",
     "lposs",
     "anyup",
+    "refine",
     "outputs",
     "segment",
     "evaluate",
