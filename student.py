@@ -9,7 +9,7 @@ authors' wrapper of each backbone (`Backbone.grid_rule`): SigLIP2 (and `tiny`) z
 ceil(H/p) x ceil(W/p); OpenCLIP crops to the floor grid floor(H/p) x floor(W/p) (the last < p rows/columns are
 not seen); DINOv3 resizes (bicubic) UP to the ceil grid.  This file holds:
 
-* `resize_pos_embed`  -- (E3): bicubic, mode "size" (SigLIP2: identity at the native grid) or "scale+0.1" (OpenCLIP);
+* `resize_pos_embed`  -- (E3): bicubic, mode "size" (SigLIP2) or "scale+0.1" (OpenCLIP); identity at the native grid;
 * `Backbone`          -- the common interface (`normalize`, `grid_size`, `fit_to_grid`, `dense`, `encode_text`, ...);
 * `SigLIPBackbone`    -- dense head = the attention-pool head without its attention (the value path), as in the paper;
 * `OpenCLIPBackbone`  -- dense head = MaskCLIP's value path in the last block;
@@ -48,18 +48,16 @@ def resize_pos_embed(
     and cast back.  Two ways to map output to input coordinates:
 
     * mode="size" (SigLIP2, `tiny`): `F.interpolate(size=new_hw)`, so output cell i samples the input at
-      (i + 0.5) * old / new - 0.5.  At the native grid the input is returned untouched, so a K x K image gives
-      bit-identical features to the unmodified model.
+      (i + 0.5) * old / new - 0.5.
     * mode="scale+0.1" (OpenCLIP, the authors' wrapper, from DINO): `F.interpolate(scale_factor=(new + 0.1) / old)`.
-      The +0.1 exists because the output size is floor(old * scale): with scale = new / old a float rounding
-      like 13.9999 would give one cell too few, and +0.1 makes the floor land on `new` safely.  With a
-      scale_factor PyTorch maps coordinates with 1 / scale, i.e. cell i samples (i + 0.5) * old / (new + 0.1)
-      - 0.5: a slightly different resize from mode="size", and NOT an identity at the native grid (14 x 14 is
-      resampled at scale 14.1 / 14).  We follow the authors at every size, as their numbers were made so.
+      The +0.1 makes the output size floor(old * scale) land on `new` despite float rounding; PyTorch then maps
+      cell i to (i + 0.5) * old / (new + 0.1) - 0.5, a slightly different resize from mode="size".
+    At the native grid both return `pos` untouched, as the authors' `interpolate_pos_encoding` does (DINO's
+    `if npatch == N and w == h: return pos_embed`): a K x K image gives the unmodified model's features.
     """
     if mode not in POS_RESIZE_MODES:
         raise ValueError(f"unknown position-embedding resize mode '{mode}'; choose one of {POS_RESIZE_MODES}.")
-    if mode == "size" and tuple(old_hw) == tuple(new_hw):
+    if tuple(old_hw) == tuple(new_hw):  # the native grid: no resize, in both modes
         return pos
     # ASSIGNMENT 3 BEGIN: resize the position-embedding grid, bicubic (E3)
     lead = pos.shape[:-2]  # () or (1,)
@@ -213,7 +211,8 @@ class OpenCLIPBackbone(Backbone):
     Dense head (MaskCLIP, used as the OpenCLIP baseline in the paper): blocks 0..L-2 unchanged; in the last
     block the self-attention is replaced by its value path, x = x + out_proj(V(ln_1(x))), then
     x = x + mlp(ln_2(x)); `ln_post`, `@ proj`, drop the CLS token.  As in the authors' wrapper: no padding (floor
-    grid), the CLS position embedding kept as is and only the patch part resized, DINO-style ("scale+0.1").
+    grid), the CLS position embedding kept as is and only the patch part resized, DINO-style ("scale+0.1"; none
+    at the native 14 x 14 grid).
     """
 
     grid_rule = "floor"
