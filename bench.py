@@ -34,10 +34,21 @@ import statistics
 import sys
 import time
 
+import _startup  # noqa: F401 (first: Ctrl-C or SIGTERM during the imports exits 130)
 import torch
 import torch.nn.functional as F
 
-from cli import ArgumentParser, UserError, autocast, check_numbers, main_guard, parse_size, resolve_device, synchronize
+from cli import (
+    ArgumentParser,
+    UserError,
+    autocast,
+    check_memory,
+    check_numbers,
+    main_guard,
+    parse_size,
+    resolve_device,
+    synchronize,
+)
 from files import atomic_write, check_writable, write_json
 from student import BACKBONES, load_backbone
 from teacher import Teacher, default_batch_size
@@ -717,6 +728,8 @@ def _run(argv):
         raise UserError(
             f"--strides must be at most the {backbone.window} px window of {backbone.name}, got {max(strides)}."
         )
+    for H, W in sizes + [train_size]:  # a size that could never fit is refused before any measuring
+        check_memory(H, W, backbone.patch_size, backbone.dim, backbone.device, "--sizes / --train-size: one pass at")
     ref = bare_trunk(backbone)
     args.batch_size = args.batch_size or default_batch_size(backbone, backbone.device)  # once: free memory changes
     meta = run_meta(backbone, ref, args, argv)

@@ -11,8 +11,7 @@ not seen); DINOv3 resizes (bicubic) UP to the ceil grid.  This file holds:
 
 * `resize_pos_embed`  -- (E3): bicubic, mode "size" (SigLIP2) or "scale+0.1" (OpenCLIP); identity at the native grid;
 * `Backbone`          -- the common interface (`normalize`, `grid_size`, `fit_to_grid`, `dense`, `encode_text`, ...);
-* `SigLIPBackbone`    -- dense head = the attention-pool head without its attention (the value path), as in the paper;
-* `OpenCLIPBackbone`  -- dense head = MaskCLIP's value path in the last block;
+* `SigLIPBackbone`, `OpenCLIPBackbone` -- dense heads: the attention pool's value path; MaskCLIP's last-block one;
 * `DINOv3Backbone`, `NaFlexBackbone` -- DINOv3.txt's last-layer patch tokens; the SigLIP2 NaFlex single pass;
 * `load_backbone`     -- by name (weights, `load_checkpoint`: checkpoints.py, dinotxt.py, naflex.py); `autocast`,
                          `PRECISIONS`, `synchronize`, `timed` are cli.py's, re-exported for every CLI.
@@ -22,12 +21,14 @@ Run `python student.py --backbone tiny` to see the dense-feature shapes and timi
 
 import math
 
+import _startup  # noqa: F401 (first: Ctrl-C or SIGTERM during the imports exits 130)
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from checkpoints import BACKBONES, BackboneError, load_checkpoint, open_clip_model, tokenizer_factory
-from cli import ArgumentParser, add_backbone_args, autocast, main_guard, parse_size, resolve_device, timed
+import cli
+from checkpoints import BACKBONES, check_load_args, load_checkpoint, open_clip_model, tokenizer_factory
+from cli import ArgumentParser, add_backbone_args, autocast, main_guard, parse_size, timed
 from dinotxt import build_dinotxt
 from naflex import DEFAULT_PATCHES, build_naflex, naflex_grid
 
@@ -109,7 +110,8 @@ class Backbone(nn.Module):
         return self._mean.device
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) RGB in [0, 1] -> the normalised input the model was trained on."""
+        """(B, 3, H, W) RGB in [0, 1] -> the normalised input the model was trained on (uint8 / 0..255: UserError)."""
+        cli.check_unit_images(images, "Backbone.normalize")
         return (images.to(self._mean.dtype) - self._mean) / self._std
 
     def grid_size(self, H: int, W: int) -> tuple[int, int]:
@@ -153,8 +155,8 @@ class Backbone(nn.Module):
         return self._tokenizer()
 
     def encode_text(self, texts: list[str], batch_size: int = 256) -> torch.Tensor:
-        """Raw (un-normalised) text embeddings, (N, C), in the same space as `dense`."""
-        out = []
+        """Raw (un-normalised) text embeddings, (N, C), in the same space as `dense`; one str is one prompt."""
+        out, texts = [], cli.prompt_list(texts)
         for i in range(0, len(texts), batch_size):
             tokens = self.tokenizer(list(texts[i : i + batch_size])).to(self.device)
             out.append(self.model.encode_text(tokens).float())
@@ -309,8 +311,7 @@ def load_backbone(
                  for distilling); the authors' released .pth / .ckpt replace the whole model (image AND text).
     The model is returned in eval mode with gradients disabled; `distill.py` unfreezes what it trains.
     """
-    if name not in BACKBONES:
-        raise BackboneError(f"unknown backbone '{name}'; choose one of: {', '.join(BACKBONES)}.")
+    device = check_load_args(name, pretrained, device, checkpoint)  # one sentence for a wrong type or device
     spec = BACKBONES[name]
     kinds = dict(siglip=SigLIPBackbone, openclip=OpenCLIPBackbone, dinov3=DINOv3Backbone, naflex=NaFlexBackbone)
     cls = kinds[spec.kind]
@@ -336,11 +337,12 @@ def _run(argv):
     )
     args = parser.parse_args(argv)
     sizes = [parse_size(size, "each size in --sizes") for size in args.sizes.split(",")]
-    backbone = load_backbone(args.backbone, args.pretrained, resolve_device(args.device))
+    backbone = load_backbone(args.backbone, args.pretrained, args.device)  # the device checked there, first
     print(
         f"backbone {backbone.name}: patch {backbone.patch_size}, native window K={backbone.window}, "
         f"dim C={backbone.dim}, device {args.device}"
     )
+    [cli.check_memory(H, W, backbone.patch_size, backbone.dim, backbone.device, "a single pass at") for H, W in sizes]
     print(f"{'input HxW':>12} {'grid hxw':>10} {'features':>22} {'seconds':>8}")
     for H, W in sizes:
         x = backbone.normalize(torch.rand(1, 3, H, W, device=backbone.device))
