@@ -151,8 +151,7 @@ class SegmentSettings:
             raise SegmentError(f"unknown mode '{self.mode}'; use one of {', '.join(MODES)}.")
         if self.protocol not in PROTOCOLS:
             raise SegmentError(f"unknown protocol '{self.protocol}'; use one of {', '.join(PROTOCOLS)}.")
-        checked = [(f.name, getattr(self, f.name), f.metadata["check"]) for f in fields(self) if f.metadata["check"]]
-        cli.check_numbers(checked, SegmentError)  # the API's values, as the flags' (a NaN scale: one class everywhere)
+        cli.check_numbers([("logit_scale", self.logit_scale, "finite>0")], SegmentError)  # NaN: one class everywhere
 
 
 def run_size(H: int, W: int, settings: SegmentSettings, patch: int) -> tuple[int, int]:
