@@ -27,6 +27,7 @@ import dataclasses
 import math
 import sys
 
+import _startup  # noqa: F401 (first: Ctrl-C or SIGTERM during the imports exits 130)
 import numpy as np
 import torch
 

@@ -45,6 +45,7 @@ import shlex
 import time
 from pathlib import Path
 
+import _startup  # noqa: F401 (first: Ctrl-C or SIGTERM during the imports exits 130)
 import numpy as np
 import torch
 

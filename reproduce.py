@@ -28,6 +28,8 @@ import sys
 import time
 from pathlib import Path
 
+import _startup  # noqa: F401 (first: Ctrl-C or SIGTERM during the imports exits 130)
+
 HERE = Path(__file__).resolve().parent
 
 # Table 1 columns in the paper's order: (dataset, column title, root flag, val images).

@@ -31,6 +31,7 @@ from dataclasses import dataclass, fields
 from functools import partial
 from pathlib import Path
 
+import _startup  # noqa: F401 (first: Ctrl-C or SIGTERM during the imports exits 130)
 import torch
 import torch.nn.functional as F
 
@@ -137,7 +138,7 @@ class SegmentSettings(refine.RefineSettings):
         "single", "single (E3); slide: the teacher's features (E1-E2); slidelogit: its logits", choices=MODES
     )
     stride: int = flag(24, "teacher stride in px, 1..K, for the slide modes", (">=", 1))
-    logit_scale: float = flag(40.0, "softmax temperature (paper: 40; VOC21 65, Context60 50), bias 0")
+    logit_scale: float = flag(40.0, "softmax temperature (paper: 40; VOC21 65, Context60 50), bias 0", "finite>0")
     prob_thd: float = flag(0.0, "pixels whose best probability is below this become class 0 (0: off)", "0..1")
     area_thd: float = flag(0.0, "drop classes with at most this share of the argmax map (0: off)", "0..1")
     short_side: int | None = flag(None, "resize keeping the ratio to this short side (0: keep the size)", (">=", 0))
@@ -153,6 +154,7 @@ class SegmentSettings(refine.RefineSettings):
         if self.protocol not in PROTOCOLS:
             raise SegmentError(f"unknown protocol '{self.protocol}'; use one of {', '.join(PROTOCOLS)}.")
         self.check_refine()  # --refine, --upsample (refine.py)
+        cli.check_numbers([("logit_scale", self.logit_scale, "finite>0")], SegmentError)  # NaN: one class everywhere
 
 
 def run_size(H: int, W: int, settings: SegmentSettings, patch: int) -> tuple[int, int]:
@@ -268,7 +270,9 @@ def segment(
     s = settings or SegmentSettings()
     if image.dim() != 4 or image.shape[1] != 3:
         raise SegmentError(f"expected an image batch of shape (B, 3, H, W), got {tuple(image.shape)}.")
+    cli.check_unit_images(image, "segment()")  # RGB in [0, 1]: a uint8 or 0..255 image is refused
     hw = run_size(*image.shape[-2:], s, backbone.patch_size)
+    cli.check_memory(*hw, backbone.patch_size, backbone.dim, backbone.device, "segmenting at", len(image))
     out_hw = tuple(out_hw) if out_hw is not None else tuple(image.shape[-2:])
     if s.mode == "slidelogit" and teacher is None:
         teacher = window_teacher(backbone, s, text)
@@ -370,6 +374,8 @@ def _run(argv=None):
     if not single:
         check_stride(args.stride, backbone)
     hw = None if folder else run_size(*image.shape[-2:], settings, backbone.patch_size)  # before any work
+    if hw:  # a size that can never fit is refused before the text tower runs
+        cli.check_memory(*hw, backbone.patch_size, backbone.dim, device, "segmenting at")
     t_loaded = time.perf_counter()
     text = classes and text_embeddings(backbone, classes, templates, cache_dir_arg(args.text_cache), progress=True)
     t_text = time.perf_counter()
