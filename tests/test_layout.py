@@ -47,6 +47,7 @@ ORDER = [
     "bench",
     "reproduce",
     "figures",
+    "diagnose",
     "miniature",
     "hubconf",
 ]
