@@ -37,7 +37,18 @@ import time
 import torch
 import torch.nn.functional as F
 
-from cli import ArgumentParser, UserError, autocast, check_numbers, main_guard, parse_size, resolve_device, synchronize
+from cli import (
+    ArgumentParser,
+    UserError,
+    add_threads_arg,
+    autocast,
+    check_numbers,
+    main_guard,
+    note_random_weights,
+    parse_size,
+    resolve_device,
+    synchronize,
+)
 from files import atomic_write, check_writable, write_json
 from student import BACKBONES, load_backbone
 from teacher import Teacher, default_batch_size
@@ -606,7 +617,7 @@ def build_parser(device_default: str) -> argparse.ArgumentParser:
         f"CPU defaults: {defaults_flags(DEFAULTS['cpu'])} (a few minutes on 2 cores). "
         f"GPU defaults: {defaults_flags(DEFAULTS['cuda'])}."
     )
-    p.add_argument("--device", default=device_default)
+    p.add_argument("--device", default=device_default, help="cpu, cuda or cuda:N (default: %(default)s)")
     p.add_argument("--backbone", default=None, help=f"one of {', '.join(BACKBONES)} (default: per device, above)")
     p.add_argument(
         "--pretrained",
@@ -642,13 +653,7 @@ def build_parser(device_default: str) -> argparse.ArgumentParser:
         default=None,
         help="teacher calls estimated longer than this many seconds are extrapolated, not run (default: per device)",
     )
-    p.add_argument(
-        "--threads",
-        type=int,
-        default=None,
-        help="CPU threads for torch (default: torch's own choice). On a machine shared with other jobs "
-        "use 1: a 2-thread forward waits for the slower thread and ran 12x slower here under load",
-    )
+    add_threads_arg(p)  # on a busy 2-core machine, a 2-thread forward ran 12x slower than 1 thread
     p.add_argument("--no-teacher", action="store_true", help="skip (2) and (3)")
     p.add_argument("--no-train", action="store_true", help="skip (4)")
     p.add_argument("--no-trunk", action="store_true", help="skip the trunk-only single-pass rows")
@@ -667,7 +672,6 @@ def settle_args(args) -> tuple[list, list, tuple[int, int]]:
             ("--reps", args.reps, (">=", 1)),
             ("--budget", args.budget, "finite>0"),
             ("--max-call", args.max_call, "finite>0"),
-            ("--threads", args.threads, (">=", 1)),
         ]
     )  # before the defaults: a 0 given is refused, not taken for "automatic"
     for k, v in d.items():
@@ -710,8 +714,6 @@ def _run(argv):
     device = build_parser(dev_default).parse_known_args(argv)[0].device
     args = build_parser(device).parse_args(argv)
     sizes, strides, train_size = settle_args(args)
-    if args.threads:
-        torch.set_num_threads(args.threads)
     backbone = load_backbone(args.backbone, args.pretrained, args.device)
     if max(strides) > backbone.window and not args.no_teacher:
         raise UserError(
@@ -721,6 +723,7 @@ def _run(argv):
     args.batch_size = args.batch_size or default_batch_size(backbone, backbone.device)  # once: free memory changes
     meta = run_meta(backbone, ref, args, argv)
     print(describe(meta), flush=True)
+    note_random_weights(backbone.random_weights)  # speed does not depend on the weights; the agreement does not either
     if ref is not None:
         K = backbone.window
         meta["agreement_native"] = agreement(backbone, ref, K, K)

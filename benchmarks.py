@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from cli import UserError, display_name
+from cli import UserError, display_name, hxw
 from files import atomic_write, read_json, write_json
 
 HERE = Path(__file__).resolve().parent
@@ -419,8 +419,7 @@ def read_sample_checked(sample: Sample) -> tuple[torch.Tensor, torch.Tensor, int
         raise DatasetError(f"cannot read '{sample.image}' or '{sample.label}' ({exc}).") from exc
     if image.shape[:2] != label.shape:
         raise DatasetError(
-            f"image '{sample.image}' is {image.shape[1]}x{image.shape[0]} but its label is "
-            f"{label.shape[1]}x{label.shape[0]}."
+            f"image '{sample.image}' is {hxw(*image.shape[:2])} but its label is {hxw(*label.shape[:2])} (H x W)."
         )
     n_bad, example = out_of_range(label, sample.lut)
     label = sample.lut[np.clip(label, 0, 255).astype(np.uint8)]

@@ -173,6 +173,12 @@ def _guess_hint(state: dict, name: str) -> str:
     return ""
 
 
+def random_weights(name: str, pretrained) -> bool:
+    """Whether `load_backbone(name, pretrained)` has random weights: --pretrained none (or None), or `tiny` without
+    a weights file (it has nothing to download).  load_backbone sets it as `backbone.random_weights`."""
+    return pretrained is None or str(pretrained).lower() == "none" or (name == "tiny" and pretrained == "default")
+
+
 def load_checkpoint(backbone, path: str) -> dict:
     """Load a distilled student into `backbone`; returns our checkpoint's settings ({} for the authors' files).
 
@@ -202,6 +208,8 @@ def load_checkpoint(backbone, path: str) -> dict:
         )
     _refuse_bad_values(module, state, f"checkpoint '{path}' cannot be used")
     module.load_state_dict(state, strict=True)
+    if fmt != "ours":  # the authors' files replace the whole model, image AND text tower
+        backbone.random_weights = False
     return ckpt.get("settings", {}) if fmt == "ours" else {}
 
 
@@ -445,10 +453,12 @@ def open_clip_model(spec: BackboneSpec, pretrained):
 
 
 def _open_clip_model(spec: BackboneSpec, pretrained):
-    import open_clip
-
     if isinstance(pretrained, str) and pretrained.lower() == "none":
         pretrained = None
+    if pretrained == "default":
+        check_hub(spec)  # in seconds, before open_clip is imported (~10 s), builds the model and tries the network
+    import open_clip
+
     if spec.name == "tiny":
         model = _build_tiny()
         if pretrained not in (None, "default"):
@@ -476,6 +486,52 @@ def _open_clip_model(spec: BackboneSpec, pretrained):
             f"connect to the internet once (the files are cached), or pass a local weights file with "
             f"--pretrained PATH, or use --pretrained none / --backbone tiny to work offline."
         ) from exc
+
+
+HUB_WEIGHT_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")  # what open_clip downloads
+HUB_REPOS = {"clip-b16": "laion/CLIP-ViT-B-16-laion2B-s34B-b88K"}  # open_clip's hf_hub of laion2b_s34b_b88k
+
+
+def hub_repo(spec: BackboneSpec) -> str | None:
+    """The Hugging Face repository of a backbone's default weights; None: not downloaded from the hub."""
+    return spec.hub_name.removeprefix("hf-hub:") if spec.hub_name else HUB_REPOS.get(spec.name)
+
+
+def hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """A TCP connection to the hub (HF_ENDPOINT, else huggingface.co) within `timeout` seconds."""
+    import socket
+    from urllib.parse import urlparse
+
+    url = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    try:
+        socket.create_connection((url.hostname, url.port or (80 if url.scheme == "http" else 443)), timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def check_hub(spec: BackboneSpec):
+    """Before a download: weights not in the local Hugging Face cache while the hub is off (HF_HUB_OFFLINE=1) or out
+    of reach fail in seconds with one sentence, not after open_clip has built the model and waited on the network.
+    Nothing is checked (no connection tried) when the files are cached."""
+    repo = hub_repo(spec)
+    if repo is None:
+        return
+    from huggingface_hub import try_to_load_from_cache
+
+    if any(isinstance(try_to_load_from_cache(repo, name), str) for name in HUB_WEIGHT_FILES):
+        return
+    why = "HF_HUB_OFFLINE is set" if hub_offline() else None if hub_reachable() else "the hub cannot be reached"
+    if why:
+        raise BackboneError(
+            f"cannot download the {spec.name} weights (huggingface.co/{repo}): they are not in the local Hugging "
+            f"Face cache and {why}; use --backbone tiny or --pretrained none (random weights, offline), or "
+            f"--pretrained PATH (a local weights file), or connect to the internet once (the files are cached)."
+        )
 
 
 def tokenizer_factory(spec: BackboneSpec):

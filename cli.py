@@ -3,12 +3,14 @@
 * ONE error contract: every bad input raises a `UserError` (or a subclass) whose message is one sentence;
   `main_guard` wraps each CLI's main and turns it into one `error:` line and exit status 2, and Ctrl-C or
   SIGTERM into one line and exit status 130 -- never a traceback;
-* the flags and checks every CLI shares: `add_backbone_args`, `resolve_device`, `parse_size`, `check_numbers`, and
-  `flag` / `add_flags` / `check_flag_numbers`, which make a dataclass of settings the CLI's flags, said once;
+* the flags and checks every CLI shares: `add_backbone_args`, `add_threads_arg`, `resolve_device`, `parse_size`
+  (and `hxw`, how every size is printed: H x W), `check_numbers`, and `flag` / `add_flags` /
+  `check_flag_numbers`, which make a dataclass of settings the CLI's flags, said once;
 * the torchrun helpers: `rank_world`, `is_main`, `barrier`, `log` (a single process is rank 0 of 1);
 * the forward passes' precision and timing: `PRECISIONS`, `autocast`, `synchronize`, `timed` (student.py re-exports
   them); `patch_budget`, the NaFlex backbone's --naflex-patches;
-* `printable` / `display_name`: text with undecodable file-name bytes made printable.
+* `printable` / `display_name`: text with undecodable file-name bytes made printable; `note_random_weights`, the
+  line every CLI prints above results on random weights.
 
 This file imports nothing from the project: every other file may import it.
 """
@@ -23,9 +25,10 @@ import signal
 import sys
 import time
 from dataclasses import field, fields
+from typing import TYPE_CHECKING
 
-import torch
-import torch.distributed as dist
+if TYPE_CHECKING:  # torch is imported where it is used: `python files.py --help` answers at once
+    import torch
 
 
 class UserError(ValueError):
@@ -100,11 +103,19 @@ def display_name(path: str | os.PathLike) -> str:
 
 class ArgumentParser(argparse.ArgumentParser):
     """argparse under the error contract: a bad command line is one `error:` line and exit status 2 (the usage is
-    what --help prints)."""
+    what --help prints).  A --threads flag added by `add_threads_arg` is applied as it is parsed (`apply_threads`)."""
+
+    threads_flag = False  # set by add_threads_arg
 
     def error(self, message):
         print(printable(f"error: {message} (see {self.prog} --help)"), file=sys.stderr)
         raise SystemExit(2)
+
+    def parse_known_args(self, args=None, namespace=None):
+        namespace, extras = super().parse_known_args(args, namespace)
+        if self.threads_flag:
+            apply_threads(namespace.threads)
+        return namespace, extras
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -113,8 +124,11 @@ class ArgumentParser(argparse.ArgumentParser):
 
 
 def add_backbone_args(parser: argparse.ArgumentParser, names, default: str = "tiny", naflex: bool = False):
-    """The --backbone / --pretrained / --device flags shared by every CLI (`names`: the known backbones); with
-    `naflex`, also --naflex-patches (the CLI then sets `backbone.max_patches`, which only `NaFlexBackbone` reads)."""
+    """The --backbone / --pretrained / --device / --threads flags shared by every CLI (`names`: the known
+    backbones); with `naflex`, also --naflex-patches (the CLI then sets `backbone.max_patches`, which only
+    `NaFlexBackbone` reads)."""
+    import torch
+
     parser.add_argument("--backbone", default=default, help=f"one of {', '.join(names)} (default: {default})")
     parser.add_argument(
         "--pretrained",
@@ -122,7 +136,12 @@ def add_backbone_args(parser: argparse.ArgumentParser, names, default: str = "ti
         help="'default' (download through open_clip, cached), 'none' (random weights, offline), "
         "or a local open_clip weights file",
     )
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument(
+        "--device",
+        default="cuda" if torch.cuda.is_available() else "cpu",
+        help="where the model runs: cpu, cuda or cuda:N (default: %(default)s; cuda when a GPU is there)",
+    )
+    add_threads_arg(parser)
     if not naflex:
         return
     parser.add_argument(
@@ -135,8 +154,84 @@ def add_backbone_args(parser: argparse.ArgumentParser, names, default: str = "ti
     )
 
 
+WINDOW_HELP = (
+    "the teacher's window K in px, a multiple of the patch size (default: the backbone's native K); at another K "
+    "than the native one each window runs with its position embeddings resized to the K/p grid, (E3)"
+)
+
+
+def add_teacher_args(parser: argparse.ArgumentParser):
+    """The sliding-window teacher's --stride, --window, --batch-size and --precision flags (teacher.py's CLI;
+    figures.py uses the same window help)."""
+    parser.add_argument("--stride", type=int, default=24, help="window stride s in pixels, 1..K (paper: 24)")
+    parser.add_argument("--window", type=int, default=None, metavar="K", help=WINDOW_HELP)
+    parser.add_argument("--batch-size", type=int, default=None, help="windows per forward (default: auto)")
+    parser.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default="auto",
+        help="auto: bf16/fp16 autocast on GPU, fp32 on CPU (default: %(default)s)",
+    )
+
+
+def check_window_fits(window: int | None, H: int, W: int, what: str = "--window"):
+    """A teacher window larger than the H x W image on both sides sees only its zero padding around the image."""
+    if window is not None and window > max(H, W):
+        raise UserError(
+            f"{what} {window} is larger than the {H}x{W} px image; give a window of at most {max(H, W)} px "
+            f"(or leave --window out for the backbone's native K)."
+        )
+
+
+def thread_count(text: str) -> int:
+    """--threads (an argparse type): a whole number of threads, at least 1."""
+    if not str(text).strip().isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"--threads must be a whole number at least 1, got '{printable(str(text))}'")
+    return int(text)
+
+
+def add_threads_arg(parser: argparse.ArgumentParser):
+    """--threads N, every CLI's: torch's intra-op CPU threads (`apply_threads`, done by `ArgumentParser` as it
+    parses).  On a machine shared with other jobs (2 cores, busy), 1 thread can be several times faster."""
+    parser.add_argument(
+        "--threads",
+        type=thread_count,
+        default=None,
+        metavar="N",
+        help="CPU threads for torch, also for the scripts this one runs (default: torch's, one per core); on a "
+        "shared machine with few cores, 1 can be several times faster",
+    )
+    parser.threads_flag = True
+
+
+def apply_threads(threads: int | None):
+    """torch's intra-op threads, and OMP_NUM_THREADS for the processes this one starts; None: leave them."""
+    import torch
+
+    if threads is None:
+        return
+    torch.set_num_threads(threads)
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+
+
+RANDOM_WEIGHTS = "random weights (--pretrained none, or --backbone tiny without a --pretrained file)"
+
+
+def note_random_weights(random: bool):
+    """Every CLI's one line above results computed with random weights (`Backbone.random_weights`), rank 0 only."""
+    if random and is_main():
+        print(f"note: {RANDOM_WEIGHTS}: the numbers below say nothing about the method.", flush=True)
+
+
+def hxw(H: int, W: int) -> str:
+    """The one way a size is printed: height x width, as --size HxW is given ('512x1024': 512 high, 1024 wide)."""
+    return f"{H}x{W}"
+
+
 def resolve_device(name: str) -> torch.device:
     """'cpu', 'cuda', 'cuda:N' (or 'mps') -> torch.device, checked to exist here; DeviceError otherwise."""
+    import torch
+
     try:
         device = torch.device(name)
     except (RuntimeError, ValueError, TypeError):
@@ -220,9 +315,15 @@ def check_flag_numbers(args, flags, skip=()):
 # ----------------------------------------------------------------------------------------------------------------
 
 
+def _dist():
+    import torch.distributed
+
+    return torch.distributed
+
+
 def rank_world() -> tuple[int, int]:
     """(rank, world size) under torchrun; (0, 1) in a single process."""
-    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    return (_dist().get_rank(), _dist().get_world_size()) if _dist().is_initialized() else (0, 1)
 
 
 def is_main() -> bool:
@@ -230,15 +331,15 @@ def is_main() -> bool:
 
 
 def barrier():
-    if dist.is_initialized():
-        dist.barrier()
+    if _dist().is_initialized():
+        _dist().barrier()
 
 
 def log(msg: str):
     """One line to stderr that does not break the tqdm bars; prefixed with the rank under torchrun."""
     from tqdm import tqdm
 
-    prefix = f"[rank {dist.get_rank()}] " if dist.is_initialized() else ""
+    prefix = f"[rank {_dist().get_rank()}] " if _dist().is_initialized() else ""
     tqdm.write(printable(f"{prefix}{msg}"), file=sys.stderr)
 
 
@@ -257,6 +358,8 @@ def autocast(device: torch.device | str, precision: str = "auto"):
     in fp16).  On CPU every precision is a no-op (fp32): CPU half-precision autocast is slow on most CPUs and would
     make the CPU tests inexact, so it buys nothing here.
     """
+    import torch
+
     if precision not in PRECISIONS:
         raise UserError(f"unknown precision '{precision}'; choose one of {', '.join(PRECISIONS)}.")
     device = torch.device(device)
@@ -268,6 +371,8 @@ def autocast(device: torch.device | str, precision: str = "auto"):
 
 
 def synchronize(device):
+    import torch
+
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize()
 

@@ -401,6 +401,7 @@ def run(args) -> dict | None:
         if args.precision != "fp32" and not args.device.startswith("cuda") and is_main():
             log(f"note: --precision {args.precision} has no effect on {args.device}; it computes in fp32.")
         backbone = load_backbone(args.backbone, args.pretrained, args.device)
+        cli.note_random_weights(backbone.random_weights)
         teacher = Teacher(backbone, stride=args.stride, batch_size=args.teacher_batch, precision=args.precision)
         select_trainable(backbone, parse_train(args.train))  # a part this backbone lacks: before any work
         backbone.requires_grad_(False)

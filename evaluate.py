@@ -8,12 +8,13 @@ One confusion matrix n (rows = label, columns = prediction; ignore label 255) is
 Protocol (`--protocol paper`, the default, is the authors' code): each image is resized keeping its ratio (short
 side 672, long side at most 2048; Cityscapes 2048 x 1024) bilinearly without antialias, segmented with the text of
 (E5) (`segment.segment`) in fp32 (`--amp` for bf16/fp16 autocast), and the cosine logits are resized ONCE from the
-model's grid to the label's original size; `--protocol aligned` is our variant (see segment.py).  Modes: `single`
-(one pass, (E3); the student with --checkpoint), `pretrained` (one pass with the pre-trained weights even when
---checkpoint is given), `slideN` (the pre-trained teacher, (E1)-(E2), at stride N, features averaged where windows
-overlap, as SPAR's teacher) and `slidelogitN` (the same windows, cosine logits averaged where they overlap, as the
-authors' sliding-window baseline intended).  With several modes a speed-accuracy plot in the style of Fig. 1 is
-drawn.  The benchmarks' folder layouts, label conventions, class names and settings: benchmarks.py.
+model's grid to the label's original size; `--protocol aligned` is our variant (see segment.py).  Modes: `student`
+(one pass, (E3), of the --checkpoint), `single` (one pass: the student with --checkpoint, else pre-trained),
+`pretrained` (one pass with the pre-trained weights even when --checkpoint is given), `slideN` (the pre-trained
+teacher, (E1)-(E2), at stride N, features averaged where windows overlap, as SPAR's teacher) and `slidelogitN`
+(the same windows, cosine logits averaged where they overlap, as the authors' sliding-window baseline intended).
+With several modes a speed-accuracy plot in the style of Fig. 1 is drawn.  The benchmarks' folder layouts, label
+conventions, class names and settings: benchmarks.py.
 
     python evaluate.py --dataset cityscapes --root DATA --backbone siglip2-b16 --modes single,slide24
     python evaluate.py --dataset voc21 --make-synthetic /tmp/voc        # a tiny fake VOC folder to try things on
@@ -24,7 +25,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
-import re
 import sys
 
 import numpy as np
@@ -41,11 +41,12 @@ from cli import (
     check_numbers,
     display_name,
     main_guard,
+    note_random_weights,
     resolve_device,
 )
 from files import write_json
 from pictures import speed_accuracy_plot
-from results import claim, out_path, resumed, run_settings
+from results import ONE_PASS, STUDENT, check_checkpoint, claim, out_path, parse_modes, resumed, run_settings
 from segment import (
     SegmentSettings,
     check_stride,
@@ -92,28 +93,6 @@ def miou(conf) -> tuple[float, np.ndarray]:
     valid = ~np.isnan(iou)
     return (float(iou[valid].mean()) if valid.any() else float("nan")), iou
     # ASSIGNMENT 6 END
-
-
-def parse_modes(text: str) -> list[tuple[str, str, int]]:
-    """ "single,slide24,slidelogit24,pretrained" -> [(label, kind, stride)], kind in single | pretrained | slide |
-    slidelogit (slideN averages features over windows, slidelogitN cosine logits)."""
-    modes = []
-    for m in (t.strip() for t in text.split(",")):
-        match = re.fullmatch(r"(slidelogit|slide)(\d*)", m)
-        if m in ("single", "pretrained"):
-            modes.append((m, m, 0))
-        elif match:
-            kind, stride = match.group(1), int(match.group(2) or 24)
-            if stride <= 0:
-                raise UserError(f"mode '{m}': the stride must be positive")
-            modes.append((f"{kind}{stride}", kind, stride))
-        elif m:
-            raise UserError(
-                f"unknown mode '{m}'; use single, pretrained, slideN or slidelogitN (N = stride in px, e.g. slide24)"
-            )
-    if not modes:
-        raise UserError("no modes given; e.g. --modes single,slide24")
-    return modes
 
 
 def evaluate_mode(backbone, samples, text, how: SegmentSettings, state: dict, save, workers=0, every=25, desc=""):
@@ -172,9 +151,11 @@ def evaluate_mode(backbone, samples, text, how: SegmentSettings, state: dict, sa
 
 
 def build_parser() -> argparse.ArgumentParser:
-    layouts = "; ".join(f"{n}: {benchmarks.DATASETS[n].layout}" for n in ("voc21", "context60", "cityscapes", "ade20k"))
+    shown = ("voc21", "context60", "cityscapes", "ade20k", "miniature")
+    layouts = "; ".join(f"{n}: {benchmarks.DATASETS[n].layout}" for n in shown)
     p = ArgumentParser(
-        description="Zero-shot segmentation mIoU on VOC21/VOC20/Context60/Context59/Cityscapes/ADE20K, per mode "
+        description="Zero-shot segmentation mIoU on VOC21/VOC20/Context60/Context59/Cityscapes/ADE20K (and the "
+        "toy world of miniature.py: --dataset miniature), per mode "
         "(single pass, pre-trained single pass, sliding-window teacher), with seconds per image, a JSON "
         "of the results and (several modes) the speed-accuracy plot of Fig. 1.",
         epilog="layouts: " + layouts,
@@ -182,11 +163,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", required=True, choices=list(benchmarks.DATASETS))
     p.add_argument("--root", help="dataset folder (see the layouts below / README)")
     add_backbone_args(p, BACKBONES, default="siglip2-b16", naflex=True)
-    p.add_argument("--checkpoint", help="student.pt from distill.py, used by the 'single' mode")
+    p.add_argument("--checkpoint", help="student.pt from distill.py (or the authors' file): the 'student' mode's")
     p.add_argument(
         "--modes",
         default="single",
-        help="comma-separated: single (student if --checkpoint, else "
+        help="comma-separated: student (single pass of --checkpoint), single (student if --checkpoint, else "
         "pre-trained), pretrained (pre-trained single pass), slideN (teacher at stride N px, features "
         "averaged over windows), slidelogitN (cosine logits averaged over windows), e.g. "
         "single,slide24,slidelogit24 (default: %(default)s)",
@@ -219,14 +200,15 @@ def prepare(args):
     samples, classes = benchmarks.benchmark(args.dataset, args.root, args.max_images)
     templates = benchmarks.read_templates(args.templates)
     settings = run_settings(args, len(samples), templates, {k: getattr(args, k) for k in benchmarks.SETTINGS})
-    needs_pretrained = any(k != "single" for _, k, _ in modes) and args.checkpoint
+    check_checkpoint(modes, args.checkpoint)
+    needs_pretrained = any(k not in STUDENT for _, k, _ in modes) and args.checkpoint
     backbone = load_backbone(args.backbone, args.pretrained, device, checkpoint=args.checkpoint)
     backbone.max_patches = args.naflex_patches  # NaFlex's patch budget (only `NaFlexBackbone` reads it)
     base = load_backbone(args.backbone, args.pretrained, device) if needs_pretrained else backbone
     base.max_patches = args.naflex_patches
     for label, kind, stride in modes:
         if kind.startswith("slide"):
-            check_stride(stride, backbone, f"mode '{label}': the stride")
+            check_stride(stride, backbone, f"mode '{label}': the stride", args.window)
     text = text_embeddings(backbone, classes, templates, cache_dir_arg(args.text_cache), progress=True)
     if args.dataset == "voc21":  # line 1 of voc21.txt: 26 "stuff" synonyms for background
         text.names[0] = "background"
@@ -259,15 +241,16 @@ def run_modes(args, spec, out):
         f"area_thd {settings['area_thd']:g}, short side {settings['short_side']}, long side "
         f"{settings['long_side']}, protocol {args.protocol}, {'amp' if args.amp else 'fp32'}"
     )
+    note_random_weights(backbone.random_weights)
     fields = [f.name for f in dataclasses.fields(SegmentSettings)]
     try:
         for label, kind, stride in modes:
             state = record["modes"].setdefault(label, {})
             if state.get("images_done", 0) >= len(samples):
                 continue
-            mode = dict(mode="single" if kind == "pretrained" else kind, stride=stride, batch_size=args.batch_size)
+            mode = dict(mode="single" if kind in ONE_PASS else kind, stride=stride, batch_size=args.batch_size)
             how = SegmentSettings(**{k: v for k, v in settings.items() if k in fields}, **mode)
-            model = backbone if kind == "single" else base
+            model = backbone if kind in STUDENT else base
             evaluate_mode(model, samples, text, how, state, save, workers, args.save_every, desc=label)
     except KeyboardInterrupt:
         raise KeyboardInterrupt(

@@ -18,18 +18,26 @@ fig1   speed vs accuracy: the mean mIoU over the six benchmarks against seconds 
 fig3   accuracy and seconds vs resolution: each image resized keeping its ratio to an AREA (--areas, sides of the
        square of equal area), for the pre-trained single pass, the teacher at strides 256 and 24 (skipped, and said,
        where the image is smaller than the window K) and each --checkpoint; the paper's Cityscapes numbers tabled.
+       With --naflex-pretrained PATH also the NaFlex baseline (siglip2-naflex-b16); else a logged `skip:` line.
 fig5   qualitative maps: image | label | segmentation of the single pass, the teacher, each checkpoint | a PCA view
-       of each one's dense features (three components fitted jointly, `pictures.pca_rgb`).
+       of each one's dense features (three components fitted jointly, `pictures.pca_rgb`); each (image, model)
+       pair cached under OUT/fig5/cache, keyed by content, so a rerun recomputes nothing and is bit-identical.
 ablate a grid of distill.py settings (trained parts x teacher stride x images x epochs), each trained into
        OUT/ablate/<name>/ and evaluated; one table.  (distill.py has no teacher --window flag: not in the grid.)
+
+--window K (fig1, fig3, fig5): the teacher's window instead of the backbone's native K (each window's position
+embeddings resized, (E3)).  Each backbone is loaded once per command (`reuse_backbones`).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
+import hashlib
 import io
 import itertools
+import json
 import math
 import os
 import re
@@ -41,8 +49,20 @@ import numpy as np
 import torch
 
 import benchmarks
-from cli import ArgumentParser, UserError, add_backbone_args, check_numbers, display_name, main_guard, resolve_device
-from files import atomic_write, check_writable, read_json, write_json
+from cli import (
+    WINDOW_HELP,
+    ArgumentParser,
+    UserError,
+    add_backbone_args,
+    check_numbers,
+    check_window_fits,
+    display_name,
+    main_guard,
+    note_random_weights,
+    patch_budget,
+    resolve_device,
+)
+from files import atomic_write, check_writable, content_sha1, read_json, save_torch, write_json
 from pictures import class_colours, pca_rgb
 from results import complete_modes, run_settings
 
@@ -84,11 +104,14 @@ def parse_ints(text: str, what: str) -> list[int]:
     return values
 
 
-def parse_named(items: list[str] | None, what: str, must_exist: bool = True) -> dict[str, str]:
-    """["NAME=PATH", ...] -> {NAME: PATH}, each name once, each path an existing file or folder."""
+def parse_named(items: list[str] | None, what: str, must_exist: bool = True, bare: str | None = None) -> dict[str, str]:
+    """["NAME=PATH" | "PATH", ...] -> {NAME: PATH}, each name once, each path an existing file or folder; with
+    `bare`, a lone PATH is named `bare` (the next ones `bare` <its folder's name>, e.g. SPAR distill-all)."""
     out = {}
     for item in items or []:
         name, sep, path = item.partition("=")
+        if not sep and bare and item.strip():
+            name, sep, path = (bare if bare not in out else f"{bare} {Path(item).parent.name}"), "=", item
         name, path = name.strip(), path.strip()
         if not sep or not name or not path:
             raise FigureError(f"{what} takes NAME=PATH, got '{item}'.")
@@ -100,12 +123,20 @@ def parse_named(items: list[str] | None, what: str, must_exist: bool = True) -> 
     return out
 
 
-def add_common(p: argparse.ArgumentParser, datasets: bool = True):
+def add_common(p: argparse.ArgumentParser, datasets: bool = True, teacher: bool = True, checkpoints: bool = True):
     from student import BACKBONES
 
     add_backbone_args(p, BACKBONES, default="siglip2-b16")
     p.add_argument("--out", default="runs/figures", help="output folder (default: %(default)s)")
-    p.add_argument("--checkpoint", action="append", metavar="NAME=PATH", help="a student checkpoint (repeatable)")
+    if checkpoints:
+        p.add_argument(
+            "--checkpoint",
+            action="append",
+            metavar="[NAME=]PATH",
+            help="a student checkpoint (repeatable; a bare PATH is named SPAR)",
+        )
+    if teacher:
+        p.add_argument("--window", type=int, default=None, metavar="K", help=WINDOW_HELP)
     p.add_argument("--max-images", type=int, default=None, help="only the first N images of each split")
     p.add_argument("--short-side", type=int, default=None, help="override the datasets' short side (evaluate.py)")
     p.add_argument("--long-side", type=int, default=None, help="override the datasets' long side (evaluate.py)")
@@ -142,10 +173,16 @@ def dataset_roots(args, names, roots: dict | None) -> dict[str, str]:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def eval_argv(args, dataset: str, root: str, out: Path, modes: list[str], ckpt: str | None = None, side=None):
+def eval_argv(
+    args, dataset: str, root: str, out: Path, modes: list[str], ckpt: str | None = None, side=None, model=None
+):
+    """evaluate.py's command line for one results file; `model`: another (backbone, pretrained, more flags)."""
     short, long = side if side else (args.short_side, args.long_side)
-    argv = ["--dataset", dataset, "--root", root, "--backbone", args.backbone, "--pretrained", args.pretrained]
+    backbone, pretrained, more = model or (args.backbone, args.pretrained, [])
+    argv = ["--dataset", dataset, "--root", root, "--backbone", backbone, "--pretrained", pretrained, *more]
     argv += ["--device", args.device, "--modes", ",".join(modes), "--out", str(out), "--templates", args.templates]
+    if getattr(args, "window", None) and any(m.startswith("slide") for m in modes):
+        argv += ["--window", str(args.window)]
     for flag, value in (
         ("--checkpoint", ckpt),
         ("--max-images", args.max_images),
@@ -201,10 +238,54 @@ def progress(total: int, desc: str):
     return tqdm(total=total, desc=desc, unit="run")
 
 
-def load_base(args):
-    from student import load_backbone
+_LOADED: dict[tuple, object] = {}  # the backbones loaded by this figure command (`reuse_backbones`)
 
-    return load_backbone(args.backbone, args.pretrained, resolve_device(args.device))
+
+def load_model(name: str, pretrained, device="cpu", checkpoint: str | None = None):
+    """`student.load_backbone`, once per (backbone, weights, device, checkpoint) and figure command: the weights
+    and the checkpoint are keyed by their content, so a changed file is loaded anew.  Only for inference (the
+    models are frozen and in eval mode; distill.py, which trains its model in place, loads its own)."""
+    import student
+    from checkpoints import weights_sha1
+
+    ckpt = (os.path.abspath(checkpoint), content_sha1(checkpoint)) if checkpoint else None
+    key = (name, str(pretrained), weights_sha1(pretrained), str(torch.device(device)), ckpt)
+    if key not in _LOADED:
+        _LOADED[key] = student.load_backbone(name, pretrained, device, checkpoint=checkpoint)
+    return _LOADED[key]
+
+
+@contextlib.contextmanager
+def reuse_backbones():
+    """While a figure runs, evaluate.py's runs take their backbones from `load_model` (one load per backbone, not
+    one per results file); afterwards the models are released."""
+    import evaluate
+
+    real = evaluate.load_backbone
+    evaluate.load_backbone = load_model
+    try:
+        yield
+    finally:
+        evaluate.load_backbone = real
+        _LOADED.clear()
+
+
+def load_base(args):
+    backbone = load_model(args.backbone, args.pretrained, resolve_device(args.device))
+    return note_random_weights(backbone.random_weights) or backbone
+
+
+def teacher_window(args, backbone, sizes=()) -> int:
+    """The teacher's K: --window, checked (a positive multiple of the patch, as `Teacher` checks it, and no larger
+    than an image of `sizes`, the (h, w) the images run at), else the backbone's native window."""
+    from teacher import Teacher
+
+    if getattr(args, "window", None) is None:
+        return backbone.window
+    Teacher(backbone, window=args.window, stride=backbone.patch_size)  # TeacherError: one sentence
+    for h, w in sizes:
+        check_window_fits(args.window, h, w)
+    return args.window
 
 
 def device_name(device: torch.device) -> str:
@@ -253,11 +334,11 @@ def run_hw(sample, dataset: str, args) -> tuple[int, int]:
     return benchmarks.resized_hw(H, W, s["short_side"], s["long_side"])
 
 
-def window_seconds(backbone, repeats: int = 3) -> float:
+def window_seconds(backbone, K: int, repeats: int = 3) -> float:
     """Measured seconds of one K x K window's forward pass (the unit of the time estimate)."""
     from cli import synchronize
 
-    K, device = backbone.window, backbone.device
+    device = backbone.device
     x = backbone.normalize(torch.rand(1, 3, K, K, device=device))
     with torch.inference_mode():
         backbone.dense(x)
@@ -281,16 +362,16 @@ def estimate_seconds(sizes: list[tuple[int, int]], strides: list[int], K: int, p
 
 def fig1_plan(args, backbone, roots: dict) -> tuple:
     strides = parse_ints(args.strides, "--strides")
-    K, patch = backbone.window, backbone.patch_size
-    skipped = [f"stride {s} > K = {K} (no window would see the strips between)" for s in strides if s > K]
-    for note in skipped:
-        print(f"skipping {note}")
-    strides = [s for s in strides if s <= K]
     sizes = []
     for name, root in roots.items():
         samples, _ = benchmarks.benchmark(name, root, args.max_images)
         sizes += [run_hw(smp, name, args) for smp in samples]
-    per_window = window_seconds(backbone)
+    K, patch = teacher_window(args, backbone, sizes), backbone.patch_size
+    skipped = [f"stride {s} > K = {K} (no window would see the strips between)" for s in strides if s > K]
+    for note in skipped:
+        print(f"skipping {note}")
+    strides = [s for s in strides if s <= K]
+    per_window = window_seconds(backbone, K)
     est = estimate_seconds(sizes, strides, K, per_window)
     total = sum(est.values()) + len(args.checkpoint or []) * est["pretrained"]  # a student costs a single pass
     print(
@@ -307,19 +388,20 @@ def fig1(args) -> dict:
     out = Path(args.out)
     check_writable(out / "fig1.json")
     check_numbers([("--max-images", args.max_images, (">=", 1))])
-    names = [n.strip() for n in args.datasets.split(",") if n.strip()]
+    names = [args.dataset] if args.dataset else [n.strip() for n in args.datasets.split(",") if n.strip()]
     unknown = [n for n in names if n not in benchmarks.DATASETS]
     if unknown or not names:
         raise FigureError(f"--datasets: unknown {', '.join(unknown) or '(none)'}; use names of {', '.join(SIX)}.")
     parse_ints(args.strides, "--strides")
-    ckpts = parse_named(args.checkpoint, "--checkpoint")
-    roots = dataset_roots(args, names, parse_named(args.roots, "--roots"))
+    ckpts = parse_named(args.checkpoint, "--checkpoint", bare="SPAR")
+    roots = parse_named(args.roots, "--roots") | ({args.dataset: args.root} if args.dataset and args.root else {})
+    roots = dataset_roots(args, names, roots)
     backbone = load_base(args)
     strides, modes, estimate, skipped, patch = fig1_plan(args, backbone, roots)
     per_dataset = {}
     bar = progress(len(roots) * (len(modes) + len(ckpts)), "fig1")
     for name, root in roots.items():
-        res = out / "fig1" / f"{name}.json"
+        res = out / "fig1" / (f"{name}-K{args.window}.json" if args.window else f"{name}.json")
         got = run_modes(args, eval_argv(args, name, root, res, modes), res, modes)
         bar.update(len(modes))
         for cname, path in ckpts.items():
@@ -449,9 +531,12 @@ def area_sides(samples, area: int) -> tuple[int, int]:
     return min(h, w), max(h, w)
 
 
-def fig3_jobs(args, backbone, samples, areas, strides, ckpts):
-    """[(side, short, long, modes, checkpoint name | None)] and the skipped (area, mode) notes."""
-    K, jobs, skipped = backbone.window, [], []
+NAFLEX = "siglip2-naflex-b16"  # the NaFlex single-pass baseline of Fig. 3 (naflex.py)
+
+
+def fig3_jobs(args, K: int, samples, areas, strides, ckpts):
+    """[{side, short, long, modes, name: checkpoint name | "NaFlex" | None}] and the skipped (area, mode) notes."""
+    jobs, skipped = [], []
     for side in areas:
         short, long = area_sides(samples, side * side)
         modes = ["pretrained"]
@@ -461,11 +546,35 @@ def fig3_jobs(args, backbone, samples, areas, strides, ckpts):
                 skipped.append(f"slide{s} at {side}^2: {why}")
             else:
                 modes.append(f"slide{s}")
-        jobs.append((side, short, long, modes, None))
-        jobs += [(side, short, long, ["single"], c) for c in ckpts]
+        size = dict(side=side, short=short, long=long)
+        jobs.append(dict(size, modes=modes, name=None))
+        jobs += [dict(size, modes=["single"], name=c) for c in ckpts]
+        if args.naflex_pretrained:
+            jobs.append(dict(size, modes=["pretrained"], name="NaFlex"))
+    if not args.naflex_pretrained:
+        skipped.append(f"NaFlex: the {NAFLEX} baseline needs its weights, --naflex-pretrained PATH (or 'none')")
     for note in skipped:
-        print(f"skipping {note}")
+        print(f"skip: {note}" if note.startswith("NaFlex") else f"skipping {note}")
     return jobs, skipped
+
+
+def fig3_root(args) -> str:
+    if args.synthetic:
+        return synthetic_root(args.synthetic, args.dataset, args.num_synthetic)
+    if not args.root:
+        raise FigureError("--root is required (the dataset folder), or use --synthetic DIR.")
+    return args.root
+
+
+def fig3_run(args, job: dict, root: str, out: Path, ckpts: dict) -> dict:
+    """One results file of Fig. 3 (evaluate.py at the job's size): {mode or checkpoint name: point}."""
+    name, side, modes = job["name"], job["side"], job["modes"]
+    tag = f"-K{args.window}" if args.window and name is None else ""
+    res = out / "fig3" / (f"{args.dataset}-{side}" + (f"-{safe(name)}" if name else tag) + ".json")
+    budget = ["--naflex-patches", "all" if args.naflex_patches is None else str(args.naflex_patches)]
+    naflex = (NAFLEX, args.naflex_pretrained, budget) if name == "NaFlex" else None
+    argv = eval_argv(args, args.dataset, root, res, modes, ckpts.get(name), (job["short"], job["long"]), naflex)
+    return {name or m: point(r) for m, r in run_modes(args, argv, res, modes).items()}
 
 
 def fig3(args) -> dict:
@@ -473,33 +582,31 @@ def fig3(args) -> dict:
     check_writable(out / "fig3.json")
     check_numbers([("--max-images", args.max_images, (">=", 1))])
     areas, strides = parse_ints(args.areas, "--areas"), parse_ints(args.strides, "--strides")
-    if args.synthetic:
-        root = synthetic_root(args.synthetic, args.dataset, args.num_synthetic)
-    elif args.root:
-        root = args.root
-    else:
-        raise FigureError("--root is required (the dataset folder), or use --synthetic DIR.")
-    ckpts = parse_named(args.checkpoint, "--checkpoint")
+    root = fig3_root(args)
+    ckpts = parse_named(args.checkpoint, "--checkpoint", bare="SPAR")
+    if args.naflex_pretrained and args.naflex_pretrained.lower() != "none":
+        parse_named([f"NaFlex={args.naflex_pretrained}"], "--naflex-pretrained")  # the file exists
     backbone = load_base(args)
     samples, _ = benchmarks.benchmark(args.dataset, root, args.max_images)
-    jobs, skipped = fig3_jobs(args, backbone, samples, areas, strides, ckpts)
+    jobs, skipped = fig3_jobs(args, teacher_window(args, backbone), samples, areas, strides, ckpts)
     results, run_size = {}, {}
-    bar = progress(sum(len(j[3]) for j in jobs), "fig3")
-    for side, short, long, modes, cname in jobs:
-        res = out / "fig3" / (f"{args.dataset}-{side}" + (f"-{safe(cname)}" if cname else "") + ".json")
-        argv = eval_argv(args, args.dataset, root, res, modes, ckpts.get(cname), side=(short, long))
-        for m, r in run_modes(args, argv, res, modes).items():
-            results.setdefault(cname or m, {})[str(side)] = point(r)
+    bar = progress(sum(len(j["modes"]) for j in jobs), "fig3")
+    for job in jobs:
+        for label, pt in fig3_run(args, job, root, out, ckpts).items():
+            results.setdefault(label, {})[str(job["side"])] = pt
+        short, long = job["short"], job["long"]
         h, w = run_hw(
             samples[0], args.dataset, argparse.Namespace(backbone=args.backbone, short_side=short, long_side=long)
         )
-        run_size[str(side)] = dict(short=short, long=long, run_hw=[h, w], area=h * w, target=side * side)
-        bar.update(len(modes))
+        run_size[str(job["side"])] = dict(short=short, long=long, run_hw=[h, w], area=h * w, target=job["side"] ** 2)
+        bar.update(len(job["modes"]))
     bar.close()
     record = dict(
         figure="fig3",
         dataset=args.dataset,
         backbone=args.backbone,
+        window=teacher_window(args, backbone),
+        naflex=dict(backbone=NAFLEX, patches=args.naflex_patches or "all") if args.naflex_pretrained else None,
         device=device_name(backbone.device),
         areas=areas,
         run_size=run_size,
@@ -562,21 +669,62 @@ def fig3_plot(r: dict, path: Path):
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def fig5_models(args, backbone):
-    """[(name, backbone, SegmentSettings, teacher)]: pre-trained single pass, teacher at --stride, checkpoints."""
+def fig5_models(args, backbone) -> list[tuple[str, object, str | None]]:
+    """[(name, SegmentSettings, checkpoint | None)]: the pre-trained single pass, the teacher at --stride (and
+    --window), each checkpoint; the teacher's settings checked before any work."""
     from segment import SegmentSettings, check_stride, window_teacher
-    from student import load_backbone
 
-    check_stride(args.stride, backbone)
     sides = dict(short_side=args.short_side, long_side=args.long_side)
     single = SegmentSettings(mode="single", **sides)
-    slide = SegmentSettings(mode="slide", stride=args.stride, **sides)
-    models = [("single pass", backbone, single, None), (f"teacher s={args.stride}", backbone, slide, None)]
-    models[1] = (*models[1][:3], window_teacher(backbone, slide))
-    for name, path in parse_named(args.checkpoint, "--checkpoint").items():
-        student = load_backbone(args.backbone, args.pretrained, backbone.device, checkpoint=path)
-        models.append((name, student, single, None))
-    return models
+    slide = SegmentSettings(mode="slide", stride=args.stride, window=args.window, **sides)
+    window_teacher(backbone, slide)  # a bad --window (first) or --stride: TeacherError, one sentence
+    check_stride(args.stride, backbone, "--stride", args.window)
+    teacher = f"teacher s={args.stride}" + (f" K={args.window}" if args.window else "")
+    models = [("single pass", single, None), (teacher, slide, None)]
+    return models + [(n, single, p) for n, p in parse_named(args.checkpoint, "--checkpoint", bare="SPAR").items()]
+
+
+def fig5_key(args, image: str, how, checkpoint: str | None, text_id: str) -> dict:
+    """What one (image, model) panel pair depends on, by content: the image's bytes, the weights', the checkpoint's,
+    the settings, the device kind and the class text; a cached pair made with other values is recomputed."""
+    from checkpoints import weights_sha1
+
+    return dict(
+        format=1,
+        image_sha1=content_sha1(image),
+        backbone=args.backbone,
+        pretrained=str(args.pretrained),
+        pretrained_sha1=weights_sha1(args.pretrained),
+        checkpoint_sha1=content_sha1(checkpoint) if checkpoint else None,
+        settings=dataclasses.asdict(how),
+        device=resolve_device(args.device).type,
+        text=text_id,
+    )
+
+
+def fig5_cached(path: Path, key: dict) -> dict | None:
+    """A cached pair {labels, feats} made with `key`, else None (missing, another key, or unreadable)."""
+    try:
+        got = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # missing or corrupt: recomputed
+        return None
+    ok = (
+        isinstance(got, dict)
+        and got.get("key") == key
+        and all(torch.is_tensor(got.get(k)) for k in ("labels", "feats"))
+    )
+    return got if ok else None
+
+
+def fig5_compute(args, image: torch.Tensor, how, checkpoint, text) -> dict:
+    """One image through one model: its label map at the image's size and its dense features on its grid."""
+    from segment import dense_features, resize_image, run_size, segment, window_teacher
+
+    model = load_model(args.backbone, args.pretrained, resolve_device(args.device), checkpoint)
+    teacher = window_teacher(model, how) if how.mode == "slide" else None
+    seg = segment(model, image.to(model.device), text, how, teacher=teacher)
+    x = model.normalize(resize_image(image.to(model.device), run_size(*image.shape[-2:], how, model.patch_size)))
+    return dict(labels=seg.labels[0].cpu(), feats=dense_features(model, x, how, teacher)[0].cpu())
 
 
 def fig5_inputs(args) -> tuple[list[tuple[str, str | None]], list[list[str]]]:
@@ -592,29 +740,34 @@ def fig5_inputs(args) -> tuple[list[tuple[str, str | None]], list[list[str]]]:
     return [(s.image, s) for s in samples], classes
 
 
-def fig5_row(image_path, sample, models, text) -> dict:
-    """One image through every model: labels at the image size and the dense features on each one's grid."""
+def fig5_row(args, image_path, sample, models, text, text_id: str, cache: Path) -> dict:
+    """One image through every model (each (image, model) pair from the cache when it holds it, else computed and
+    cached atomically, so an interrupted figure resumes): label maps at the image size, dense features."""
     from files import load_image
-    from segment import dense_features, resize_image, run_size, segment
 
     if sample is not None:
         image, label = benchmarks.read_sample(sample)
         image, label = image[None].float() / 255, label.numpy()
     else:
         image, label = load_image(image_path), None
-    row = dict(image=image[0].permute(1, 2, 0).numpy(), label=label, labels=[], feats=[])
-    for _, model, how, teacher in models:
-        seg = segment(model, image, text, how, teacher=teacher)
-        x = model.normalize(resize_image(image.to(model.device), run_size(*image.shape[-2:], how, model.patch_size)))
-        row["labels"].append(seg.labels[0].cpu().numpy())
-        row["feats"].append(dense_features(model, x, how, teacher)[0].cpu())
+    row = dict(image=image[0].permute(1, 2, 0).numpy(), label=label, labels=[], feats=[], computed=0)
+    for _, how, checkpoint in models:
+        key = fig5_key(args, image_path, how, checkpoint, text_id)
+        path = cache / (hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest() + ".pt")
+        got = fig5_cached(path, key)
+        if got is None:
+            got = dict(key=key, **fig5_compute(args, image, how, checkpoint, text))
+            save_torch(path, got)
+            row["computed"] += 1
+        row["labels"].append(got["labels"].numpy())
+        row["feats"].append(got["feats"])
     return row
 
 
 def fig5(args) -> dict:
     from tqdm import tqdm
 
-    from segment import text_embeddings
+    from segment import run_size, text_embeddings, window_teacher
     from textcache import cache_dir_arg
 
     out = Path(args.out)
@@ -623,22 +776,34 @@ def fig5(args) -> dict:
     inputs, classes = fig5_inputs(args)
     backbone = load_base(args)
     models = fig5_models(args, backbone)
+    hws = [run_size(*image_hw(path), models[1][1], backbone.patch_size) for path, _ in inputs]
+    K, teacher = teacher_window(args, backbone, hws), window_teacher(backbone, models[1][1])
     templates = benchmarks.read_templates(args.templates)
     text = text_embeddings(backbone, classes, templates, cache_dir_arg(args.text_cache))
-    rows, summary = [], []
-    for path, sample in tqdm(inputs, desc="fig5", unit="img"):
-        row = fig5_row(path, sample, models, text)
+    text_id = hashlib.sha256(json.dumps([classes, templates]).encode()).hexdigest()[:16]
+    rows, summary, computed = [], [], 0
+    for (path, sample), hw in zip(tqdm(inputs, desc="fig5", unit="img"), hws):
+        row = fig5_row(args, path, sample, models, text, text_id, out / "fig5" / "cache")
         view = pca_rgb(row["feats"])
-        row["pca"] = view.images
+        row["pca"], computed = view.images, computed + row["computed"]
         rows.append(row)
         summary.append(fig5_summary(path, row, view, [m[0] for m in models], text.num_classes))
-    record = dict(figure="fig5", backbone=args.backbone, models=[m[0] for m in models], images=summary)
+        summary[-1]["teacher_windows"] = teacher.num_windows(*hw)  # (E1): K x K windows at --stride
+    print(f"fig5: {computed} of {len(inputs) * len(models)} (image, model) pairs computed, the others cached")
+    record = dict(figure="fig5", backbone=args.backbone, window=K, models=[m[0] for m in models], images=summary)
     md = "# Fig. 5: qualitative maps and PCA\n\n" + "\n".join(
         f"- {display_name(s['image'])}: " + ", ".join(f"{m} pixel acc {a}" for m, a in s["pixel_accuracy"].items())
         for s in summary
     )
     write_outputs(out, "fig5", record, md + "\n", lambda p: fig5_plot(rows, record, p))
     return record
+
+
+def image_hw(path: str) -> tuple[int, int]:
+    from PIL import Image
+
+    with Image.open(path) as im:
+        return im.size[1], im.size[0]
 
 
 def fig5_summary(path, row, view, names, num_classes) -> dict:
@@ -794,6 +959,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_common(f1)
     f1.add_argument("--roots", nargs="*", metavar="NAME=DIR", help="each dataset's folder, e.g. voc21=VOC")
     f1.add_argument("--datasets", default=",".join(SIX), help="comma-separated (default: the six)")
+    f1.add_argument("--dataset", choices=list(benchmarks.DATASETS), help="one dataset instead (with --root)")
+    f1.add_argument("--root", help="the --dataset folder")
     f1.add_argument("--strides", default=",".join(map(str, FIG1_STRIDES)), help="teacher strides (default %(default)s)")
     f3 = sub.add_parser("fig3", help="accuracy and seconds vs resolution (pixel area)")
     add_common(f3)
@@ -801,6 +968,20 @@ def build_parser() -> argparse.ArgumentParser:
     f3.add_argument("--root", help="the dataset folder")
     f3.add_argument("--areas", default=",".join(map(str, FIG3_AREAS)), help="sides of the equal-area squares")
     f3.add_argument("--strides", default="256,24", help="teacher strides (default %(default)s)")
+    f3.add_argument(
+        "--naflex-pretrained",
+        metavar="PATH|none",
+        help=f"also the NaFlex baseline ({NAFLEX}): its weights, a local open_clip state dict ('none': random; "
+        "it has no released weights in open_clip); without it the line is skipped, and said",
+    )
+    f3.add_argument(
+        "--naflex-patches",
+        default="all",
+        type=patch_budget,
+        metavar="N|all",
+        help="the NaFlex baseline's patch budget (default: all, the image's own grid at each area; a number: "
+        "every area resized to that many patches)",
+    )
     f5 = sub.add_parser("fig5", help="qualitative maps and PCA of the dense features")
     add_common(f5)
     f5.add_argument("--images", nargs="*", help="image files (with --classes) instead of a dataset")
@@ -809,7 +990,7 @@ def build_parser() -> argparse.ArgumentParser:
     f5.add_argument("--root", help="the dataset folder (its first --max-images images, default 3)")
     f5.add_argument("--stride", type=int, default=24, help="the teacher's stride (default %(default)s)")
     ab = sub.add_parser("ablate", help="a grid of distill.py settings, trained and evaluated")
-    add_common(ab)
+    add_common(ab, teacher=False, checkpoints=False)  # it trains its own students, with distill.py's teacher
     ab.add_argument("--train", action="append", help="trained parts, repeatable (e.g. blk_-1,blk_-2; all)")
     ab.add_argument("--strides", default="24", help="teacher strides (default %(default)s)")
     ab.add_argument("--num-images", default="4", help="training images, comma-separated (default %(default)s)")
@@ -823,7 +1004,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _run(argv=None):
     args = build_parser().parse_args(argv)
-    return {"fig1": fig1, "fig3": fig3, "fig5": fig5, "ablate": ablate}[args.figure](args)
+    with reuse_backbones():
+        return {"fig1": fig1, "fig3": fig3, "fig5": fig5, "ablate": ablate}[args.figure](args)
 
 
 def main(argv=None):

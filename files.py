@@ -24,12 +24,15 @@ import re
 import stat
 import sys
 import warnings
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from PIL import Image, ImageOps
 
-from cli import ArgumentParser, UserError, display_name, log
+if TYPE_CHECKING:  # torch is imported where it is used: `python files.py --help` answers at once
+    import torch
+
+from cli import ArgumentParser, UserError, display_name, hxw, log
 
 TEMP_MARK = ".tmp.spar-"  # temp files are "<target name>.tmp.spar-<pid>": a name no user would choose
 TEMP_NAME = re.compile(r".+\.tmp\.spar-\d+")  # the full pattern: only files matching it are ever cleaned up
@@ -82,7 +85,8 @@ def read_rgb(path: str) -> Image.Image:
             with Image.open(path) as im:
                 if limit and im.width * im.height > limit:
                     raise ImageError(
-                        path, f"its header claims {im.width}x{im.height} px, more than the {limit}-pixel safety limit"
+                        path,
+                        f"its header claims {hxw(im.height, im.width)} px, more than the {limit}-pixel safety limit",
                     )
                 im.load()
                 im = ImageOps.exif_transpose(im) or im
@@ -100,6 +104,8 @@ def read_rgb(path: str) -> Image.Image:
 
 def load_image(path: str, max_side: int | None = None) -> torch.Tensor:
     """An image file as a (1, 3, H, W) float tensor in [0, 1] (RGB); optionally shrunk so max(H, W) <= max_side."""
+    import torch
+
     im = read_rgb(path)
     if max_side and max(im.size) > max_side:
         scale = max_side / max(im.size)
@@ -175,6 +181,8 @@ def write_json(path: str | os.PathLike, obj) -> None:
 
 
 def save_torch(path: str | os.PathLike, obj) -> None:
+    import torch
+
     atomic_write(path, lambda f: torch.save(obj, f))
 
 
@@ -295,7 +303,7 @@ def main(argv=None):
             rgb = read_rgb(path)  # first: it refuses decompression bombs in one sentence
             with Image.open(path) as im:
                 mode = im.mode
-            print(f"{display_name(path)}: {mode} -> RGB {rgb.width}x{rgb.height}")
+            print(f"{display_name(path)}: {mode} -> RGB {hxw(rgb.height, rgb.width)} (H x W)")
         except (ImageError, OSError) as exc:
             failed += 1
             print(f"error: {display_name(str(exc))}", file=sys.stderr)

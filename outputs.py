@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from cli import UserError, display_name, log
+from cli import UserError, display_name, hxw, log
 from files import (
     WriteError,
     check_writable,
@@ -71,7 +71,7 @@ def save_features(path: Path, feats: torch.Tensor, image_hw, run_hw, backbone, s
 
 def save_pictures(image: torch.Tensor, labels, names: list[str], outs: list[Path], title: str):
     """The mask and the overlay of one image (1, 3, H, W) in [0, 1] and its (H, W) label map, atomically."""
-    save_mask(labels, len(names), outs[0])
+    save_mask(labels, len(names), outs[0], names)
     save_overlay(image[0].permute(1, 2, 0).numpy(), labels, names, outs[1], title)
 
 
@@ -88,7 +88,7 @@ def print_report(name: str, seg, names: list[str] | None, setup: str, args, seco
         labels = seg.labels[0].cpu().numpy()
         H, W = labels.shape
         precision = "amp" if args.amp else "fp32"
-        print(f"{name}: {W}x{H} px {setup}, protocol {args.protocol}, {precision}, {len(names)} classes")
+        print(f"{name}: {hxw(H, W)} px {setup}, protocol {args.protocol}, {precision}, {len(names)} classes")
         shares, order = class_shares(labels, len(names))
         width = max(len(n) for n in names)
         for k in order:

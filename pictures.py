@@ -1,8 +1,10 @@
 """Everything that draws or writes a picture (not a part of the paper): segment.py's colour mask and overlay, and
 the speed-accuracy plot in the style of Fig. 1 that evaluate.py and miniature.py draw.
 
-* `save_mask`     -- a palette PNG whose pixel values are the class indices, coloured by the VOC colour map;
-* `save_overlay`  -- image | overlay side by side, and a legend of the classes present, largest share first;
+* `save_mask`     -- a palette PNG whose pixel values are the class indices, coloured by the VOC colour map, or by
+                     name when the classes are named by colours (`class_colours`: "red, green, blue, yellow");
+* `save_overlay`  -- image | overlay side by side, and a legend of the classes present, largest share first, that
+                     says which palette it is;
 * `speed_accuracy_plot` -- seconds per image (log x) against mIoU, one labelled point per mode;
 * `pca_rgb`       -- the first three principal components of dense features as RGB, one fit shared by all maps.
 
@@ -23,9 +25,34 @@ from cli import UserError, display_name
 from files import atomic_write, check_writable
 
 
-def class_colours(n: int) -> np.ndarray:
-    """(n, 3) uint8 colours of n classes: the PASCAL VOC colour map from its second entry on (no black class)."""
-    return voc_palette(n + 1)[1:]
+def class_colours(n: int, names: list[str] | None = None) -> np.ndarray:
+    """(n, 3) uint8 colours of n classes: the PASCAL VOC colour map from its second entry on (no black class); when
+    at least half the `names` are colour names (CSS: red, green, dark blue, ...), each of those in its colour and
+    the other classes (e.g. background) in greys, so that class "red" is never drawn green."""
+    if not by_name(names or []):
+        return voc_palette(n + 1)[1:]
+    greys = iter(np.linspace(96, 192, max(1, n)).astype(np.uint8))
+    named = [named_colour(name) for name in names]
+    return np.array([rgb if rgb is not None else (next(greys),) * 3 for rgb in named], np.uint8)
+
+
+def named_colour(name: str) -> tuple[int, int, int] | None:
+    """The RGB of a colour name ("red", "Dark Blue", "light-green": CSS, as PIL knows them); None for other words."""
+    from PIL import ImageColor
+
+    key = name.strip().lower().replace(" ", "").replace("-", "")
+    return ImageColor.getrgb(key)[:3] if key.isalpha() and key in ImageColor.colormap else None
+
+
+def by_name(names: list[str]) -> bool:
+    """Whether `names` are coloured by name: at least half of them are colour names (one "orange" among VOC's
+    twenty classes is not)."""
+    return bool(names) and 2 * sum(named_colour(n) is not None for n in names) >= len(names)
+
+
+def palette_note(names: list[str]) -> str:
+    """What the colours of a mask mean, for its legend."""
+    return "colours: by class name, others grey" if by_name(names) else "colours: PASCAL VOC colour map"
 
 
 def class_shares(labels: np.ndarray, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
@@ -50,11 +77,12 @@ def check_mask_path(out: Path):
     check_writable(overlay_path(out))
 
 
-def save_mask(labels: np.ndarray, num_classes: int, path: str | os.PathLike):
-    """Colour-coded mask at the image's size: a palette PNG whose pixel values are the class indices."""
+def save_mask(labels: np.ndarray, num_classes: int, path: str | os.PathLike, names: list[str] | None = None):
+    """Colour-coded mask at the image's size: a palette PNG whose pixel values are the class indices (colours:
+    `class_colours` of the class `names`)."""
     from PIL import Image
 
-    colours = class_colours(num_classes)
+    colours = class_colours(num_classes, names)
     if num_classes <= 256:
         im = Image.fromarray(labels.astype(np.uint8), mode="P")
         im.putpalette(colours.reshape(-1).tolist())
@@ -79,7 +107,7 @@ def save_overlay(
     import matplotlib.pyplot as plt
     from matplotlib.patches import Patch
 
-    colours = class_colours(len(names)).astype(np.float32) / 255
+    colours = class_colours(len(names), names).astype(np.float32) / 255
     overlay = (1 - alpha) * image + alpha * colours[labels]
     shares, order = class_shares(labels, len(names))
     order = [k for k in order if shares[k] > 0][:max_legend]
@@ -98,7 +126,12 @@ def save_overlay(
     handles = [Patch(facecolor=colours[k], edgecolor="k", label=f"{names[k]}  {100 * shares[k]:.1f}%") for k in order]
     axes[2].axis("off")
     axes[2].legend(
-        handles=handles, loc="center left", fontsize=8, frameon=False, title="class  pixel share", title_fontsize=8
+        handles=handles,
+        loc="center left",
+        fontsize=8,
+        frameon=False,
+        title=f"class  pixel share\n({palette_note(names)})",
+        title_fontsize=8,
     )
     if title:
         fig.suptitle(title, fontsize=10)

@@ -273,6 +273,13 @@ def table_notes(args) -> list[str]:
         )
     if args.smoke_backbone:
         notes.append(f"smoke test: every row ran on the '{args.smoke_backbone}' backbone, not the paper's")
+    from checkpoints import random_weights
+    from cli import RANDOM_WEIGHTS
+
+    if any(
+        random_weights(b, args.pretrained) for b in ([args.smoke_backbone] if args.smoke_backbone else args.backbones)
+    ):
+        notes.append(f"{RANDOM_WEIGHTS}: the numbers say nothing about the method")
     return notes
 
 
@@ -405,7 +412,7 @@ def add_row_flags(p: argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from cli import ArgumentParser
+    from cli import ArgumentParser, add_threads_arg
 
     p = ArgumentParser(
         description="The paper's Table 1 from checkpoints: evaluate the six benchmarks "
@@ -435,6 +442,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="folder for the per-run JSONs and table1.md (default: %(default)s)",
     )
     p.add_argument("--device", default=None, help="passed to evaluate.py (default: its own, cuda if available)")
+    add_threads_arg(p)
     p.add_argument("--max-images", type=int, default=None, help="first N images only (a quick look; not comparable)")
     p.add_argument("--short-side", type=int, default=None, help="override the resize (tests only; not comparable)")
     p.add_argument("--templates", default=None, help="prompt templates file (default: evaluate.py's, the 80 of CLIP)")

@@ -1,5 +1,6 @@
-"""The results JSON of evaluate.py (not a part of the paper): where it goes, the settings it records, resuming a run
-from it, and reading it back (reproduce.py).
+"""The results JSON of evaluate.py (not a part of the paper): where it goes, the settings and the modes it records
+(`parse_modes`: --modes; `check_checkpoint`: which of them run the --checkpoint), resuming a run from it, and reading
+it back (reproduce.py).
 
     {"settings": {dataset, root, num_images, backbone, pretrained, checkpoint, logit_scale, prob_thd, area_thd,
                   short_side, long_side, protocol, amp, templates},
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 from pathlib import Path
 
 from benchmarks import settings_for
@@ -58,7 +60,47 @@ def run_settings(args, num_images: int, templates: list[str], overrides: dict) -
         amp=args.amp,
         templates=hashlib.sha256("\n".join(templates).encode()).hexdigest()[:16],
         **({"naflex_patches": getattr(args, "naflex_patches", None)} if args.backbone.endswith("naflex-b16") else {}),
+        **({"window": args.window} if getattr(args, "window", None) else {}),  # the teacher's K, when not native
     )
+
+
+def parse_modes(text: str) -> list[tuple[str, str, int]]:
+    """ "single,slide24,slidelogit24,pretrained,student" -> [(label, kind, stride)], kind in single | pretrained |
+    student | slide | slidelogit (slideN averages features over windows, slidelogitN cosine logits)."""
+    modes = []
+    for m in (t.strip() for t in text.split(",")):
+        match = re.fullmatch(r"(slidelogit|slide)(\d*)", m)
+        if m in ONE_PASS:
+            modes.append((m, m, 0))
+        elif match:
+            kind, stride = match.group(1), int(match.group(2) or 24)
+            if stride <= 0:
+                raise UserError(f"mode '{m}': the stride must be positive")
+            modes.append((f"{kind}{stride}", kind, stride))
+        elif m:
+            raise UserError(
+                f"unknown mode '{m}'; use single, pretrained, student, slideN or slidelogitN (N = stride in px, e.g. "
+                f"slide24)"
+            )
+    if not modes:
+        raise UserError("no modes given; e.g. --modes single,slide24")
+    return modes
+
+
+ONE_PASS = ("single", "pretrained", "student")  # the modes of (E3), one pass over the whole image
+STUDENT = ("single", "student")  # the modes that run the --checkpoint (single: when one is given)
+
+
+def check_checkpoint(modes, checkpoint):
+    """--checkpoint given, but no mode runs it, or a `student` mode without one: one sentence."""
+    kinds = {kind for _, kind, _ in modes}
+    if "student" in kinds and not checkpoint:
+        raise UserError("mode 'student' evaluates a --checkpoint; give one (student.pt from distill.py).")
+    if checkpoint and not kinds & set(STUDENT):
+        raise UserError(
+            f"--checkpoint is given but no mode in --modes {','.join(m for m, _, _ in modes)} runs it; add the "
+            f"mode 'student' (e.g. --modes pretrained,slide24,student), or leave --checkpoint out."
+        )
 
 
 def ours(obj) -> bool:

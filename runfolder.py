@@ -36,7 +36,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from checkpoints import save_student, weights_sha1
-from cli import UserError, barrier, check_numbers, flag, is_main, log, printable, rank_world
+from cli import UserError, barrier, check_numbers, flag, hxw, is_main, log, printable, rank_world
 from files import (
     ImageError,
     atomic_write,
@@ -460,7 +460,7 @@ def read_image(path: str, min_side: int = 16) -> Image.Image:
         raise ImageSkip(f"cannot read it ({exc.reason})") from exc
     W, H = rgb.size
     if min(W, H) < min_side:
-        raise ImageSkip(f"it is {W}x{H} px, smaller than one {min_side} px patch")
+        raise ImageSkip(f"it is {hxw(H, W)} px, smaller than one {min_side} px patch")
     if max(W, H) / min(W, H) > MAX_ASPECT:
         raise ImageSkip(f"its aspect ratio {max(W, H) / min(W, H):.0f}:1 is beyond {MAX_ASPECT:.0f}:1")
     return rgb

@@ -144,6 +144,7 @@ class SegmentSettings:
     protocol: str = flag("paper", "paper: the authors' resizes; aligned: ours (see upsample_logits)", choices=PROTOCOLS)
     amp: bool = flag(False, "bf16/fp16 autocast on GPU (default: fp32, as the authors)")
     batch_size: int | None = flag(None, "teacher windows per forward (default: auto)", (">=", 1))
+    window: int | None = flag(None, cli.WINDOW_HELP, (">=", 1), metavar="K")
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -157,8 +158,8 @@ def run_size(H: int, W: int, settings: SegmentSettings, patch: int) -> tuple[int
     hw = resized_hw(H, W, settings.short_side, settings.long_side)
     if min(H, W, *hw) < patch:
         raise SegmentError(
-            f"the image is {W}x{H} px"
-            + (f", resized to {hw[1]}x{hw[0]}," if hw != (H, W) else "")
+            f"the image is {cli.hxw(H, W)} px"
+            + (f", resized to {cli.hxw(*hw)}," if hw != (H, W) else "")
             + f" smaller than one {patch} px patch on a side; there is nothing to segment"
             + ("; use a larger short side (paper: 672) or none to keep its size." if hw != (H, W) else ".")
         )
@@ -170,7 +171,7 @@ def window_teacher(backbone: Backbone, settings: SegmentSettings, text: ClassTex
     per-window cosine logits (E5) with `text`."""
     head = (lambda f: cosine(f, text)) if settings.mode == "slidelogit" else None
     precision = "auto" if settings.amp else "fp32"
-    return Teacher(backbone, stride=settings.stride, batch_size=settings.batch_size, precision=precision, head=head)
+    return Teacher(backbone, settings.window, settings.stride, settings.batch_size, precision=precision, head=head)
 
 
 def dense_features(backbone: Backbone, x: torch.Tensor, settings: SegmentSettings, teacher: Teacher | None = None):
@@ -293,10 +294,10 @@ def segment(
     return Segmentation(labels, logits, time.perf_counter() - t0)
 
 
-def check_stride(stride: int, backbone: Backbone, what: str = "--stride"):
-    """A teacher stride above the window K leaves strips that no window sees: refuse it before any work."""
-    if not 0 < stride <= backbone.window:
-        raise SegmentError(f"{what} must be between 1 and the {backbone.window} px window, got {stride}.")
+def check_stride(stride: int, backbone: Backbone, what: str = "--stride", window: int | None = None):
+    """A teacher stride above the window K (default: the native one) leaves strips no window sees: refuse it early."""
+    if not 0 < stride <= (K := window or backbone.window):
+        raise SegmentError(f"{what} must be between 1 and the {K} px window, got {stride}.")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -364,6 +365,7 @@ def _run(argv=None):
         if not plan.pending:  # a rerun of a finished folder
             return
     backbone = load_backbone(args.backbone, args.pretrained, device, checkpoint=checkpoint)
+    cli.note_random_weights(backbone.random_weights)
     if not single:
         check_stride(args.stride, backbone)
     hw = None if folder else run_size(*image.shape[-2:], settings, backbone.patch_size)  # before any work
@@ -377,7 +379,7 @@ def _run(argv=None):
     files = outs(args.out or "seg.png")
     seg = write_outputs(backbone, text, settings, args.image, files, title, image)
     model = backbone.name + (f" + {cli.display_name(checkpoint)}" if checkpoint else "")
-    setup = f"(run at {hw[1]}x{hw[0]}), backbone {model}, mode {how}"
+    setup = f"(run at {cli.hxw(*hw)}), backbone {model}, mode {how}"
     seconds = (t_loaded - t_start, t_text - t_loaded, time.perf_counter() - t_start)  # load, text, total
     outputs.print_report(cli.display_name(args.image), seg, text and text.names, setup, args, seconds, files)
 

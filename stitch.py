@@ -18,7 +18,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from cli import ArgumentParser, UserError, main_guard
+from cli import ArgumentParser, UserError, add_threads_arg, main_guard
 
 
 def window_starts(length: int, window: int, stride: int) -> list[int]:
@@ -124,11 +124,12 @@ def _run(argv):
     parser = ArgumentParser(
         description="Print the teacher's window grid (E1) and stitching canvas (E2) for an image size."
     )
-    parser.add_argument("--height", type=int, default=1024)
-    parser.add_argument("--width", type=int, default=2048)
-    parser.add_argument("--window", type=int, default=512, help="K, the backbone's native resolution")
-    parser.add_argument("--stride", type=int, default=24, help="s (paper's teacher: 24)")
-    parser.add_argument("--patch", type=int, default=16, help="p")
+    parser.add_argument("--height", type=int, default=1024, help="H, the image height in px (default 1024)")
+    parser.add_argument("--width", type=int, default=2048, help="W, the image width in px (default 2048)")
+    parser.add_argument("--window", type=int, default=512, help="K, the backbone's native resolution (default 512)")
+    parser.add_argument("--stride", type=int, default=24, help="s, the window stride in px (paper's teacher: 24)")
+    parser.add_argument("--patch", type=int, default=16, help="p, the patch size in px (default 16)")
+    add_threads_arg(parser)
     args = parser.parse_args(argv)
     p, K, s = args.patch, args.window, args.stride
     H, W = (max(K, math.ceil(side / p) * p) for side in (args.height, args.width))  # the grid, at least K

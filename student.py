@@ -26,7 +26,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from checkpoints import BACKBONES, BackboneError, load_checkpoint, open_clip_model, tokenizer_factory
+from checkpoints import BACKBONES, BackboneError, load_checkpoint, open_clip_model, random_weights, tokenizer_factory
 from cli import ArgumentParser, add_backbone_args, autocast, main_guard, parse_size, resolve_device, timed
 from dinotxt import build_dinotxt
 from naflex import DEFAULT_PATCHES, build_naflex, naflex_grid
@@ -321,6 +321,7 @@ def load_backbone(
     else:  # the timm trunk's width: SigLIP2, NaFlex, DINOv3
         dim = getattr(model.visual, "trunk", model.visual).embed_dim
     backbone = cls(model, spec, dim)
+    backbone.random_weights = random_weights(name, pretrained)  # cli.note_random_weights; the authors' files clear it
     if checkpoint:
         load_checkpoint(backbone, checkpoint)
     return backbone.to(device)

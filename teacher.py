@@ -40,7 +40,7 @@ class Teacher(nn.Module):
     def __init__(self, backbone, window=None, stride=24, batch_size=None, progress=False, precision="auto", head=None):
         super().__init__()
         self.backbone = backbone
-        self.window = window or backbone.window
+        self.window = backbone.window if window is None else window
         self.stride = stride
         self.batch_size = batch_size
         self.progress = progress
@@ -49,8 +49,8 @@ class Teacher(nn.Module):
         p = backbone.patch_size
         if not getattr(backbone, "slides", True):  # NaFlex: each image is resized to a patch budget, no window K
             raise TeacherError(f"{backbone.name} is a single-pass baseline with no native window; use --mode single.")
-        if self.window % p:
-            raise TeacherError(f"window {self.window} must be a multiple of the patch size {p}.")
+        if self.window < p or self.window % p:  # 0, negative, below one patch, or between two patch multiples
+            raise TeacherError(f"window {self.window} must be a positive multiple of the patch size {p}.")
         if not 0 < stride <= self.window:  # a stride above K leaves strips that no window sees
             raise TeacherError(f"the stride must be between 1 and the {self.window} px window, got {stride}.")
         if batch_size is not None and batch_size < 1:
@@ -141,22 +141,17 @@ def _run(argv):
     cli.add_backbone_args(parser, BACKBONES)
     parser.add_argument("--image", help="image file (default: random noise of --size)")
     parser.add_argument("--size", default="512x1024", help="HxW used when --image is not given (default: %(default)s)")
-    parser.add_argument("--stride", type=int, default=24, help="window stride s in pixels, 1..K (paper: 24)")
-    parser.add_argument("--batch-size", type=int, default=None, help="windows per forward (default: auto)")
-    parser.add_argument(
-        "--precision",
-        choices=PRECISIONS,
-        default="auto",
-        help="auto: bf16/fp16 autocast on GPU, fp32 on CPU (default: %(default)s)",
-    )
+    cli.add_teacher_args(parser)  # --stride, --window, --batch-size, --precision
     args = parser.parse_args(argv)
     device = cli.resolve_device(args.device)
     size = cli.parse_size(args.size, "--size") if not args.image else None
     backbone = load_backbone(args.backbone, args.pretrained, device)
-    teacher = Teacher(backbone, stride=args.stride, batch_size=args.batch_size, progress=True, precision=args.precision)
+    cli.note_random_weights(backbone.random_weights)
+    teacher = Teacher(backbone, args.window, args.stride, args.batch_size, progress=True, precision=args.precision)
     img = load_image(args.image) if args.image else torch.rand(1, 3, *size, generator=torch.Generator().manual_seed(0))
     x = backbone.normalize(img.to(device))
     H, W = x.shape[-2:]
+    cli.check_window_fits(args.window, H, W)
     print(
         f"backbone {backbone.name} (K={teacher.window}, p={backbone.patch_size}, C={backbone.dim}), "
         f"image {H}x{W}, grid {backbone.grid_size(H, W)}"

@@ -76,7 +76,7 @@ def test_decompression_bomb_header_is_one_sentence_in_read_rgb_and_main(tmp_path
     with pytest.raises(SystemExit) as exc:
         files.main([str(tmp_path / "ok.png"), str(bomb)])
     out, err = capsys.readouterr()
-    assert exc.value.code == 2 and "ok.png: RGB -> RGB 4x3" in out
+    assert exc.value.code == 2 and "ok.png: RGB -> RGB 3x4 (H x W)" in out  # 4 wide, 3 high
     assert err.count("error:") == 1 and "bomb.png" in err and "Traceback" not in err
 
 

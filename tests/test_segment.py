@@ -402,7 +402,7 @@ def test_cli_odd_size_slide_and_class_file(tmp_path, template_file, capsys):
     with Image.open(out) as mask:
         assert mask.size == (70, 45)
         assert np.asarray(mask).max() < 3  # truck -> class 1
-    assert "(run at 70x45)" in capsys.readouterr().out  # --short-side 0: as is
+    assert "(run at 45x70)" in capsys.readouterr().out  # --short-side 0: as is (H x W: 45 high, 70 wide)
 
 
 def test_cli_errors_are_one_sentence(tmp_path, template_file, capsys):

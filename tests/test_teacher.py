@@ -146,6 +146,26 @@ def test_teacher_window_count_and_validation(tiny):
         Teacher(tiny, window=100)
 
 
+def test_window_flag_changes_the_window_grid(capsys):
+    """--window K: another K tiles the image with another grid of K x K windows (each at the resized position
+    embeddings, (E3)); the count printed is the (E1) grid's, len(starts(H)) x len(starts(W))."""
+    from stitch import window_starts
+    from teacher import main
+
+    counts = {}
+    for K in (None, 64, 32):
+        main(
+            ["--backbone", "tiny", "--pretrained", "none", "--size", "160x256", "--stride", "32"]
+            + (["--window", str(K)] if K else [])
+        )
+        out = capsys.readouterr().out
+        counts[K] = int(out.split("stride 32: ")[1].split(" windows")[0])
+        k = K or 128
+        assert f"(K={k}," in out and counts[K] == len(window_starts(160, k, 32)) * len(window_starts(256, k, 32))
+    assert counts[None] == 2 * 5 and counts[64] == 4 * 7 and counts[32] == 5 * 8
+    assert Teacher(load_backbone("tiny", None), window=64, stride=32).num_windows(160, 256) == counts[64]
+
+
 def test_teacher_cli_reports_grid_windows_and_agreement(tmp_path):
     from PIL import Image
 
@@ -222,6 +242,11 @@ def test_teacher_precision_head_and_bad_settings(tiny):
         (["--size", "abc"], "--size"),
         (["--size", "0x0"], "--size"),
         (["--batch-size", "-1"], "batch size"),
+        (["--window", "0"], "window 0 must be a positive multiple of the patch size 16"),
+        (["--window", "-32"], "window -32 must be a positive multiple"),
+        (["--window", "8"], "window 8 must be a positive multiple"),  # smaller than one patch
+        (["--window", "40"], "window 40 must be a positive multiple"),
+        (["--size", "64x96", "--window", "128"], "--window 128 is larger than the 96x64 px image"),
     ],
 )
 def test_teacher_cli_bad_arguments_one_line(capsys, extra, message):
