@@ -137,13 +137,13 @@ def measure(backbone, samples, text, stride: int = 24, reference=None) -> dict:
 
 def print_table(title: str, result: dict, names: list[str]):
     print(f"\n{title}   (mean token length |F_T| = {result['token_length']:.2f})")
-    print(f"{'variant':<34} {'|offset|':>8} {'most along':>18} {'token acc':>9}")
+    print(f"{'variant':<34} {'|offset|':>8} {'most along':>20} {'token acc':>9}")
     labels = dict(single="single pass (E3)", local="single pass, 9x9-token attention", tiled="single pass, tiled "
                   "positions", teacher="teacher (E1-E2, pre-trained)")  # fmt: skip
     for k, row in result["rows"].items():
         c = int(np.argmax(row["cosine"]))
         along = f"{names[c]} ({row['cosine'][c]:+.2f})" if row["offset"] > 1e-6 else "-"
-        print(f"{labels[k]:<34} {row['offset']:8.2f} {along:>18} {row['accuracy']:9.1f}")
+        print(f"{labels[k]:<34} {row['offset']:8.2f} {along:>20} {row['accuracy']:9.1f}")
     print(f"mean attention distance of the single pass: {result['rows']['single']['distance']:.1f} tokens")
 
 

@@ -157,7 +157,8 @@ def sigmoid_loss(bb, x, y, text, cfg, head) -> torch.Tensor:
     """SigLIP's image-level loss: z = exp(t) cos(pool(x), t_c) + b, target 1 where class c covers >= `presence` of
     the image, sigmoid cross-entropy summed over classes and averaged over images.  Only the attention-pooled
     embedding is trained; the dense features (the pool's value path, `Backbone.dense`) inherit what it learns."""
-    pooled = F.normalize(bb.model.encode_image(bb.normalize(x)), dim=-1)  # (B, C)
+    tokens, _ = bb.tokens(bb.normalize(x))  # (B, N, C), position embeddings resized by (E3) off 128^2
+    pooled = F.normalize(bb.trunk.forward_head(tokens), dim=-1)  # the attention pool: (B, C)
     present = F.one_hot(y.long(), len(CLASSES)).float().mean((1, 2)) >= cfg["presence"]  # (B, K)
     logits = head["t"].exp() * pooled @ text.T + head["b"]
     return F.binary_cross_entropy_with_logits(logits, present.float(), reduction="sum") / len(x)

@@ -37,7 +37,7 @@ TOY = [
     "distill.images=6",
     "distill.size=128x256",
     "distill.epochs=3",
-    "distill.lr=1e-4",
+    "distill.lr=2e-5",
     "distill.train=all",
     "distill.stride=64",
 ]
