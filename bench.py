@@ -34,6 +34,7 @@ import statistics
 import sys
 import time
 
+import _startup  # noqa: F401 (first: Ctrl-C or SIGTERM during the imports exits 130)
 import torch
 import torch.nn.functional as F
 
@@ -42,6 +43,7 @@ from cli import (
     UserError,
     add_threads_arg,
     autocast,
+    check_memory,
     check_numbers,
     main_guard,
     note_random_weights,
@@ -719,6 +721,8 @@ def _run(argv):
         raise UserError(
             f"--strides must be at most the {backbone.window} px window of {backbone.name}, got {max(strides)}."
         )
+    for H, W in sizes + [train_size]:  # a size that could never fit is refused before any measuring
+        check_memory(H, W, backbone.patch_size, backbone.dim, backbone.device, "--sizes / --train-size: one pass at")
     ref = bare_trunk(backbone)
     args.batch_size = args.batch_size or default_batch_size(backbone, backbone.device)  # once: free memory changes
     meta = run_meta(backbone, ref, args, argv)

@@ -31,6 +31,7 @@ from __future__ import annotations
 import io
 import math
 import os
+import string
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -72,11 +73,27 @@ def parse_class_lines(lines: list[str]) -> list[list[str]]:
 
 def read_class_file(path: str | os.PathLike) -> list[list[str]]:
     """A class file as in the paper's code (data/classes/*.txt): one class per line, synonyms comma-separated."""
+    return parse_class_lines(read_text_file(path, "class file").splitlines())
+
+
+def read_text_file(path: str | os.PathLike, what: str) -> str:
+    """A small UTF-8 text file (class names, templates); a missing, binary or non-UTF-8 file is one sentence."""
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        data = Path(path).read_bytes() if Path(path).is_file() or not Path(path).exists() else None
     except OSError as exc:
-        raise DatasetError(f"cannot read class file '{path}' ({exc.strerror or exc}).") from exc
-    return parse_class_lines(text.splitlines())
+        raise DatasetError(f"cannot read {what} '{path}' ({exc.strerror or exc}).") from exc
+    if data is None:
+        raise DatasetError(f"{what} '{path}' is not a regular file; pass a UTF-8 text file.")
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        raise DatasetError(
+            f"{what} '{path}' is not UTF-8 text (byte 0x{data[exc.start]:02x} on line {line}); save it as UTF-8."
+        ) from None
+    if "\x00" in text:
+        raise DatasetError(f"{what} '{path}' is a binary file (it holds NUL bytes), not text; pass a UTF-8 text file.")
+    return text
 
 
 def parse_classes(text: str) -> list[list[str]]:
@@ -110,13 +127,25 @@ def check_duplicates(classes: list[list[str]]):
 
 
 def read_templates(path: str | os.PathLike = DEFAULT_TEMPLATES) -> list[str]:
-    """Prompt templates, one per line, `{}` standing for the class name (the paper uses the 80 ImageNet ones)."""
-    try:
-        lines = [t.strip() for t in Path(path).read_text(encoding="utf-8").splitlines() if t.strip()]
-    except OSError as exc:
-        raise DatasetError(f"cannot read template file '{path}' ({exc.strerror or exc}).") from exc
-    if not lines or any("{}" not in t for t in lines):
-        raise DatasetError(f"template file '{path}' must hold one template per line, each with '{{}}' for the name.")
+    """Prompt templates, one per line, `{}` standing for the class name (the paper uses the 80 ImageNet ones); a
+    line without exactly one `{}` field (`a {0} {1}`, `{x}`, `a photo`, an unmatched brace) names its line."""
+    lines = []
+    for number, line in enumerate(read_text_file(path, "template file").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            named = [field for _, field, _, _ in string.Formatter().parse(line.strip()) if field is not None]
+            line.strip().format("x")
+        except (ValueError, IndexError, KeyError) as exc:
+            named = [f"? ({exc})"]
+        if named != [""]:
+            raise DatasetError(
+                f"template file '{path}' line {number} ({line.strip()!r}) must have exactly one '{{}}' for the "
+                f"class name and no other '{{...}}' field; write literal braces as '{{{{' and '}}}}'."
+            )
+        lines.append(line.strip())
+    if not lines:
+        raise DatasetError(f"template file '{path}' holds no template; write one per line, with '{{}}' for the name.")
     return lines
 
 

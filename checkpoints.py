@@ -17,14 +17,16 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import logging
 import os
+import warnings
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 
-from cli import UserError
+from cli import UserError, resolve_device
 from files import content_sha1, save_torch
 
 
@@ -68,12 +70,14 @@ def _read_torch_file(path: str, what: str = "checkpoint"):
     import pickle
 
     try:
-        try:
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except pickle.UnpicklingError:
-            raise
-        except Exception:  # legacy (non-zip) torch files cannot be memory-mapped
-            return torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch's warnings on odd pickles / sparse tensors: the one line is ours
+            warnings.simplefilter("ignore")
+            try:
+                return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except pickle.UnpicklingError:
+                raise
+            except Exception:  # legacy (non-zip) torch files cannot be memory-mapped
+                return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         if "Unsupported global" not in str(exc):  # garbage bytes: not a torch file at all
             raise BackboneError(
@@ -276,7 +280,7 @@ def save_student(path: str, backbone, settings: dict):
         dict(
             format=CHECKPOINT_FORMAT,
             backbone=backbone.name,
-            settings=settings,
+            settings=json.loads(json.dumps(settings)),  # fresh objects: equal settings give equal bytes (a rewrite)
             image_tower={k: v.detach().cpu() for k, v in tower.state_dict().items()},
         ),
     )
@@ -444,6 +448,27 @@ def _quiet_logging():
         yield
     finally:
         logging.disable(logging.NOTSET)
+
+
+def check_load_args(name, pretrained, device, checkpoint) -> torch.device:
+    """`load_backbone`'s arguments, each of the right type and existing here (one sentence otherwise); the device."""
+    if not isinstance(name, str) or name not in BACKBONES:
+        raise BackboneError(f"unknown backbone {name!r}; choose one of: {', '.join(BACKBONES)}.")
+    kinds = dict(pretrained="'default', 'none', None or a weights file path", checkpoint="None or a file path")
+    for what, value in (("pretrained", pretrained), ("checkpoint", checkpoint)):
+        if value is not None and not isinstance(value, (str, os.PathLike)):
+            raise BackboneError(f"{what} must be {kinds[what]}, not {type(value).__name__} {value!r}.")
+    if not isinstance(device, (str, torch.device)):
+        raise BackboneError(f"device must be a str or torch.device such as 'cpu' or 'cuda:0', not {device!r}.")
+    return resolve_device(str(device))
+
+
+def model_width(spec: BackboneSpec, model) -> int:
+    """C, the width of the dense features: OpenCLIP's projection (or its transformer's width), else the timm
+    trunk's embed_dim (SigLIP2, NaFlex, DINOv3)."""
+    if spec.kind == "openclip":
+        return model.visual.proj.shape[1] if model.visual.proj is not None else model.visual.transformer.width
+    return getattr(model.visual, "trunk", model.visual).embed_dim
 
 
 def open_clip_model(spec: BackboneSpec, pretrained):

@@ -260,6 +260,59 @@ def parse_size(text: str, what: str = "size") -> tuple[int, int]:
     return H, W
 
 
+def check_unit_images(images, what: str):
+    """Images where [0, 1] RGB is documented (`Backbone.normalize`, `segment()`): a uint8 tensor, 0..255 floats or
+    non-finite values are one sentence (a resize's bicubic overshoot, up to 0.25 beyond the range, is allowed)."""
+    if not torch.is_tensor(images) or not images.is_floating_point():
+        kind = images.dtype if torch.is_tensor(images) else type(images).__name__
+        raise UserError(f"{what} takes float RGB images in [0, 1], not {kind}; pass images.float() / 255 for 8-bit.")
+    if images.numel():
+        lo, hi = torch.stack(torch.aminmax(images.detach().float())).tolist()  # one device -> host copy
+        if not (math.isfinite(lo) and math.isfinite(hi)) or lo < -0.25 or hi > 1.25:
+            raise UserError(
+                f"{what} takes RGB images in [0, 1], got values in [{lo:.4g}, {hi:.4g}]; divide 0..255 images by 255."
+            )
+
+
+def prompt_list(texts) -> list[str]:
+    """`encode_text`'s prompts: a list (or tuple) of str; one str is ONE prompt (as open_clip's tokenizer takes it),
+    never split into its characters; anything else is one sentence."""
+    if isinstance(texts, str):
+        return [texts]
+    if not isinstance(texts, (list, tuple)) or not all(isinstance(t, str) for t in texts):
+        raise UserError(f"encode_text takes a list of str (or one str), not {type(texts).__name__} {texts!r:.60}.")
+    return list(texts)
+
+
+def free_memory(device) -> int | None:
+    """Bytes this process could still allocate on `device`: free GPU memory, or MemAvailable on the host; None when
+    unknown (e.g. MPS)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    if device.type != "cpu":
+        return None
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else None
+
+
+def check_memory(H: int, W: int, patch: int, dim: int, device, what: str, batch: int = 1):
+    """Refuse, with the estimate, a single pass over `batch` H x W images that cannot fit `device` (a 100000^2
+    --size asked 120 GB for its input alone).  A lower bound: the fp32 input and ~12 (tokens x C) fp32 activations
+    per image (the residual, q/k/v, the 4x MLP), no attention matrix; so only hopeless sizes are refused."""
+    tokens = math.ceil(H / patch) * math.ceil(W / patch)
+    need = batch * 4 * (3 * H * W + 12 * tokens * dim)
+    free = free_memory(device)
+    if free is not None and need > free:
+        raise UserError(
+            f"{what} {H}x{W} px needs at least {need / 2**30:.1f} GiB on {device} (input and activations), but "
+            f"{free / 2**30:.1f} GiB is free; use a smaller size."
+        )
+
+
 def check_numbers(rules, error=UserError):
     """One table of number checks, one sentence each.  `rules`: (flag, value, rule) with rule one of
     ('>=', least) -- an integer count or size at least `least`; 'finite>0'; 'finite>=0'; '0..1'.

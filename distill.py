@@ -40,6 +40,7 @@ import random
 import time
 from dataclasses import dataclass
 
+import _startup  # noqa: F401 (first: Ctrl-C or SIGTERM during the imports exits 130)
 import numpy as np
 import torch
 import torch.nn.functional as F

@@ -27,10 +27,12 @@ import dataclasses
 import math
 import sys
 
+import _startup  # noqa: F401 (first: Ctrl-C or SIGTERM during the imports exits 130)
 import numpy as np
 import torch
 
 import benchmarks
+import refine
 from cli import (
     ArgumentParser,
     UserError,
@@ -201,6 +203,7 @@ def prepare(args):
     templates = benchmarks.read_templates(args.templates)
     settings = run_settings(args, len(samples), templates, {k: getattr(args, k) for k in benchmarks.SETTINGS})
     check_checkpoint(modes, args.checkpoint)
+    settings.update(refine.run_record(args))  # --refine, --upsample: a run with others does not resume this one
     needs_pretrained = any(k not in STUDENT for _, k, _ in modes) and args.checkpoint
     backbone = load_backbone(args.backbone, args.pretrained, device, checkpoint=args.checkpoint)
     backbone.max_patches = args.naflex_patches  # NaFlex's patch budget (only `NaFlexBackbone` reads it)
@@ -239,7 +242,8 @@ def run_modes(args, spec, out):
         + (f" + {display_name(args.checkpoint)}" if args.checkpoint else "")
         + f", logit scale {settings['logit_scale']:g}, prob_thd {settings['prob_thd']:g}, "
         f"area_thd {settings['area_thd']:g}, short side {settings['short_side']}, long side "
-        f"{settings['long_side']}, protocol {args.protocol}, {'amp' if args.amp else 'fp32'}"
+        f"{settings['long_side']}, protocol {args.protocol}, {'amp' if args.amp else 'fp32'}, refine {args.refine}, "
+        f"upsample {args.upsample}"
     )
     note_random_weights(backbone.random_weights)
     fields = [f.name for f in dataclasses.fields(SegmentSettings)]

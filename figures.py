@@ -45,6 +45,7 @@ import shlex
 import time
 from pathlib import Path
 
+import _startup  # noqa: F401 (first: Ctrl-C or SIGTERM during the imports exits 130)
 import numpy as np
 import torch
 
@@ -542,7 +543,7 @@ def fig3_jobs(args, K: int, samples, areas, strides, ckpts):
         modes = ["pretrained"]
         for s in strides:
             if s > K or short < K:
-                why = f"stride {s} > K = {K}" if s > K else f"{long}x{short} px is below the {K} px window K"
+                why = f"stride {s} > K = {K}" if s > K else f"the short side {short} px is below the {K} px window K"
                 skipped.append(f"slide{s} at {side}^2: {why}")
             else:
                 modes.append(f"slide{s}")

@@ -26,6 +26,7 @@ import sys
 import warnings
 from typing import TYPE_CHECKING
 
+import _startup  # noqa: F401 (first: Ctrl-C or SIGTERM during the imports exits 130)
 import numpy as np
 from PIL import Image, ImageOps
 
@@ -80,6 +81,8 @@ def read_rgb(path: str) -> Image.Image:
     """An image file as an 8-bit RGB PIL image (EXIF rotation applied); raises ImageError when it is unusable."""
     limit = Image.MAX_IMAGE_PIXELS
     try:
+        if not stat.S_ISREG(os.stat(path).st_mode):  # a FIFO would block forever, a device never end
+            raise ImageError(path, "it is a pipe, device or folder, not a regular file")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # refused below, before decoding
             with Image.open(path) as im:

@@ -19,7 +19,7 @@ same command run again does only what is left.
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -37,6 +37,7 @@ from files import (
     write_json,
 )
 from pictures import check_mask_path, class_shares, overlay_path, save_mask, save_overlay
+from refine import RefineSettings
 
 
 def output_files(stem: str | Path, features: bool, masks: bool) -> list[Path]:
@@ -77,7 +78,9 @@ def save_pictures(image: torch.Tensor, labels, names: list[str], outs: list[Path
 
 def folder_record(args, settings, checkpoint, classes, templates) -> dict:
     """What decides a folder's outputs; a rerun with a different record is refused (see `plan_folder`)."""
-    record = {"backbone": args.backbone, "pretrained": args.pretrained, "settings": asdict(settings)}
+    post = {f.name: f.default for f in fields(RefineSettings)}  # refine.py's fields: left out at their defaults,
+    kept = {k: v for k, v in asdict(settings).items() if k not in post or v != post[k]}  # so older records match
+    record = {"backbone": args.backbone, "pretrained": args.pretrained, "settings": kept}
     return record | {"checkpoint": checkpoint and file_sha1(checkpoint), "classes": classes, "templates": templates}
 
 

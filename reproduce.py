@@ -28,6 +28,8 @@ import sys
 import time
 from pathlib import Path
 
+import _startup  # noqa: F401 (first: Ctrl-C or SIGTERM during the imports exits 130)
+
 HERE = Path(__file__).resolve().parent
 
 # Table 1 columns in the paper's order: (dataset, column title, root flag, val images).
@@ -72,12 +74,29 @@ PAPER = {
     ("dinov3-l16", "spar"): paper_row(43.1, 91.3, 40.1, 25.4, 31.6, 35.0, 44.4),
     ("dinov3-l16", "slide"): paper_row(42.6, 90.8, 39.7, 24.9, 31.8, 34.4, 44.0),
     ("siglip2-naflex-b16", "pretrained"): paper_row(35.8, 66.6, 22.8, 16.2, 23.7, 25.2, 31.7),
+    # Table 1's last rows, SPAR post-processed (refine.py): only the means are in our copy of the paper's table
+    ("siglip2-b16", "lposs"): dict(mean=46.7),
+    ("siglip2-b16", "anyup"): dict(mean=46.8),
 }
 MODEL_TITLES = {
     "pretrained": "pre-trained, single pass",
     "spar": "SPAR, single pass",
     "slide": "pre-trained, sliding window",
+    "lposs": "LPOSS + SPAR",
+    "anyup": "SPAR + AnyUp",
 }
+MODELS = ("slide", "pretrained", "spar", "lposs", "anyup")  # the table's row order per backbone
+
+
+def post_rows(args, backbone: str, ckpt: str | None) -> list[tuple[str, list[str], str | None]]:
+    """The post-processed SPAR rows asked for (--lposs, --anyup-weights) that the paper has for this backbone:
+    (model, evaluate.py's extra flags, the weights file they read)."""
+    rows = []
+    if ckpt and args.lposs and (backbone, "lposs") in PAPER:
+        rows.append(("lposs", ["--refine", args.lposs, "--affinity", args.affinity], None))
+    if ckpt and args.anyup_weights and (backbone, "anyup") in PAPER:
+        rows.append(("anyup", ["--upsample", "anyup", "--anyup-weights", args.anyup_weights], args.anyup_weights))
+    return rows
 
 
 def say(msg: str):
@@ -150,15 +169,39 @@ def run_tee(cmd: list[str]) -> tuple[int, str]:
     return code, last or f"exit status {code}"
 
 
+def run_once(ctx: dict, key: str, cmd: list[str], out: Path, wanted, what: str, stamp: dict, note="") -> dict | None:
+    """One evaluate.py run unless done.json says it finished with the same command and files: {mode: mIoU %}, or
+    None when it failed (the error is recorded in ctx["errors"])."""
+    from files import write_json
+    from results import complete_modes
+
+    modes = complete_modes(out)
+    if ctx["done"].get(key) == stamp and all(m in modes for m in wanted):
+        say(f"done already: {what} ({out})")
+        return modes
+    say(f"\n== {what}{note}: {' '.join(cmd[1:])}")
+    code, last = run_tee(cmd)
+    if code == 130:
+        raise KeyboardInterrupt
+    modes = complete_modes(out)
+    if code != 0 or not all(m in modes for m in wanted):
+        ctx["errors"].append(f"{what}: evaluate.py failed ({last})")
+        say(f"error: {ctx['errors'][-1]}")
+        return None
+    ctx["done"][key] = stamp
+    write_json(ctx["done_path"], ctx["done"])
+    return modes
+
+
 def run_all(args, results: dict, errors: list[str]):
     """Evaluate every (row backbone, dataset) that has a root, filling results[(backbone, model, dataset)] = mIoU %
     and `errors` as runs finish (so an interrupted reproduction still tables what is done)."""
-    from files import read_json, write_json
-    from results import complete_modes, file_stamp
+    from files import read_json
+    from results import file_stamp
 
     out_dir = Path(args.out)
-    done_path = out_dir / "done.json"  # run key -> the command that finished it
-    done = read_json(done_path) or {}
+    ctx = dict(done_path=out_dir / "done.json", errors=errors)  # done.json: run key -> the command that finished it
+    ctx["done"] = read_json(ctx["done_path"]) or {}
     for backbone in args.backbones:
         ckpt = getattr(args, ROWS[backbone][1]) if ROWS[backbone][1] else None
         arch = args.smoke_backbone or backbone
@@ -170,33 +213,30 @@ def run_all(args, results: dict, errors: list[str]):
                 reason = f"no --{flag} given" if not root else f"--{flag} folder '{root}' does not exist"
                 say(f"skip: {title} with {backbone} ({reason})")
                 continue
-            out = out_dir / backbone / f"{dataset}{'-spar' if ckpt else ''}.json"
+            tag = "-spar" if ckpt else ""
             wanted = wanted_modes(args, backbone, ckpt)
+            out = out_dir / backbone / f"{dataset}{tag}.json"
             cmd = evaluate_command(args, arch, dataset, root, ckpt, out, wanted)
-            key = f"{backbone}/{dataset}{'-spar' if ckpt else ''}"
             stamp = {"cmd": cmd[1:], "checkpoint": list(file_stamp(ckpt)) if ckpt else None}
-            modes = complete_modes(out)
-            if done.get(key) == stamp and all(m in modes for m in wanted):
-                say(f"done already: {title} with {backbone} ({out})")
-            else:
-                say(
-                    f"\n== {title} with {backbone}{' + ' + os.path.basename(ckpt) if ckpt else ''}: {' '.join(cmd[1:])}"
-                )
-                code, last = run_tee(cmd)
-                if code == 130:
-                    raise KeyboardInterrupt
-                modes = complete_modes(out)
-                if code != 0 or not all(m in modes for m in wanted):
-                    errors.append(f"{title} with {backbone}: evaluate.py failed ({last})")
-                    say(f"error: {errors[-1]}")
-                    continue
-                done[key] = stamp
-                write_json(done_path, done)
+            note = f" + {os.path.basename(ckpt)}" if ckpt else ""
+            modes = run_once(
+                ctx, f"{backbone}/{dataset}{tag}", cmd, out, wanted, f"{title} with {backbone}", stamp, note
+            )
+            if modes is None:
+                continue
             results[(backbone, "pretrained", dataset)] = modes["pretrained"]
             if SLIDE in wanted:
                 results[(backbone, "slide", dataset)] = modes[SLIDE]
             if ckpt:
                 results[(backbone, "spar", dataset)] = modes["single"]
+            for model, extra, weights in post_rows(args, backbone, ckpt):  # LPOSS + SPAR, SPAR + AnyUp
+                out = out_dir / backbone / f"{dataset}-spar-{model}.json"
+                cmd = evaluate_command(args, arch, dataset, root, ckpt, out, ("single",)) + extra
+                stamp = dict(stamp, cmd=cmd[1:], weights=list(file_stamp(weights) or ()) if weights else None)
+                what = f"{title} with {backbone}, {MODEL_TITLES[model]}"
+                post = run_once(ctx, f"{backbone}/{dataset}-spar-{model}", cmd, out, ("single",), what, stamp)
+                if post is not None:
+                    results[(backbone, model, dataset)] = post["single"]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -221,7 +261,7 @@ def markdown_table(results: dict, backbones: list[str], notes: list[str]) -> str
         "|" + "---|" * len(head),
     ]
     for backbone in backbones:
-        for model in (m for m in ("slide", "pretrained", "spar") if (backbone, m) in PAPER):
+        for model in (m for m in MODELS if (backbone, m) in PAPER):
             paper = PAPER[(backbone, model)]
             ours = [results.get((backbone, model, d)) for d, _, _, _ in BENCHMARKS]
             mean = statistics.fmean(ours) if all(v is not None for v in ours) else None
@@ -409,6 +449,13 @@ def add_row_flags(p: argparse.ArgumentParser):
         action="store_true",
         help="also evaluate the sliding-window rows (slidelogit24: stride-24 windows, slow)",
     )
+    p.add_argument(
+        "--lposs",
+        choices=("lposs", "lposs+"),
+        help="also evaluate the LPOSS + SPAR row (SigLIP2) with this refinement (evaluate.py --refine; slow on CPU)",
+    )
+    p.add_argument("--affinity", default="self", help="the LPOSS row's affinity features (evaluate.py --affinity)")
+    p.add_argument("--anyup-weights", help="also evaluate the SPAR + AnyUp row (SigLIP2) with this AnyUp weights file")
 
 
 def build_parser() -> argparse.ArgumentParser:

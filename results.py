@@ -3,7 +3,8 @@
 it back (reproduce.py).
 
     {"settings": {dataset, root, num_images, backbone, pretrained, checkpoint, logit_scale, prob_thd, area_thd,
-                  short_side, long_side, protocol, amp, templates},
+                  short_side, long_side, protocol, amp, templates, [refine, affinity, upsample, anyup_weights,
+                  ...: refine.run_record, only when not the defaults]},
      "classes": [K names],
      "modes": {label: {images_done, seconds, seconds_per_image, miou, per_class_iou, confusion, ...}}}
 
@@ -39,8 +40,10 @@ def file_stamp(path: str | None) -> tuple[str, int, int] | None:
 
 
 def out_path(args) -> Path:
-    """--out, else runs/eval/<dataset>-<backbone>[-<checkpoint stem>].json."""
+    """--out, else runs/eval/<dataset>-<backbone>[-<checkpoint stem>][-lposs|-lposs+][-anyup].json."""
     tag = f"-{Path(args.checkpoint).stem}" if args.checkpoint else ""
+    post = (getattr(args, "refine", "none"), getattr(args, "upsample", "bilinear"))  # refine.py's flags
+    tag += "".join(f"-{v}" for v in post if v not in ("none", "bilinear"))  # not the file of the plain run
     return Path(args.out) if args.out else HERE / "runs" / "eval" / f"{args.dataset}-{args.backbone}{tag}.json"
 
 

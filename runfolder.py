@@ -635,6 +635,8 @@ class Checkpoints:
         self.run, self.backbone, self.names, self.optimizer, self.scaler = run, backbone, names, optimizer, scaler
         self.settings = settings
         self.resume_path, self.student_path = os.path.join(run, "resume.pt"), os.path.join(run, "student.pt")
+        self.kept_info, self.kept_params = None, None  # student.pt's settings and trained weights: a deleted
+        # student.pt is written again from these (resume.pt carries them), bit-exact, not from the last epoch
 
     def start(self, args) -> dict:
         """A fresh training state, or (with --resume) the saved one with the weights and the optimizer restored;
@@ -685,11 +687,12 @@ class Checkpoints:
     def save(self, state: dict, with_student: bool = True):
         """student.pt (when this state is the one kept) first, then resume.pt: a kill between the two makes
         --resume redo that step, which rewrites the same student.pt."""
+        params = dict(self.backbone.image_tower().named_parameters())
         if with_student:
             kept_loss = state["kept"]["loss"] if state["kept"] else None
             info = dict(self.settings, epochs_done=state["epoch"], step_in_epoch=state["step"], train_loss=kept_loss)
             save_student(self.student_path, self.backbone, info)
-        params = dict(self.backbone.image_tower().named_parameters())
+            self.kept_info, self.kept_params = info, {n: params[n].detach().cpu().clone() for n in self.names}
         save_torch(
             self.resume_path,
             dict(
@@ -700,6 +703,7 @@ class Checkpoints:
                 params={n: params[n].detach().cpu() for n in self.names},
                 optimizer=self.optimizer.state_dict(),
                 scaler=self.scaler.state_dict(),
+                kept_student=dict(info=self.kept_info, params=None if with_student else self.kept_params),
             ),
         )
 
@@ -723,6 +727,10 @@ class Checkpoints:
                 params[n].copy_(ck["params"][n])
         self.optimizer.load_state_dict(ck["optimizer"])
         self.scaler.load_state_dict(ck["scaler"])
+        kept = ck.get("kept_student") or {}  # params None: the saved position is the kept one
+        if kept.get("info") is not None:
+            self.kept_info = kept["info"]
+            self.kept_params = {n: (kept["params"] or ck["params"])[n].clone() for n in self.names}
         return ck["state"]
 
     def end_epoch(self, state: dict, keep: bool, loss: float):
@@ -735,11 +743,30 @@ class Checkpoints:
             log(f"epoch {state['epoch']}: mean loss {loss:.5g}; {kept}")
         barrier()
 
+    def rewrite_student(self, state: dict):
+        """student.pt missing at the end (deleted, then --resume): written again from the kept epoch's weights and
+        settings, bit-exact; without a kept epoch (--epochs 0) the current weights are the ones kept."""
+        if self.kept_info is None and state["kept"] and state["kept"]["epoch"] != state["epoch"]:
+            raise DistillError(
+                f"'{self.student_path}' is missing and '{self.resume_path}' (written by an older version) does not "
+                f"hold the kept epoch {state['kept']['epoch']}'s weights; restore student.pt or use a new --out."
+            )
+        if self.kept_info is None:
+            return self.save(state)
+        params = dict(self.backbone.image_tower().named_parameters())
+        current = {n: params[n].detach().clone() for n in self.names}
+        with torch.no_grad():
+            for n in self.names:
+                params[n].copy_(self.kept_params[n])
+            save_student(self.student_path, self.backbone, self.kept_info)
+            for n in self.names:
+                params[n].copy_(current[n])
+
     def finish(self, state: dict) -> dict:
         """--epochs 0 still writes student.pt (the pre-trained weights); the kept epoch's weights are loaded back
         for the report when a later epoch was not kept."""
         if is_main() and not os.path.isfile(self.student_path):
-            self.save(state)
+            self.rewrite_student(state)
         if is_main() and state["kept"] and state["kept"]["epoch"] != state["epoch"]:
             kept = torch.load(self.student_path, map_location="cpu", weights_only=True)["image_tower"]
             self.backbone.image_tower().load_state_dict(kept)

@@ -31,11 +31,13 @@ from dataclasses import dataclass, fields
 from functools import partial
 from pathlib import Path
 
+import _startup  # noqa: F401 (first: Ctrl-C or SIGTERM during the imports exits 130)
 import torch
 import torch.nn.functional as F
 
 import cli
 import outputs
+import refine
 from benchmarks import (  # noqa: F401 (API)
     DEFAULT_TEMPLATES,
     check_duplicates,
@@ -128,7 +130,7 @@ def query_logits(feats: torch.Tensor, text: ClassText) -> torch.Tensor:
 
 
 @dataclass(frozen=True)
-class SegmentSettings:
+class SegmentSettings(refine.RefineSettings):
     """How `segment` makes a label map.  The defaults are the API's; each field is also a flag of segment.py and
     evaluate.py (`add_flags`), which set their own defaults."""
 
@@ -136,7 +138,7 @@ class SegmentSettings:
         "single", "single (E3); slide: the teacher's features (E1-E2); slidelogit: its logits", choices=MODES
     )
     stride: int = flag(24, "teacher stride in px, 1..K, for the slide modes", (">=", 1))
-    logit_scale: float = flag(40.0, "softmax temperature (paper: 40; VOC21 65, Context60 50), bias 0")
+    logit_scale: float = flag(40.0, "softmax temperature (paper: 40; VOC21 65, Context60 50), bias 0", "finite>0")
     prob_thd: float = flag(0.0, "pixels whose best probability is below this become class 0 (0: off)", "0..1")
     area_thd: float = flag(0.0, "drop classes with at most this share of the argmax map (0: off)", "0..1")
     short_side: int | None = flag(None, "resize keeping the ratio to this short side (0: keep the size)", (">=", 0))
@@ -151,6 +153,8 @@ class SegmentSettings:
             raise SegmentError(f"unknown mode '{self.mode}'; use one of {', '.join(MODES)}.")
         if self.protocol not in PROTOCOLS:
             raise SegmentError(f"unknown protocol '{self.protocol}'; use one of {', '.join(PROTOCOLS)}.")
+        self.check_refine()  # --refine, --upsample (refine.py)
+        cli.check_numbers([("logit_scale", self.logit_scale, "finite>0")], SegmentError)  # NaN: one class everywhere
 
 
 def run_size(H: int, W: int, settings: SegmentSettings, patch: int) -> tuple[int, int]:
@@ -266,7 +270,9 @@ def segment(
     s = settings or SegmentSettings()
     if image.dim() != 4 or image.shape[1] != 3:
         raise SegmentError(f"expected an image batch of shape (B, 3, H, W), got {tuple(image.shape)}.")
+    cli.check_unit_images(image, "segment()")  # RGB in [0, 1]: a uint8 or 0..255 image is refused
     hw = run_size(*image.shape[-2:], s, backbone.patch_size)
+    cli.check_memory(*hw, backbone.patch_size, backbone.dim, backbone.device, "segmenting at", len(image))
     out_hw = tuple(out_hw) if out_hw is not None else tuple(image.shape[-2:])
     if s.mode == "slidelogit" and teacher is None:
         teacher = window_teacher(backbone, s, text)
@@ -274,14 +280,13 @@ def segment(
         raise SegmentError("mode 'slidelogit' needs a teacher with a per-window cosine head (see window_teacher).")
     synchronize(backbone.device)
     t0 = time.perf_counter()
-    x = resize_image(image.to(backbone.device, non_blocking=True), hw, antialias=s.protocol == "aligned")
-    x = backbone.normalize(x)
-    with torch.inference_mode():
-        if s.mode == "slidelogit":  # (E5) per window, stitched
-            cos = teacher(x).float().permute(0, 3, 1, 2)  # (B, Q, h, w)
-        else:  # (E5) on the stitched map
-            cos = query_logits(dense_features(backbone, x, s, teacher), text)
-        cos = upsample_logits(cos, backbone.patch_size, x.shape[-2:], out_hw, s.protocol)  # (B, Q, H, W)
+    rgb = resize_image(image.to(backbone.device, non_blocking=True), hw, antialias=s.protocol == "aligned")
+    x = backbone.normalize(rgb)
+    with torch.inference_mode():  # (E5) per window and stitched (slidelogit), or on the dense features
+        feats = None if s.mode == "slidelogit" else dense_features(backbone, x, s, teacher)  # (B, h, w, C)
+        cos = teacher(x).float().permute(0, 3, 1, 2) if feats is None else query_logits(feats, text)  # (B, Q, h, w)
+        up = partial(upsample_logits, patch=backbone.patch_size, in_hw=x.shape[-2:], protocol=s.protocol)
+        cos = refine.refined_logits(cos, feats, rgb, out_hw, s, up, partial(cosine, text=text), backbone.patch_size)
         scaled = s.logit_scale * cos  # + bias 0
         probs = max_over_synonyms(scaled.softmax(dim=1), text)  # (B, K, H, W)
         if s.area_thd > 0:
@@ -369,6 +374,8 @@ def _run(argv=None):
     if not single:
         check_stride(args.stride, backbone)
     hw = None if folder else run_size(*image.shape[-2:], settings, backbone.patch_size)  # before any work
+    if hw:  # a size that can never fit is refused before the text tower runs
+        cli.check_memory(*hw, backbone.patch_size, backbone.dim, device, "segmenting at")
     t_loaded = time.perf_counter()
     text = classes and text_embeddings(backbone, classes, templates, cache_dir_arg(args.text_cache), progress=True)
     t_text = time.perf_counter()

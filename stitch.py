@@ -4,10 +4,8 @@
     (E2)  F_T = resize_{h x w}( sum_w place_w(up_r(F_w)) / sum_w place_w(1) )
 
 * `window_starts`     -- starts(L): 0, s, 2s, ... <= L-K, plus a last window at L-K (no padding);
-* `sub_patch_factor`  -- r: window maps are upsampled x r, so a window that starts half a patch in lands exactly
-                         on the grid of p/r-pixel cells;
-* `Stitcher`          -- streams batches of window maps into a canvas (sum + coverage count), one `index_add_`
-                         per batch: no Python loop over windows or pixels;
+* `sub_patch_factor`  -- r: window maps upsampled x r land exactly on the grid of p/r-pixel cells;
+* `Stitcher`          -- streams window maps into a canvas (sum + coverage count), one `index_add_` per batch;
 * `stitch`            -- the one-shot version of the same, handy for tests and assignments.
 
 Run `python stitch.py --height 1024 --width 2048` to print the window grid the paper's teacher uses.
@@ -15,10 +13,11 @@ Run `python stitch.py --height 1024 --width 2048` to print the window grid the p
 
 import math
 
+import _startup  # noqa: F401 (first: Ctrl-C or SIGTERM during the imports exits 130)
 import torch
 import torch.nn.functional as F
 
-from cli import ArgumentParser, UserError, add_threads_arg, main_guard
+from cli import ArgumentParser, UserError, add_threads_arg, check_numbers, main_guard
 
 
 def window_starts(length: int, window: int, stride: int) -> list[int]:
@@ -121,9 +120,7 @@ def stitch(
 
 
 def _run(argv):
-    parser = ArgumentParser(
-        description="Print the teacher's window grid (E1) and stitching canvas (E2) for an image size."
-    )
+    parser = ArgumentParser(description="Print the teacher's window grid (E1) and stitching canvas (E2) for a size.")
     parser.add_argument("--height", type=int, default=1024, help="H, the image height in px (default 1024)")
     parser.add_argument("--width", type=int, default=2048, help="W, the image width in px (default 2048)")
     parser.add_argument("--window", type=int, default=512, help="K, the backbone's native resolution (default 512)")
@@ -132,6 +129,9 @@ def _run(argv):
     add_threads_arg(parser)
     args = parser.parse_args(argv)
     p, K, s = args.patch, args.window, args.stride
+    check_numbers([(f"--{n}", getattr(args, n), (">=", 1)) for n in ("height", "width", "window", "stride", "patch")])
+    if K % p or s > K:
+        raise UserError(f"--window ({K}) must be a multiple of --patch ({p}) and --stride ({s}) at most the window.")
     H, W = (max(K, math.ceil(side / p) * p) for side in (args.height, args.width))  # the grid, at least K
     ys, xs = window_starts(H, K, s), window_starts(W, K, s)  # (E1)
     r = sub_patch_factor(s, p)

@@ -9,10 +9,9 @@ authors' wrapper of each backbone (`Backbone.grid_rule`): SigLIP2 (and `tiny`) z
 ceil(H/p) x ceil(W/p); OpenCLIP crops to the floor grid floor(H/p) x floor(W/p) (the last < p rows/columns are
 not seen); DINOv3 resizes (bicubic) UP to the ceil grid.  This file holds:
 
-* `resize_pos_embed`  -- (E3): bicubic, mode "size" (SigLIP2: identity at the native grid) or "scale+0.1" (OpenCLIP);
+* `resize_pos_embed`  -- (E3): bicubic, mode "size" (SigLIP2) or "scale+0.1" (OpenCLIP); identity at the native grid;
 * `Backbone`          -- the common interface (`normalize`, `grid_size`, `fit_to_grid`, `dense`, `encode_text`, ...);
-* `SigLIPBackbone`    -- dense head = the attention-pool head without its attention (the value path), as in the paper;
-* `OpenCLIPBackbone`  -- dense head = MaskCLIP's value path in the last block;
+* `SigLIPBackbone`, `OpenCLIPBackbone` -- dense heads: the attention pool's value path; MaskCLIP's last-block one;
 * `DINOv3Backbone`, `NaFlexBackbone` -- DINOv3.txt's last-layer patch tokens; the SigLIP2 NaFlex single pass;
 * `load_backbone`     -- by name (weights, `load_checkpoint`: checkpoints.py, dinotxt.py, naflex.py); `autocast`,
                          `PRECISIONS`, `synchronize`, `timed` are cli.py's, re-exported for every CLI.
@@ -22,12 +21,15 @@ Run `python student.py --backbone tiny` to see the dense-feature shapes and timi
 
 import math
 
+import _startup  # noqa: F401 (first: Ctrl-C or SIGTERM during the imports exits 130)
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from checkpoints import BACKBONES, BackboneError, load_checkpoint, open_clip_model, random_weights, tokenizer_factory
-from cli import ArgumentParser, add_backbone_args, autocast, main_guard, parse_size, resolve_device, timed
+import checkpoints
+import cli
+from checkpoints import BACKBONES, load_checkpoint, open_clip_model, tokenizer_factory
+from cli import ArgumentParser, add_backbone_args, autocast, main_guard, parse_size, timed
 from dinotxt import build_dinotxt
 from naflex import DEFAULT_PATCHES, build_naflex, naflex_grid
 
@@ -48,18 +50,16 @@ def resize_pos_embed(
     and cast back.  Two ways to map output to input coordinates:
 
     * mode="size" (SigLIP2, `tiny`): `F.interpolate(size=new_hw)`, so output cell i samples the input at
-      (i + 0.5) * old / new - 0.5.  At the native grid the input is returned untouched, so a K x K image gives
-      bit-identical features to the unmodified model.
+      (i + 0.5) * old / new - 0.5.
     * mode="scale+0.1" (OpenCLIP, the authors' wrapper, from DINO): `F.interpolate(scale_factor=(new + 0.1) / old)`.
-      The +0.1 exists because the output size is floor(old * scale): with scale = new / old a float rounding
-      like 13.9999 would give one cell too few, and +0.1 makes the floor land on `new` safely.  With a
-      scale_factor PyTorch maps coordinates with 1 / scale, i.e. cell i samples (i + 0.5) * old / (new + 0.1)
-      - 0.5: a slightly different resize from mode="size", and NOT an identity at the native grid (14 x 14 is
-      resampled at scale 14.1 / 14).  We follow the authors at every size, as their numbers were made so.
+      The +0.1 makes the output size floor(old * scale) land on `new` despite float rounding; PyTorch then maps
+      cell i to (i + 0.5) * old / (new + 0.1) - 0.5, a slightly different resize from mode="size".
+    At the native grid both return `pos` untouched, as the authors' `interpolate_pos_encoding` does (DINO's
+    `if npatch == N and w == h: return pos_embed`): a K x K image gives the unmodified model's features.
     """
     if mode not in POS_RESIZE_MODES:
         raise ValueError(f"unknown position-embedding resize mode '{mode}'; choose one of {POS_RESIZE_MODES}.")
-    if mode == "size" and tuple(old_hw) == tuple(new_hw):
+    if tuple(old_hw) == tuple(new_hw):  # the native grid: no resize, in both modes
         return pos
     # ASSIGNMENT 3 BEGIN: resize the position-embedding grid, bicubic (E3)
     lead = pos.shape[:-2]  # () or (1,)
@@ -111,7 +111,8 @@ class Backbone(nn.Module):
         return self._mean.device
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) RGB in [0, 1] -> the normalised input the model was trained on."""
+        """(B, 3, H, W) RGB in [0, 1] -> the normalised input the model was trained on (uint8 / 0..255: UserError)."""
+        cli.check_unit_images(images, "Backbone.normalize")
         return (images.to(self._mean.dtype) - self._mean) / self._std
 
     def grid_size(self, H: int, W: int) -> tuple[int, int]:
@@ -155,8 +156,8 @@ class Backbone(nn.Module):
         return self._tokenizer()
 
     def encode_text(self, texts: list[str], batch_size: int = 256) -> torch.Tensor:
-        """Raw (un-normalised) text embeddings, (N, C), in the same space as `dense`."""
-        out = []
+        """Raw (un-normalised) text embeddings, (N, C), in the same space as `dense`; one str is one prompt."""
+        out, texts = [], cli.prompt_list(texts)
         for i in range(0, len(texts), batch_size):
             tokens = self.tokenizer(list(texts[i : i + batch_size])).to(self.device)
             out.append(self.model.encode_text(tokens).float())
@@ -213,7 +214,8 @@ class OpenCLIPBackbone(Backbone):
     Dense head (MaskCLIP, used as the OpenCLIP baseline in the paper): blocks 0..L-2 unchanged; in the last
     block the self-attention is replaced by its value path, x = x + out_proj(V(ln_1(x))), then
     x = x + mlp(ln_2(x)); `ln_post`, `@ proj`, drop the CLS token.  As in the authors' wrapper: no padding (floor
-    grid), the CLS position embedding kept as is and only the patch part resized, DINO-style ("scale+0.1").
+    grid), the CLS position embedding kept as is and only the patch part resized, DINO-style ("scale+0.1"; none
+    at the native 14 x 14 grid).
     """
 
     grid_rule = "floor"
@@ -310,18 +312,17 @@ def load_backbone(
                  for distilling); the authors' released .pth / .ckpt replace the whole model (image AND text).
     The model is returned in eval mode with gradients disabled; `distill.py` unfreezes what it trains.
     """
-    if name not in BACKBONES:
-        raise BackboneError(f"unknown backbone '{name}'; choose one of: {', '.join(BACKBONES)}.")
+    device = checkpoints.check_load_args(
+        name, pretrained, device, checkpoint
+    )  # one sentence for a wrong type or device
     spec = BACKBONES[name]
     kinds = dict(siglip=SigLIPBackbone, openclip=OpenCLIPBackbone, dinov3=DINOv3Backbone, naflex=NaFlexBackbone)
     cls = kinds[spec.kind]
     model = cls.build(spec, pretrained)  # the model its `dense` and `encode_text` run
-    if spec.kind == "openclip":
-        dim = model.visual.proj.shape[1] if model.visual.proj is not None else model.visual.transformer.width
-    else:  # the timm trunk's width: SigLIP2, NaFlex, DINOv3
-        dim = getattr(model.visual, "trunk", model.visual).embed_dim
-    backbone = cls(model, spec, dim)
-    backbone.random_weights = random_weights(name, pretrained)  # cli.note_random_weights; the authors' files clear it
+    backbone = cls(model, spec, checkpoints.model_width(spec, model))
+    backbone.random_weights = checkpoints.random_weights(
+        name, pretrained
+    )  # cli.note_random_weights; the authors' files clear it
     if checkpoint:
         load_checkpoint(backbone, checkpoint)
     return backbone.to(device)
@@ -329,20 +330,18 @@ def load_backbone(
 
 def _run(argv):
     parser = ArgumentParser(
-        description="Single-pass dense features at any resolution (E3): prints the "
-        "patch grid, feature shape and time for a few image sizes."
+        description="Single-pass dense features at any resolution (E3): grid, shape, time per size."
     )
     add_backbone_args(parser, BACKBONES)
-    parser.add_argument(
-        "--sizes", default="128x128,256x512,512x1024", help="comma-separated HxW sizes (default: %(default)s)"
-    )
+    parser.add_argument("--sizes", default="128x128,256x512,512x1024", help="HxW sizes, comma-separated (%(default)s)")
     args = parser.parse_args(argv)
     sizes = [parse_size(size, "each size in --sizes") for size in args.sizes.split(",")]
-    backbone = load_backbone(args.backbone, args.pretrained, resolve_device(args.device))
+    backbone = load_backbone(args.backbone, args.pretrained, args.device)  # the device checked there, first
     print(
         f"backbone {backbone.name}: patch {backbone.patch_size}, native window K={backbone.window}, "
         f"dim C={backbone.dim}, device {args.device}"
     )
+    [cli.check_memory(H, W, backbone.patch_size, backbone.dim, backbone.device, "a single pass at") for H, W in sizes]
     print(f"{'input HxW':>12} {'grid hxw':>10} {'features':>22} {'seconds':>8}")
     for H, W in sizes:
         x = backbone.normalize(torch.rand(1, 3, H, W, device=backbone.device))

@@ -9,10 +9,10 @@ each window exactly as the student would at K x K, and stitches them back into o
 
 One h x w grid for teacher and student (`Backbone.fit_to_grid`: SigLIP2 pads to the ceil grid, OpenCLIP crops to
 the floor grid, DINOv3 resizes up to it); a side < K is zero-padded to K, then cropped.  Targets: fp16 (authors).
-
 Run `python teacher.py --backbone tiny --image photo.jpg` to compare teacher and single-pass student features.
 """
 
+import _startup  # noqa: F401 (first: Ctrl-C or SIGTERM during the imports exits 130)
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -147,6 +147,7 @@ def _run(argv):
     size = cli.parse_size(args.size, "--size") if not args.image else None
     backbone = load_backbone(args.backbone, args.pretrained, device)
     cli.note_random_weights(backbone.random_weights)
+    cli.check_memory(*(size or (1, 1)), backbone.patch_size, backbone.dim, device, "the single pass at")  # --size
     teacher = Teacher(backbone, args.window, args.stride, args.batch_size, progress=True, precision=args.precision)
     img = load_image(args.image) if args.image else torch.rand(1, 3, *size, generator=torch.Generator().manual_seed(0))
     x = backbone.normalize(img.to(device))

@@ -80,10 +80,10 @@ def _cache_key(backbone, queries: list[str], templates: list[str]) -> str:
     return f"{backbone.name}-{hashlib.sha256(blob.encode()).hexdigest()[:20]}"
 
 
-def usable(emb, num_queries: int) -> bool:
-    """A cached (Q, C) float tensor of finite numbers, one row per query."""
+def usable(emb, num_queries: int, dim: int | None = None) -> bool:
+    """A cached (Q, C) float tensor of finite numbers, one row per query, C = `dim` (the backbone's width)."""
     ok = torch.is_tensor(emb) and emb.dim() == 2 and emb.shape[0] == num_queries and emb.is_floating_point()
-    return ok and bool(torch.isfinite(emb).all())
+    return ok and (dim is None or emb.shape[1] == dim) and bool(torch.isfinite(emb).all())
 
 
 def cached(backbone, queries: list[str], templates: list[str], cache_dir, compute) -> torch.Tensor:
@@ -101,9 +101,10 @@ def cached(backbone, queries: list[str], templates: list[str], cache_dir, comput
             emb = (
                 saved["embeddings"] if saved.get("queries") == queries and saved.get("templates") == templates else None
             )
-            if emb is not None and not usable(emb, len(queries)):
+            if emb is not None and not usable(emb, len(queries), backbone.dim):
                 print(
-                    f"warning: the text cache '{path}' is damaged (not finite or not (Q, C)); recomputing.",
+                    f"warning: the text cache '{path}' is damaged (not finite, or not (Q, C) with C = {backbone.dim}, "
+                    f"{backbone.name}'s width: made by another backbone?); recomputing.",
                     file=sys.stderr,
                 )
                 emb = None

@@ -141,7 +141,9 @@ def openclip_authors_dense(visual, x):
 
     visual: open_clip `VisionTransformer`; x: normalised (B, 3, H, W) torch tensor.  Their wrapper: crop to the
     floor grid (no padding), patch position table resized DINO-style with
-    `F.interpolate(scale_factor=((h + 0.1) / g, (w + 0.1) / g), mode="bicubic")`, CLS position kept; blocks
+    `F.interpolate(scale_factor=((h + 0.1) / g, (w + 0.1) / g), mode="bicubic")` -- but returned unchanged when the
+    cropped input has the native number of patches and is square (DINO's `npatch == N and w == h`); CLS position
+    kept; blocks
     0..L-2 as they are; the LAST block run unmodified with a diagonal attention mask (each token attends only
     to itself = MaskCLIP's value path); ln_post, @ proj, CLS dropped.  Returns (B, h, w, C).
     """
@@ -154,9 +156,13 @@ def openclip_authors_dense(visual, x):
     t = t.reshape(B, t.shape[1], h * w).permute(0, 2, 1)
     pos = visual.positional_embedding
     g = int(round(math.sqrt(pos.shape[0] - 1)))
-    table = pos[1:].reshape(1, g, g, -1).permute(0, 3, 1, 2)
-    table = F.interpolate(table, scale_factor=((h + 0.1) / g, (w + 0.1) / g), mode="bicubic", align_corners=False)
-    table = table.permute(0, 2, 3, 1).reshape(h * w, -1)
+    npatch, n_native, crop_h, crop_w = h * w, pos.shape[0] - 1, h * 16, w * 16
+    if npatch == n_native and crop_w == crop_h:  # the authors' `interpolate_pos_encoding`: no interpolation
+        table = pos[1:]
+    else:
+        table = pos[1:].reshape(1, g, g, -1).permute(0, 3, 1, 2)
+        table = F.interpolate(table, scale_factor=((h + 0.1) / g, (w + 0.1) / g), mode="bicubic", align_corners=False)
+        table = table.permute(0, 2, 3, 1).reshape(h * w, -1)
     cls = (visual.class_embedding + pos[0]).expand(B, 1, -1)
     t = visual.ln_pre(torch.cat([cls, t + table], dim=1))
     for blk in visual.transformer.resblocks[:-1]:

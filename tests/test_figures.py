@@ -112,7 +112,7 @@ def test_fig3_areas_skip_below_K_and_resume(shared, monkeypatch, capsys):
     said = capsys.readouterr().out
     assert "skipping slide32 at 64^2" in said and "skip: NaFlex: the siglip2-naflex-b16 baseline needs" in said
     assert record["skipped"] == [
-        "slide32 at 64^2: 91x45 px is below the 128 px window K",
+        "slide32 at 64^2: the short side 45 px is below the 128 px window K",
         "NaFlex: the siglip2-naflex-b16 baseline needs its weights, --naflex-pretrained PATH (or 'none')",
     ]
     assert record["naflex"] is None and record["window"] == 128
@@ -151,7 +151,7 @@ def test_fig3_naflex_line(shared, monkeypatch, tmp_path, capsys):
     loads = count_loads(monkeypatch)
     record = figures.main(argv)
     assert "skip: NaFlex" not in capsys.readouterr().out and record["skipped"] == [
-        "slide32 at 64^2: 91x45 px is below the 128 px window K"
+        "slide32 at 64^2: the short side 45 px is below the 128 px window K"
     ]
     assert set(record["results"]) == {"pretrained", "slide32", "NaFlex"}
     assert record["naflex"] == {"backbone": "siglip2-naflex-b16", "patches": "all"}

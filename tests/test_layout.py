@@ -25,6 +25,7 @@ BUDGET = {
 # The import order: a file may import only files listed before it (lazy imports inside functions included).
 # Side files first, then the method files in the paper's order, then the tools, which no method file imports.
 ORDER = [
+    "_startup",
     "cli",
     "files",
     "stitch",
@@ -39,6 +40,7 @@ ORDER = [
     "results",
     "lposs",
     "anyup",
+    "refine",
     "outputs",
     "segment",
     "evaluate",

@@ -272,7 +272,7 @@ class FixedBackbone(torch.nn.Module):
 
     def __init__(self, feats, patch=16):
         super().__init__()
-        self.feats, self.patch_size, self.window = feats, patch, 64
+        self.feats, self.patch_size, self.window, self.dim = feats, patch, 64, feats.shape[-1]
         self.register_buffer("_dev", torch.zeros(0))
 
     @property

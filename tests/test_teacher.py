@@ -246,7 +246,7 @@ def test_teacher_precision_head_and_bad_settings(tiny):
         (["--window", "-32"], "window -32 must be a positive multiple"),
         (["--window", "8"], "window 8 must be a positive multiple"),  # smaller than one patch
         (["--window", "40"], "window 40 must be a positive multiple"),
-        (["--size", "64x96", "--window", "128"], "--window 128 is larger than the 96x64 px image"),
+        (["--size", "64x96", "--window", "128"], "--window 128 is larger than the 64x96 px image"),
     ],
 )
 def test_teacher_cli_bad_arguments_one_line(capsys, extra, message):
