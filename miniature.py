@@ -42,6 +42,7 @@ import sys
 import time
 from pathlib import Path
 
+import _startup  # noqa: F401 (first: Ctrl-C or SIGTERM during the imports exits 130)
 import numpy as np
 import torch
 import torch.nn.functional as F
