@@ -263,6 +263,8 @@ def parse_size(text: str, what: str = "size") -> tuple[int, int]:
 def check_unit_images(images, what: str):
     """Images where [0, 1] RGB is documented (`Backbone.normalize`, `segment()`): a uint8 tensor, 0..255 floats or
     non-finite values are one sentence (a resize's bicubic overshoot, up to 0.25 beyond the range, is allowed)."""
+    import torch
+
     if not torch.is_tensor(images) or not images.is_floating_point():
         kind = images.dtype if torch.is_tensor(images) else type(images).__name__
         raise UserError(f"{what} takes float RGB images in [0, 1], not {kind}; pass images.float() / 255 for 8-bit.")
@@ -287,6 +289,8 @@ def prompt_list(texts) -> list[str]:
 def free_memory(device) -> int | None:
     """Bytes this process could still allocate on `device`: free GPU memory, or MemAvailable on the host; None when
     unknown (e.g. MPS)."""
+    import torch
+
     device = torch.device(device)
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0]
