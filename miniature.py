@@ -73,7 +73,7 @@ PRETRAINS = {
         presence=0.02,
         pos_init="sincos",
         pos_rms=0.5,
-        seed=1,
+        seed=2,
         big_size=256,
         big_frac=0.0,
     ),  # fmt: skip
