@@ -581,13 +581,36 @@ def _write_ade(root: Path, items: list):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# The toy world of miniature.py: grey shapes whose class is the colour of a thin border stroke
+# The toy worlds of miniature.py (sizes in px, densities per 128 x 128 area; miniature.py's DEFAULTS["world"])
 # ----------------------------------------------------------------------------------------------------------------
 
-# what a scene looks like (sizes in px, densities per 128 x 128 area); miniature.py's DEFAULTS["world"]
-WORLD = dict(
-    radius=[40, 60], density=[0.7, 2.0], border=3, noise=0.06, tint=0.05, fill_spread=0.0, contrast=[0.2, 0.35]
-)
+# "voronoi" (default): the plane cut into warped Voronoi cells, each of one of the 5 classes, its class visible
+# locally as a desaturated cell colour (background = grey); "border": grey shapes whose class is only the colour of
+# a thin border stroke (the first study: a token must gather its class from a far border).
+WORLDS = {
+    "voronoi": dict(
+        kind="voronoi",
+        density=[1.5, 3.0],
+        margin=48,
+        warp=6,
+        warp_scale=48,
+        saturation=0.6,
+        brightness=[0.88, 1.12],
+        tint=0.06,
+        noise=0.08,
+    ),  # fmt: skip
+    "border": dict(
+        kind="border",
+        radius=[40, 60],
+        density=[0.7, 2.0],
+        border=3,
+        noise=0.06,
+        tint=0.05,
+        fill_spread=0.0,
+        contrast=[0.2, 0.35],
+    ),  # fmt: skip
+}
+WORLD = WORLDS["voronoi"]
 COLOURS = np.array([(0.90, 0.12, 0.10), (0.10, 0.72, 0.15), (0.12, 0.25, 0.92), (0.92, 0.85, 0.10)], np.float32)
 SHAPES = ("disc", "square", "triangle", "plus")
 
@@ -607,6 +630,41 @@ def shape_sdf(kind: str, u: np.ndarray, v: np.ndarray, R: float) -> np.ndarray:
 
 
 def render_scene(rng: np.random.Generator, H: int, W: int, cfg: dict) -> tuple[np.ndarray, np.ndarray]:
+    """One scene of the world `cfg` ("kind": voronoi or border): (H, W, 3) uint8 image, (H, W) uint8 label."""
+    if cfg.get("kind", "border") == "voronoi":
+        return render_voronoi(rng, H, W, cfg)
+    return render_border(rng, H, W, cfg)
+
+
+def smooth_field(rng: np.random.Generator, H: int, W: int, scale: float) -> torch.Tensor:
+    """(2, H, W) random displacement in [-1, 1]: uniform values on a grid of `scale` px, bicubically interpolated."""
+    gh, gw = int(math.ceil(H / scale)) + 2, int(math.ceil(W / scale)) + 2
+    coarse = torch.from_numpy(rng.uniform(-1, 1, (1, 2, gh, gw)).astype(np.float32))
+    full = F.interpolate(coarse, size=(int((gh - 1) * scale), int((gw - 1) * scale)), mode="bicubic")
+    return full[0, :, :H, :W].clamp(-1, 1)
+
+
+def render_voronoi(rng: np.random.Generator, H: int, W: int, cfg: dict) -> tuple[np.ndarray, np.ndarray]:
+    """Warped Voronoi cells: label 0..4 uniform per cell, colour 0.5 + saturation * (class colour - 0.5) (grey for
+    the background) times a brightness, plus a tint per cell and pixel noise.  Cell seeds are placed up to
+    `margin` px beyond the image so cells are cut by the border like anywhere else; every pixel's coordinates are
+    displaced by a smooth field (`warp` px at a `warp_scale` px scale) before finding its nearest seed."""
+    m = cfg["margin"]
+    area = (H + 2 * m) * (W + 2 * m) / 128**2
+    n = max(1, int(rng.uniform(*cfg["density"]) * area + 0.5))
+    seeds = torch.from_numpy(np.stack([rng.uniform(-m, H + m, n), rng.uniform(-m, W + m, n)], 1).astype(np.float32))
+    cls = rng.integers(0, 5, n)
+    palette = np.concatenate([[(0.5, 0.5, 0.5)], 0.5 + cfg["saturation"] * (COLOURS - 0.5)]).astype(np.float32)
+    colours = palette[cls] * rng.uniform(*cfg["brightness"], (n, 1)) + rng.uniform(-cfg["tint"], cfg["tint"], (n, 3))
+    warp = cfg["warp"] * smooth_field(rng, H, W, cfg["warp_scale"])
+    yy, xx = torch.meshgrid(torch.arange(H) + 0.5, torch.arange(W) + 0.5, indexing="ij")
+    pts = torch.stack([yy + warp[0], xx + warp[1]], -1).reshape(-1, 2)
+    nearest = torch.cat([torch.cdist(chunk, seeds).argmin(1) for chunk in pts.split(65536)]).view(H, W).numpy()
+    img = colours.astype(np.float32)[nearest] + rng.normal(0, cfg["noise"], (H, W, 3)).astype(np.float32)
+    return (np.clip(img, 0, 1) * 255 + 0.5).astype(np.uint8), cls[nearest].astype(np.uint8)
+
+
+def render_border(rng: np.random.Generator, H: int, W: int, cfg: dict) -> tuple[np.ndarray, np.ndarray]:
     """One scene: (H, W, 3) uint8 image and (H, W) uint8 label (0 background, 1..4 = border colour).
 
     Objects of radius U(radius) at `density` per 128^2 area, never overlapping, cut by the image border; every

@@ -235,7 +235,19 @@ def test_stitch_numbers_are_checked(argv, match, capsys):
 # Signals during start-up
 # ----------------------------------------------------------------------------------------------------------------
 
-CLIS = ["student", "teacher", "stitch", "segment", "evaluate", "distill", "bench", "reproduce", "figures", "files"]
+CLIS = [
+    "student",
+    "teacher",
+    "stitch",
+    "segment",
+    "evaluate",
+    "distill",
+    "bench",
+    "reproduce",
+    "figures",
+    "files",
+    "miniature",
+]
 
 
 def importing_torch(pid: int) -> bool:

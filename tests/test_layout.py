@@ -49,6 +49,7 @@ ORDER = [
     "bench",
     "reproduce",
     "figures",
+    "diagnose",
     "miniature",
     "hubconf",
 ]

@@ -32,18 +32,20 @@ TOY = [
     "eval.native_count=3",
     "eval.large_count=2",
     "eval.large_size=128x256",
+    'eval.other_sizes=["144x160"]',
     "eval.stride=64",
     "distill.images=6",
     "distill.size=128x256",
     "distill.epochs=3",
-    "distill.lr=1e-4",
+    "distill.lr=2e-5",
     "distill.train=all",
     "distill.stride=64",
 ]
 
 
-def test_world_labels_match_pixels_and_are_seeded(tmp_path):
+def test_voronoi_world_labels_match_pixels_and_are_seeded(tmp_path):
     cfg = miniature.DEFAULTS["world"]
+    assert cfg["kind"] == "voronoi"
     a = miniature.render_scene(miniature.scene_rng(3, 0), 256, 512, cfg)
     b = miniature.render_scene(miniature.scene_rng(3, 0), 256, 512, cfg)
     c = miniature.render_scene(miniature.scene_rng(3, 1), 256, 512, cfg)
@@ -52,11 +54,16 @@ def test_world_labels_match_pixels_and_are_seeded(tmp_path):
     image, label = a
     assert image.shape == (256, 512, 3) and image.dtype == np.uint8 and label.shape == (256, 512)
     assert set(np.unique(label)) <= {0, 1, 2, 3, 4} and len(np.unique(label)) >= 3
+    # the class is visible locally: each class's pixels are, on average, nearest to its desaturated colour
+    grey = np.full((1, 3), 0.5, np.float32)
+    palette = np.concatenate([grey, 0.5 + cfg["saturation"] * (benchmarks.COLOURS - 0.5)])
     rgb = image.astype(np.float32) / 255
-    for k, colour in enumerate(benchmarks.COLOURS):  # a border-coloured pixel belongs to that class
-        near = np.linalg.norm(rgb - colour, axis=-1) < 0.2
-        if near.sum() > 20:
-            assert (label[near] == k + 1).mean() > 0.95, f"class {k + 1}: border pixels labelled otherwise"
+    for k in np.unique(label):
+        mean = rgb[label == k].mean(0)
+        assert np.argmin(np.linalg.norm(palette - mean, axis=1)) == k, f"class {k}: mean colour {mean}"
+    # cells: far fewer label changes along a row than pixels (regions, not noise), and cut by the image border
+    changes = (label[:, 1:] != label[:, :-1]).sum(1).mean()
+    assert 1 <= changes <= 16, changes
     root = miniature.write_world(tmp_path / "w", 64, 96, 3, seed=5)
     samples = benchmarks.dataset_samples("miniature", root)
     assert [os.path.basename(s.image) for s in samples] == ["00000.png", "00001.png", "00002.png"]
@@ -65,6 +72,45 @@ def test_world_labels_match_pixels_and_are_seeded(tmp_path):
     ref = miniature.render_scene(miniature.scene_rng(5, 1), 64, 96, cfg)
     assert np.array_equal(img.permute(1, 2, 0).numpy(), ref[0]) and np.array_equal(lab.numpy(), ref[1])
     assert len(benchmarks.dataset_samples("miniature", benchmarks.make_synthetic("miniature", tmp_path / "s", 2))) == 2
+
+
+def test_border_world_is_the_named_variant_and_its_labels_match_pixels():
+    cfg = miniature.apply_sets(miniature.DEFAULTS, ["world.noise=0.05", "world.kind=border"])["world"]
+    assert cfg == dict(benchmarks.WORLDS["border"], noise=0.05), "the switch first, then the other --sets"
+    image, label = miniature.render_scene(miniature.scene_rng(3, 0), 256, 512, cfg)
+    rgb = image.astype(np.float32) / 255
+    for k, colour in enumerate(benchmarks.COLOURS):  # a border-coloured pixel belongs to that class
+        near = np.linalg.norm(rgb - colour, axis=-1) < 0.2
+        if near.sum() > 20:
+            assert (label[near] == k + 1).mean() > 0.95, f"class {k + 1}: border pixels labelled otherwise"
+    dense = miniature.apply_sets(miniature.DEFAULTS, ["pretrain.loss=dense", "pretrain.steps=5"])["pretrain"]
+    assert dense == dict(miniature.PRETRAINS["dense"], steps=5)
+    for bad in ("world.kind=hexagons", "pretrain.loss=l2"):
+        try:
+            miniature.apply_sets(miniature.DEFAULTS, [bad])
+        except miniature.UserError as e:
+            assert "known:" in str(e)
+        else:
+            raise AssertionError(bad)
+
+
+def test_sigmoid_loss_is_siglip_on_the_pooled_embedding_with_presence_targets():
+    torch.manual_seed(0)
+    bb = load_backbone("tiny", pretrained=None)
+    x = torch.rand(2, 3, 128, 128)
+    y = torch.zeros(2, 128, 128, dtype=torch.long)
+    y[0, :64] = 3  # image 0: classes 0 and 3 (50 % each); image 1: class 0, and class 2 on 1 % (below 2 %)
+    y[1, :2, :82] = 2
+    text = torch.nn.functional.normalize(torch.randn(5, bb.dim), dim=-1)
+    head = {"t": torch.tensor(2.0), "b": torch.tensor(-1.5)}
+    cfg = miniature.PRETRAINS["sigmoid"]
+    loss = miniature.sigmoid_loss(bb, x, y, text, cfg, head)
+    with torch.no_grad():
+        pooled = torch.nn.functional.normalize(bb.model.visual(bb.normalize(x)), dim=-1)
+    z = torch.exp(torch.tensor(2.0)) * pooled @ text.T - 1.5
+    target = torch.tensor([[1.0, 0, 0, 1, 0], [1.0, 0, 0, 0, 0]])
+    ref = -(target * torch.log(torch.sigmoid(z)) + (1 - target) * torch.log(1 - torch.sigmoid(z))).sum() / 2
+    assert torch.allclose(loss, ref, atol=1e-5), (loss, ref)
 
 
 def test_pretraining_is_deterministic_and_loads_as_tiny_weights(tmp_path):
@@ -128,8 +174,23 @@ def test_miniature_end_to_end_slow(tmp_path):
     assert "$ " not in again.stdout, "a finished run must not call evaluate.py / distill.py again"
     assert json.loads((out / "results.json").read_text())["spar"] == res["spar"]
 
+    for size in ("128x256", "144x160"):  # every size: single, teacher, SPAR
+        assert {"single", "teacher"} <= set(res["sizes"][size]) and "spar" in res["spar_sizes"][size], size
+
+    # the diagnostics: the teacher is its own reference (offset 0); one row per variant, before and after
+    diag = subprocess.run(
+        [*cmd[:2], "diagnose", "--out", str(out), "--count", "1"], capture_output=True, text=True, env=env, cwd=ROOT
+    )
+    assert diag.returncode == 0, diag.stderr[-3000:]
+    report = json.loads((out / "diagnose.json").read_text())
+    assert set(report) == {"pre-trained", "SPAR student"}
+    for r in report.values():
+        assert set(r["rows"]) == {"single", "local", "tiled", "teacher"} and r["rows"]["teacher"]["offset"] == 0.0
+        assert all(len(row["cosine"]) == 5 and 0 <= row["accuracy"] <= 100 for row in r["rows"].values())
+    assert "9x9-token attention" in diag.stdout
+
     # the pretrained weights work with the text tower through segment.py's CLI on a scene of the world
-    scene = out / "world" / "large" / "images" / "00000.png"
+    scene = out / "world" / "128x256" / "images" / "00000.png"
     seg = subprocess.run(
         [
             sys.executable,
@@ -158,7 +219,12 @@ def test_miniature_end_to_end_slow(tmp_path):
 
 
 def test_bad_arguments_are_one_line_errors(tmp_path):
-    for argv in (["world", "--out", str(tmp_path), "--size", "12"], ["--set", "world.nope=1"]):
+    bad = (
+        ["world", "--out", str(tmp_path), "--size", "12"],
+        ["--set", "world.nope=1"],
+        ["diagnose", "--out", str(tmp_path)],
+    )
+    for argv in bad:
         proc = subprocess.run(
             [sys.executable, os.path.join(ROOT, "miniature.py"), *argv], capture_output=True, text=True, cwd=ROOT
         )
