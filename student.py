@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 import checkpoints
 import cli
-from checkpoints import BACKBONES, load_checkpoint, open_clip_model, tokenizer_factory
+from checkpoints import BACKBONES, BackboneError, load_checkpoint, open_clip_model, tokenizer_factory  # noqa: F401
 from cli import ArgumentParser, add_backbone_args, autocast, main_guard, parse_size, timed
 from dinotxt import build_dinotxt
 from naflex import DEFAULT_PATCHES, build_naflex, naflex_grid

@@ -272,7 +272,7 @@ def test_fig5_window_changes_the_teacher_grid(shared, tmp_path):
         ("-32", "window -32 must be a positive multiple"),
         ("8", "window 8 must be a positive multiple"),  # smaller than one patch
         ("40", "window 40 must be a positive multiple"),
-        ("512", "--window 512 is larger than the 128x146 px image; give a window of at most 146 px"),
+        ("512", "--window 512 is larger than the 146x128 px image; give a window of at most 146 px"),
     ],
 )
 def test_bad_window_is_one_error_line(shared, tmp_path, capsys, window, message):

@@ -243,11 +243,9 @@ CLIS = [
     "evaluate",
     "distill",
     "bench",
-    "reproduce",
     "figures",
-    "files",
     "miniature",
-]
+]  # not files.py or reproduce.py: they answer --help without importing torch, so there is no import to interrupt
 
 
 def importing_torch(pid: int) -> bool:
