@@ -1,0 +1,12 @@
+"""Shared by every test file: the signal state of a terminal.
+
+A runner that starts the tests in the background (`cmd &` in a non-interactive shell, as some CI scripts do)
+hands them SIGINT ignored, and an ignored signal stays ignored in every process they start (`cli.main_guard` and
+`_startup.py` respect `nohup`-style ignores on purpose).  The tests of Ctrl-C handling need SIGINT delivered, as in
+a terminal, so it is restored here; child processes then start with the default action.
+"""
+
+import signal
+
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
