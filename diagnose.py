@@ -66,28 +66,28 @@ def tiled_positions():
     return mock.patch.object(student, "resize_pos_embed", tile_pos_embed)
 
 
-def attention_distance(backbone, x: torch.Tensor) -> float:
-    """Mean distance in tokens between a query and what it attends to, averaged over heads, blocks and queries."""
-    dists, grids = [], []
+def attention_distance(backbone, x: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """One single pass (E3): its dense features and the mean distance in tokens between a query and what it attends
+    to, averaged over heads, blocks and queries (the attention recomputed from each block's input by a hook)."""
+    h, w = backbone.grid_size(*x.shape[-2:])
+    ys, xs = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+    pos = torch.stack([ys.flatten(), xs.flatten()], 1).float().to(x.device)
+    dist, means = torch.cdist(pos, pos), []  # (N, N) token distances, once for every block
 
     def hook(attn, args, out):
         t = args[0]
         B, N, C = t.shape
         q, k, _ = attn.qkv(t).reshape(B, N, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
         a = (attn.q_norm(q) * attn.scale @ attn.k_norm(k).transpose(-2, -1)).softmax(-1)  # (B, heads, N, N)
-        h, w = grids[0]
-        ys, xs = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
-        pos = torch.stack([ys.flatten(), xs.flatten()], 1).float().to(t.device)
-        dists.append((a * torch.cdist(pos, pos)).sum(-1).mean().item())
+        means.append((a * dist).sum(-1).mean())
 
-    grids.append(backbone.grid_size(*x.shape[-2:]))
     hooks = [b.attn.register_forward_hook(hook) for b in backbone.blocks]
     try:
-        backbone.dense(x)
+        feats = backbone.dense(x)
     finally:
-        for h in hooks:
-            h.remove()
-    return float(np.mean(dists))
+        for hook_handle in hooks:
+            hook_handle.remove()
+    return feats, float(torch.stack(means).mean())
 
 
 def token_labels(label: torch.Tensor, grid: tuple[int, int], patch: int) -> torch.Tensor:
@@ -118,7 +118,8 @@ def measure(backbone, samples, text, stride: int = 24, reference=None) -> dict:
                 local = backbone.dense(x).float()
             with tiled_positions():
                 tiled = backbone.dense(x).float()
-            feats = dict(single=backbone.dense(x).float(), local=local, tiled=tiled, teacher=target)
+            single, distance = attention_distance(backbone, x)  # the single pass, with its attention range
+            feats = dict(single=single.float(), local=local, tiled=tiled, teacher=target)
             lab = token_labels(label, grid, backbone.patch_size).to(backbone.device)
             keep = lab != 255
             length += target[0][keep].norm(dim=-1).mean().item() / len(samples)
@@ -127,7 +128,7 @@ def measure(backbone, samples, text, stride: int = 24, reference=None) -> dict:
                 pred = cosine(f[0], text).argmax(-1)
                 rows[k]["correct"] += int((pred[keep] == lab[keep]).sum())
                 rows[k]["tokens"] += int(keep.sum())
-            rows["single"]["distance"] += attention_distance(backbone, x) / len(samples)
+            rows["single"]["distance"] += distance / len(samples)
     for k, row in rows.items():
         row["offset"] = float(offsets[k].norm())
         row["cosine"] = F.cosine_similarity(offsets[k][None], text.embeddings, dim=-1).tolist()
