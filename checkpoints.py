@@ -559,20 +559,32 @@ def check_hub(spec: BackboneSpec):
         )
 
 
-def tokenizer_factory(spec: BackboneSpec):
-    """A function that loads the text tokenizer of a backbone when it is first called, then returns the same one."""
+STAND_IN_TOKENIZER = "ViT-B-16"  # CLIP's BPE: it ships inside open_clip, so it needs no download
+
+
+def tokenizer_factory(spec: BackboneSpec, random_weights: bool = False, context_length: int | None = None):
+    """A function that loads the text tokenizer of a backbone when it is first called, then returns the same one.
+
+    With random weights (`random_weights`), a tokenizer that needs a download (SigLIP2's Gemma tokenizer, from the
+    hub) is replaced by CLIP's BPE at the model's `context_length`: a random text tower makes every embedding
+    meaningless whichever ids it is given, and the random-weight pipeline then runs offline end to end.  Its ids
+    (< 49,408) all lie inside Gemma's vocabulary of 256,000."""
+    stand_in = random_weights and spec.tokenizer_name.startswith("hf-hub:")
 
     @functools.cache
     def make():
         import open_clip
 
+        if stand_in:
+            return open_clip.get_tokenizer(STAND_IN_TOKENIZER, context_length=context_length)
         try:
             with _quiet_logging():
                 return open_clip.get_tokenizer(spec.tokenizer_name)
         except Exception as exc:
             raise BackboneError(
                 f"cannot load the {spec.name} text tokenizer ({spec.tokenizer_name}) ({friendly(exc)}); it needs "
-                f"the `transformers` package and one download from the Hugging Face hub (then cached)."
+                f"the `transformers` package and one download from the Hugging Face hub (then cached); "
+                f"--pretrained none runs offline with a stand-in tokenizer."
             ) from exc
 
     return make

@@ -81,6 +81,8 @@ def folder_record(args, settings, checkpoint, classes, templates) -> dict:
     post = {f.name: f.default for f in fields(RefineSettings)}  # refine.py's fields: left out at their defaults,
     kept = {k: v for k, v in asdict(settings).items() if k not in post or v != post[k]}  # so older records match
     record = {"backbone": args.backbone, "pretrained": args.pretrained, "settings": kept}
+    if args.backbone.endswith("naflex-b16"):  # its patch budget decides its outputs (other records unchanged)
+        record["naflex_patches"] = args.naflex_patches
     return record | {"checkpoint": checkpoint and file_sha1(checkpoint), "classes": classes, "templates": templates}
 
 

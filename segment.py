@@ -320,7 +320,7 @@ def build_parser() -> cli.ArgumentParser:
     p.add_argument("image", help="image file (any size and aspect ratio), or a folder of them (--out: a folder)")
     p.add_argument("--classes", help='class names: "road, car, sky"; with ";" commas give synonyms: "road; car, truck"')
     p.add_argument("--class-file", help="one class per line, synonyms comma-separated (e.g. data/classes/voc21.txt)")
-    cli.add_backbone_args(p, BACKBONES, default="siglip2-b16")
+    cli.add_backbone_args(p, BACKBONES, default="siglip2-b16", naflex=True)
     p.add_argument("--checkpoint", help="student.pt from distill.py (single mode; the teacher is pre-trained)")
     cli.add_flags(p, SegmentSettings, protocol="aligned", short_side=672, long_side=2048)  # this CLI's defaults
     p.add_argument("--templates", default=str(DEFAULT_TEMPLATES), help="prompt templates, one per line with {}")
@@ -370,6 +370,7 @@ def _run(argv=None):
         if not plan.pending:  # a rerun of a finished folder
             return
     backbone = load_backbone(args.backbone, args.pretrained, device, checkpoint=checkpoint)
+    backbone.max_patches = args.naflex_patches  # NaFlex's patch budget (only `NaFlexBackbone` reads it)
     cli.note_random_weights(backbone.random_weights)
     if not single:
         check_stride(args.stride, backbone)

@@ -320,11 +320,11 @@ def load_backbone(
     cls = kinds[spec.kind]
     model = cls.build(spec, pretrained)  # the model its `dense` and `encode_text` run
     backbone = cls(model, spec, checkpoints.model_width(spec, model))
-    backbone.random_weights = checkpoints.random_weights(
-        name, pretrained
-    )  # cli.note_random_weights; the authors' files clear it
+    backbone.random_weights = checkpoints.random_weights(name, pretrained)  # the authors' files clear it
     if checkpoint:
         load_checkpoint(backbone, checkpoint)
+    if backbone.random_weights:  # offline: a stand-in for a tokenizer that needs a download (checkpoints.py)
+        backbone._tokenizer = tokenizer_factory(spec, True, getattr(model, "context_length", None))
     return backbone.to(device)
 
 

@@ -4,7 +4,6 @@ resume without recomputing), the area resize of Fig. 3, the joint PCA colours of
 import json
 import shutil
 import sys
-import zlib
 from pathlib import Path
 
 import numpy as np
@@ -136,16 +135,8 @@ def test_fig3_areas_skip_below_K_and_resume(shared, monkeypatch, capsys):
 
 
 def test_fig3_naflex_line(shared, monkeypatch, tmp_path, capsys):
-    """The NaFlex baseline (siglip2-naflex-b16, random weights) through evaluate.py at each area, its own patch grid.
-    Offline its Gemma tokenizer cannot be downloaded: the text tower is replaced by a seeded vector per prompt (as
-    test_naflex.py, which never runs text); the image path, the results files and the figure are the real ones."""
-    from student import NaFlexBackbone
-
-    def offline_text(self, texts, batch_size=256):
-        seeds = [torch.Generator().manual_seed(zlib.crc32(t.encode())) for t in texts]
-        return torch.stack([torch.randn(self.dim, generator=g) for g in seeds])
-
-    monkeypatch.setattr(NaFlexBackbone, "encode_text", offline_text)
+    """The NaFlex baseline (siglip2-naflex-b16, random weights) through evaluate.py at each area, its own patch grid,
+    text included (offline, random weights: the stand-in tokenizer); the results files and the figure are real."""
     argv = ["fig3", *shared["common"], "--out", str(tmp_path), "--areas", "64,192", "--strides", "32"]
     argv += ["--naflex-pretrained", "none", "--text-cache", "none"]
     loads = count_loads(monkeypatch)

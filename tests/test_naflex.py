@@ -115,3 +115,83 @@ def test_the_patch_budget_is_part_of_the_results_settings(tmp_path):
     assert settings("siglip2-naflex-b16", "--naflex-patches", "1024")["naflex_patches"] == 1024
     assert settings("siglip2-naflex-b16", "--naflex-patches", "all")["naflex_patches"] is None
     assert "naflex_patches" not in settings("tiny")  # other backbones' records (and their resume) are unchanged
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Offline text: with random weights, SigLIP2's Gemma tokenizer (a hub download) has a stand-in, CLIP's BPE
+# --------------------------------------------------------------------------------------------------------------
+
+
+def test_random_weights_tokenize_offline_at_the_model_context_length(naflex):
+    tokens = naflex.tokenizer(["a photo of a cat.", "a photo of a dog."])
+    assert tokens.shape == (2, naflex.model.context_length) == (2, 64)
+    assert 0 <= int(tokens.min()) and int(tokens.max()) < 49408 <= naflex.model.text.vocab_size
+    with torch.inference_mode():
+        emb = naflex.encode_text(["a photo of a cat.", "a photo of a dog."])
+    assert emb.shape == (2, 768) and torch.isfinite(emb).all() and not torch.allclose(emb[0], emb[1])
+
+
+def test_the_stand_in_only_replaces_a_tokenizer_that_needs_a_download(monkeypatch):
+    """Real weights keep their own tokenizer; backbones whose tokenizer ships with open_clip keep it too."""
+    import open_clip
+
+    from checkpoints import BACKBONES, tokenizer_factory
+
+    asked = []
+    monkeypatch.setattr(open_clip, "get_tokenizer", lambda name, **kw: asked.append((name, kw)) or name)
+    siglip, clip = BACKBONES["siglip2-b16"], BACKBONES["clip-b16"]
+    assert tokenizer_factory(siglip)() == siglip.tokenizer_name and siglip.tokenizer_name.startswith("hf-hub:")
+    assert tokenizer_factory(siglip, True, 64)() == "ViT-B-16" and asked[-1] == ("ViT-B-16", {"context_length": 64})
+    assert tokenizer_factory(clip, True, 77)() == clip.tokenizer_name and asked[-1] == (clip.tokenizer_name, {})
+
+
+def test_real_weights_without_the_tokenizer_fail_in_one_sentence(monkeypatch):
+    import open_clip
+
+    from checkpoints import BACKBONES, tokenizer_factory
+
+    def offline(name, **kw):
+        raise OSError("We couldn't connect to 'https://huggingface.co' to load the files")
+
+    monkeypatch.setattr(open_clip, "get_tokenizer", offline)
+    with pytest.raises(BackboneError) as info:
+        tokenizer_factory(BACKBONES["siglip2-naflex-b16"])()
+    assert "\n" not in str(info.value) and "--pretrained none" in str(info.value) and "hub" in str(info.value)
+
+
+def test_segment_and_evaluate_run_offline_on_random_weights(tmp_path, capsys, monkeypatch):
+    """The acceptance commands, in process: segment.py (its --naflex-patches too) and evaluate.py on a
+    --make-synthetic set, text included."""
+    import segment
+
+    grids, real = [], NaFlexBackbone.tokens
+    monkeypatch.setattr(NaFlexBackbone, "tokens", lambda self, x: grids.append(real(self, x)[1]) or real(self, x))
+
+    templates = tmp_path / "templates.txt"
+    templates.write_text("a photo of a {}.\n")
+    flags = ["--backbone", "siglip2-naflex-b16", "--pretrained", "none", "--templates", str(templates)]
+    flags += ["--text-cache", "none"]
+    image = os.path.join(os.path.dirname(__file__), "..", "assets", "astronaut.jpg")
+    segment.main(
+        [image, "--classes", "person, sky", "--out", str(tmp_path / "seg.png"), "--naflex-patches", "64", *flags]
+    )
+    assert grids == [(8, 8)]  # the 512 x 512 photo: the largest square grid within 64 patches
+    evaluate.main(["--dataset", "voc21", "--make-synthetic", str(tmp_path / "voc"), "--num-synthetic", "1"])
+    evaluate.main(
+        [
+            "--dataset",
+            "voc21",
+            "--root",
+            str(tmp_path / "voc"),
+            "--modes",
+            "single",
+            *flags,
+            "--out",
+            str(tmp_path / "r.json"),
+        ]
+    )
+    out = capsys.readouterr().out
+    assert (tmp_path / "seg.png").is_file() and "note: random weights" in out
+    single = [line.split() for line in out.splitlines() if line.startswith("single ")]
+    assert len(single) == 1 and 0 <= float(single[0][1]) <= 100 and single[0][3] == "1"
+    assert len(grids) > 1 and 64 < max(h * w for h, w in grids[1:]) <= 256  # evaluate.py: the default budget
