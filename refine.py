@@ -47,6 +47,9 @@ class RefineSettings:
     affinity: str = flag(
         "self", "LPOSS affinity features: self (the backbone in use, e.g. the student) or a DINO ViT weights file"
     )
+    lposs_k: int = flag(
+        400, "LPOSS's k nearest patches per patch, (L2) (400: the reference; see docs/lposs_anyup.md)", (">=", 1)
+    )
     upsample: str = flag("bilinear", "logits to pixels: bilinear, or anyup (features by AnyUp)", choices=UPSAMPLES)
     anyup_weights: str | None = flag(None, f"the AnyUp weights file for --upsample anyup ({ANYUP_HINT})")
 
@@ -67,6 +70,8 @@ class RefineSettings:
                 "--refine and --upsample anyup need the dense features, and mode slidelogit has only logits; "
                 "use mode single or slide."
             )
+        if self.lposs_k < 1:
+            raise RefineError(f"--lposs-k must be at least 1, not {self.lposs_k}.")
         if self.upsample == "anyup":
             if not self.anyup_weights:
                 raise RefineError(
@@ -90,6 +95,8 @@ def run_record(args) -> dict:
     if getattr(args, "refine", "none") != "none":
         affinity = args.affinity
         record.update(refine=args.refine, affinity=affinity)
+        if getattr(args, "lposs_k", 400) != 400:  # the reference k is left out, so older records still resume
+            record.update(lposs_k=args.lposs_k)
         if affinity != "self":
             record.update(affinity=os.path.abspath(affinity), affinity_sha1=content_sha1(affinity))
     if getattr(args, "upsample", "bilinear") != "bilinear":
@@ -200,7 +207,7 @@ def refined_logits(cos, feats, rgb, out_hw, s: RefineSettings, upsample, head, p
     if s.upsample == "anyup":
         model = cached_model("anyup", s.anyup_weights, rgb.device)
         return model(imagenet_normalize(rgb), feats.permute(0, 3, 1, 2), out_hw, head=head)  # (U1)-(U5), (E5)
-    Z = lposs(cos, affinity_features(s, feats, rgb), patch=patch)  # (L1)-(L6)
+    Z = lposs(cos, affinity_features(s, feats, rgb), patch=patch, k=s.lposs_k)  # (L1)-(L6)
     if s.refine == "lposs":
         return upsample(Z, out_hw=out_hw)
     run_hw = tuple(rgb.shape[-2:])

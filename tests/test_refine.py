@@ -94,6 +94,19 @@ def test_lposs_labels_are_the_argmax_of_a_direct_solve(tiny, text, image):
     assert not torch.allclose(plain.logits, seg.logits, atol=1e-2)
 
 
+def test_lposs_k_is_the_graphs_neighbour_count(tiny, text, image, monkeypatch):
+    """--lposs-k reaches (L2): k = 3 keeps 3 neighbours per patch; 400 (the reference) keeps all 20 of this grid."""
+    seen, real = [], refine.lposs
+    monkeypatch.setattr(refine, "lposs", lambda *a, **kw: seen.append(kw["k"]) or real(*a, **kw))
+    few = segment.segment(tiny, image, text, SegmentSettings(refine="lposs", lposs_k=3), return_logits=True)
+    ref = segment.segment(tiny, image, text, SegmentSettings(refine="lposs"), return_logits=True)
+    _, feats, _ = by_hand(tiny, text, image, SegmentSettings(refine="lposs"))
+    h, w = feats.shape[1:3]
+    W = lposs.patch_graph(feats[0].reshape(h * w, -1), (h, w), tiny.patch_size, k=3)
+    assert seen == [3, 400] and h * w < 400 and not torch.allclose(few.logits, ref.logits, atol=1e-3)
+    assert int((W > 0).sum(1).max()) < h * w - 1  # a sparse graph: not every patch is a neighbour
+
+
 def test_lposs_plus_is_the_pixel_pass_on_the_lposs_result(tiny, text, image):
     s = SegmentSettings(refine="lposs+")
     seg = segment.segment(tiny, image, text, s, return_logits=True)
@@ -161,6 +174,7 @@ def test_dino_affinity_is_the_last_blocks_value_vectors(tiny, text, image, tmp_p
         (dict(refine="lposs+", mode="slidelogit"), ["slidelogit"]),
         (dict(refine="lposs", affinity="/no/dino.pth"), ["neither 'self' nor a file"]),
         (dict(refine="lpos"), ["unknown refine"]),
+        (dict(refine="lposs", lposs_k=0), ["--lposs-k", "at least 1"]),
     ],
 )
 def test_bad_settings_are_one_sentence(kw, words):
@@ -230,6 +244,7 @@ def test_cli_options_give_the_apis_labels(tiny, cli_args, tmp_path, option):
         (["--refine", "lposs", "--affinity", "{tmp}/garbage.pth"], "garbage.pth"),
         (["--refine", "lposs", "--upsample", "anyup", "--anyup-weights", "{tmp}/partial.pth"], "choose one"),
         (["--refine", "lposs", "--mode", "slidelogit"], "slidelogit"),
+        (["--refine", "lposs", "--lposs-k", "0"], "--lposs-k must be at least 1"),
     ],
 )
 def test_cli_bad_input_is_one_error_line_before_any_work(cli_args, tmp_path, capsys, monkeypatch, extra, words):
@@ -253,6 +268,11 @@ def test_folder_record_names_the_post_processing_only_when_asked(tmp_path):
     assert "refine" not in plain and "upsample" not in plain and plain["mode"] == "single"  # as before refine.py
     refined = outputs.folder_record(args, SegmentSettings(refine="lposs"), None, [["a"]], ["{}"])["settings"]
     assert refined == plain | {"refine": "lposs"}  # a folder segmented without it is not "done" with it
+    few = outputs.folder_record(args, SegmentSettings(refine="lposs", lposs_k=30), None, [["a"]], ["{}"])
+    assert few["settings"] == plain | {"refine": "lposs", "lposs_k": 30}
+    evaluate_args = argparse.Namespace(refine="lposs", affinity="self", lposs_k=30)
+    assert refine.run_record(evaluate_args) == {"refine": "lposs", "affinity": "self", "lposs_k": 30}
+    assert "lposs_k" not in refine.run_record(argparse.Namespace(refine="lposs", affinity="self", lposs_k=400))
 
 
 # --------------------------------------------------------------------------------------------------------------
