@@ -56,13 +56,7 @@ def tower_state(path):
     return torch.load(path, map_location="cpu", weights_only=True)["image_tower"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def distill_one_thread():
-    """Tiny models gain nothing from 2 threads, and on a busy 2-core machine they lose 10x; restored afterwards."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -18,12 +18,7 @@ import distill  # noqa: E402
 BASE = ["--backbone", "tiny", "--pretrained", "none", "--device", "cpu", "--num-heldout", "1", "--eval-sizes", "192"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

