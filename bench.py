@@ -48,6 +48,7 @@ from cli import (
     main_guard,
     note_random_weights,
     parse_size,
+    patch_budget,
     resolve_device,
     synchronize,
 )
@@ -626,6 +627,13 @@ def build_parser(device_default: str) -> argparse.ArgumentParser:
         default="none",
         help="'none' (random weights; default, speed does not depend on them), 'default' or a file",
     )
+    p.add_argument(
+        "--naflex-patches",
+        default="256",
+        type=patch_budget,
+        metavar="N|all",
+        help="siglip2-naflex-b16 only: its patch budget (default: %(default)s; 'all': the image's own grid)",
+    )
     p.add_argument("--sizes", default=None, help="comma-separated HxW image sizes (default: per device)")
     p.add_argument("--strides", default=None, help="comma-separated teacher strides, each <= K (default: per device)")
     p.add_argument("--train-size", default=None, help="HxW of the training-step image (default: per device)")
@@ -702,6 +710,7 @@ def run_meta(backbone, ref, args, argv) -> dict:
         timm=__import__("timm").__version__,
         python=platform.python_version(),
         batch=args.batch_size,
+        **({"naflex_patches": args.naflex_patches} if not getattr(backbone, "slides", True) else {}),
         warmup=args.warmup,
         reps=args.reps,
         threads=torch.get_num_threads(),
@@ -717,6 +726,10 @@ def _run(argv):
     args = build_parser(device).parse_args(argv)
     sizes, strides, train_size = settle_args(args)
     backbone = load_backbone(args.backbone, args.pretrained, args.device)
+    backbone.max_patches = args.naflex_patches  # NaFlex's patch budget (only `NaFlexBackbone` reads it)
+    if not getattr(backbone, "slides", True) and not args.no_teacher:  # NaFlex: a single-pass baseline
+        print(f"skip: teacher rows: {backbone.name} is a single-pass baseline with no window to slide", flush=True)
+        args.no_teacher = True
     if max(strides) > backbone.window and not args.no_teacher:
         raise UserError(
             f"--strides must be at most the {backbone.window} px window of {backbone.name}, got {max(strides)}."

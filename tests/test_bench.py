@@ -75,6 +75,16 @@ def test_smoke_table(tmp_path, capsys):
     assert "targets" in capsys.readouterr().out
 
 
+def test_naflex_is_benchmarked_single_pass_only_at_its_budget(tmp_path, capsys):
+    """The single-pass baseline has no window: the teacher rows are a logged skip, not an error; its budget is in
+    the header."""
+    argv = ["--device", "cpu", "--backbone", "siglip2-naflex-b16", "--sizes", "64x128", "--strides", "24"]
+    res = bench.main([*argv, "--no-train", "--reps", "1", "--naflex-patches", "8", "--json", str(tmp_path / "b.json")])
+    assert "skip: teacher rows: siglip2-naflex-b16 is a single-pass baseline" in capsys.readouterr().out
+    assert [r["what"] for r in res["rows"]] == ["single pass: dense (no bare ref.)"]
+    assert res["rows"][0]["ours_s"] > 0 and res["meta"]["naflex_patches"] == 8
+
+
 def test_bare_reference_matches_our_trunk_at_native_resolution(tiny):
     """Apples to apples: timm's forward_features and our `tokens` are the same function at K x K."""
     ref = bench.bare_trunk(tiny)
