@@ -63,7 +63,8 @@ def main_guard(main, argv=None, interrupted: str = "interrupted."):
 
     UserError -> `error: <message>` on stderr, exit 2.  KeyboardInterrupt (Ctrl-C, or SIGTERM, which is turned
     into one) -> its own message if it carries one, else `interrupted`, on stderr, exit 130 -- also when a
-    signal was received and the work ended anyway (never exit 0 after Ctrl-C).
+    signal was received and the work ended anyway (never exit 0 after Ctrl-C).  A closed stdout pipe (`| head`)
+    -> exit 141, silent.
     """
     old = {}
     try:
@@ -81,6 +82,10 @@ def main_guard(main, argv=None, interrupted: str = "interrupted."):
     except KeyboardInterrupt as exc:
         print(printable(str(exc.args[0]) if exc.args else interrupted), file=sys.stderr)
         raise SystemExit(130) from None
+    except BrokenPipeError:  # the reader of stdout went away (`| head`): stop quietly, as Unix tools do
+        with contextlib.suppress(OSError, ValueError):  # no second error when Python flushes stdout at exit
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        raise SystemExit(141) from None  # 128 + SIGPIPE
     finally:
         for sig, handler in old.items():
             signal.signal(sig, handler)
@@ -308,12 +313,16 @@ def check_memory(H: int, W: int, patch: int, dim: int, device, what: str, batch:
     --size asked 120 GB for its input alone).  A lower bound: the fp32 input and ~12 (tokens x C) fp32 activations
     per image (the residual, q/k/v, the 4x MLP), no attention matrix; so only hopeless sizes are refused."""
     tokens = math.ceil(H / patch) * math.ceil(W / patch)
-    need = batch * 4 * (3 * H * W + 12 * tokens * dim)
+    check_bytes(batch * 4 * (3 * H * W + 12 * tokens * dim), device, f"{what} {H}x{W} px", "input and activations")
+
+
+def check_bytes(need: int, device, what: str, of: str):
+    """Refuse, with the estimate, work that needs `need` bytes (`of`: of what) when `device` has less free."""
     free = free_memory(device)
     if free is not None and need > free:
         raise UserError(
-            f"{what} {H}x{W} px needs at least {need / 2**30:.1f} GiB on {device} (input and activations), but "
-            f"{free / 2**30:.1f} GiB is free; use a smaller size."
+            f"{what} needs at least {need / 2**30:.1f} GiB on {device} ({of}), but {free / 2**30:.1f} GiB is free; "
+            f"use a smaller size."
         )
 
 

@@ -231,6 +231,23 @@ def test_stitch_numbers_are_checked(argv, match, capsys):
     assert match in refused(stitch.main, argv, capsys)
 
 
+def test_stitch_refuses_a_canvas_that_cannot_fit_with_its_estimate(capsys):
+    """17 million windows of 512 px on a 100000^2 image: refused before a window map is allocated."""
+    err = refused(stitch.main, ["--height", "100000", "--width", "100000"], capsys)
+    assert "stitching 17197609 windows needs at least" in err and "GiB" in err and "free" in err
+
+
+def test_a_closed_stdout_pipe_is_a_quiet_exit():
+    """`python stitch.py | head -0`: the reader is gone before the first line; exit 141 (SIGPIPE), no traceback."""
+    proc = subprocess.Popen(
+        [sys.executable, "stitch.py", "--height", "512", "--width", "512"], cwd=ROOT, env=ENV,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=300) == 141 and err == "", err
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Signals during start-up
 # ----------------------------------------------------------------------------------------------------------------
