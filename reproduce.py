@@ -21,6 +21,7 @@ of each dataset's typical evaluation size (random weights, so no download) and e
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import statistics
 import subprocess
@@ -393,6 +394,11 @@ def time_backbone(name: str, args) -> list[dict]:
     return rows
 
 
+def number(x: float, width: int, digits: int) -> str:
+    """A table cell: `x` to `digits` places, or a dash for NaN (the NaFlex baseline has no teacher)."""
+    return f"{'—':>{width}}" if math.isnan(x) else f"{x:{width}.{digits}f}"
+
+
 def timing(args) -> int:
     import torch
 
@@ -411,15 +417,15 @@ def timing(args) -> int:
     say(f"\n{'backbone':<12} {'HxW':>10} {'single s':>9} {'teacher s':>10} {'ratio':>6}  teacher windows")
     for r in rows:
         say(
-            f"{r['backbone']:<12} {r['size'][0]:>4}x{r['size'][1]:<5} {r['single_s']:9.3f} {r['teacher_s']:10.2f} "
-            f"{r['teacher_s'] / r['single_s']:6.0f}  {r['teacher_how']}"
+            f"{r['backbone']:<12} {r['size'][0]:>4}x{r['size'][1]:<5} {r['single_s']:9.3f} "
+            f"{number(r['teacher_s'], 10, 2)} {number(r['teacher_s'] / r['single_s'], 6, 0)}  {r['teacher_how']}"
         )
     say(f"\n{'backbone':<12} {'dataset':<11} {'images':>6} {'single min':>11} {'teacher min':>12}")
     for r in rows:
         for d in r["datasets"]:
             say(
                 f"{r['backbone']:<12} {d:<11} {split[d]:>6} {split[d] * r['single_s'] / 60:11.1f} "
-                f"{split[d] * r['teacher_s'] / 60:12.1f}"
+                f"{number(split[d] * r['teacher_s'] / 60, 12, 1)}"
             )
     write_json(
         Path(args.out) / "timing.json",

@@ -145,3 +145,9 @@ def test_bad_arguments_are_one_sentence(tmp_path, capsys, args, message):
     assert exit_.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and message in err[0]
+
+
+def test_timing_cells_show_a_dash_where_there_is_no_teacher():
+    """The NaFlex baseline's teacher time is NaN: its cells are a dash of the column's width, not 'nan'."""
+    assert reproduce.number(float("nan"), 10, 2) == " " * 9 + "—" and reproduce.number(1.234, 6, 2) == "  1.23"
+    assert reproduce.number(float("nan") / 2.0, 6, 0) == " " * 5 + "—"
