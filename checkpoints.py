@@ -587,4 +587,5 @@ def tokenizer_factory(spec: BackboneSpec, random_weights: bool = False, context_
                 f"--pretrained none runs offline with a stand-in tokenizer."
             ) from exc
 
+    make.stand_in = stand_in  # textcache.py keys its cache on it
     return make

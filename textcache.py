@@ -74,6 +74,7 @@ def _cache_key(backbone, queries: list[str], templates: list[str]) -> str:
             "precision": "fp32",
             "queries": queries,
             "templates": templates,
+            **({"tokenizer": "stand-in"} if getattr(getattr(backbone, "_tokenizer", None), "stand_in", False) else {}),
         },
         ensure_ascii=False,
     )

@@ -145,6 +145,16 @@ def test_the_stand_in_only_replaces_a_tokenizer_that_needs_a_download(monkeypatc
     assert tokenizer_factory(clip, True, 77)() == clip.tokenizer_name and asked[-1] == (clip.tokenizer_name, {})
 
 
+def test_the_stand_in_tokenizer_has_its_own_text_cache_key(naflex, monkeypatch):
+    """Embeddings made with the stand-in are never served for the real tokenizer's ids, nor the other way round."""
+    import textcache
+    from checkpoints import BACKBONES, tokenizer_factory
+
+    stand_in = textcache._cache_key(naflex, ["cat"], ["{}"])
+    monkeypatch.setattr(naflex, "_tokenizer", tokenizer_factory(BACKBONES["siglip2-naflex-b16"]))  # not loaded
+    assert textcache._cache_key(naflex, ["cat"], ["{}"]) != stand_in
+
+
 def test_real_weights_without_the_tokenizer_fail_in_one_sentence(monkeypatch):
     import open_clip
 
