@@ -434,10 +434,20 @@ def _build_tiny():
         heads=TINY["text_heads"],
         layers=TINY["text_layers"],
     )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(TINY["seed"])
+    with seeded(TINY["seed"]):
         model = CustomTextCLIP(embed_dim=TINY["width"], vision_cfg=vision_cfg, text_cfg=text_cfg)
     return model
+
+
+RANDOM_SEED = 0  # --pretrained none: every architecture's random weights are the same in every run
+
+
+@contextlib.contextmanager
+def seeded(seed: int = RANDOM_SEED):
+    """Build random weights from a fixed seed on a forked CPU generator: the caller's RNG state is left as it was."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
 
 
 @contextlib.contextmanager
@@ -490,7 +500,7 @@ def _open_clip_model(spec: BackboneSpec, pretrained):
             load_state_dict_file(model, pretrained, spec.name)
         return model
     if pretrained is None:
-        with _quiet_logging():  # silence open_clip's "initialized randomly" warning: we asked for it
+        with _quiet_logging(), seeded():  # silence open_clip's "initialized randomly" warning: we asked for it
             return open_clip.create_model(spec.openclip_name, pretrained=None)
     if pretrained != "default":
         if not os.path.isfile(pretrained):

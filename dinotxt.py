@@ -29,7 +29,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from checkpoints import BackboneError, _read_torch_file, _state_mismatch
+from checkpoints import BackboneError, _read_torch_file, _state_mismatch, seeded
 
 CONFIGS = {
     "dinov3-l16": dict(
@@ -37,7 +37,7 @@ CONFIGS = {
         vision={},
         text=dict(context=77, vocab=49408, width=1280, heads=20, layers=24),
         embed_dim=2048,
-        seed=None,
+        seed=0,  # --pretrained none: the same random weights in every run
     ),
     "dinov3-tiny": dict(
         timm_name="vit_large_patch16_dinov3_qkvb",
@@ -169,8 +169,8 @@ def is_meta_backbone(state: dict) -> bool:
 
 
 def build_dinotxt(spec, pretrained) -> DinoTxt:
-    """`DinoTxt` of a `checkpoints.BackboneSpec`, eval mode, frozen.  pretrained: None / "none" -> random (seeded
-    for `dinov3-tiny`); a file in the released layout; or "BACKBONE.pth,DINOTXT.pth" -- Meta's DINOv3 backbone file
+    """`DinoTxt` of a `checkpoints.BackboneSpec`, eval mode, frozen.  pretrained: None / "none" -> random (seeded:
+    the same in every run); a file in the released layout; or "BACKBONE.pth,DINOTXT.pth" -- Meta's DINOv3 backbone file
     plus its dino.txt vision-head-and-text-encoder file (then joined into the released layout)."""
     cfg = CONFIGS[spec.name]
     if isinstance(pretrained, str) and pretrained.lower() == "none":
@@ -181,9 +181,7 @@ def build_dinotxt(spec, pretrained) -> DinoTxt:
             f"pass --pretrained BACKBONE.pth,DINOTXT.pth (Meta's two files) or a file in the released layout, "
             f"--checkpoint the authors' SPAR DINOv3-TXT file, or --pretrained none for random weights."
         )
-    with torch.random.fork_rng(devices=[]):
-        if cfg["seed"] is not None:
-            torch.manual_seed(cfg["seed"])
+    with seeded(cfg["seed"]):
         model = DinoTxt(cfg)
     if pretrained is not None:
         load_released_files(model, spec.name, pretrained)

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 
-from checkpoints import BackboneError, _quiet_logging, load_state_dict_file
+from checkpoints import BackboneError, _quiet_logging, load_state_dict_file, seeded
 
 DEFAULT_PATCHES = 256  # the reference preprocessing's max_num_patches (and the --naflex-patches default)
 TIMM_NAME = "naflexvit_base_patch16_siglip"
@@ -45,9 +45,9 @@ def build_naflex(spec, pretrained):
             f"{spec.name} is not in open_clip's released model list; pass --pretrained PATH (an open_clip state "
             f"dict of ViT-B-16-SigLIP2-naflex: 'visual.trunk.*' NaFlexViT and 'text.*' keys) or --pretrained none."
         )
-    with _quiet_logging():
+    with _quiet_logging(), seeded():  # random weights (replaced below by a file's): the same in every run
         model = open_clip.create_model(spec.openclip_name, pretrained=None)
-    model.visual.trunk = timm.create_model(TIMM_NAME, pretrained=False, num_classes=0)
+        model.visual.trunk = timm.create_model(TIMM_NAME, pretrained=False, num_classes=0)
     if pretrained is not None:
         load_state_dict_file(model, pretrained, spec.name)
     return model.eval().requires_grad_(False)

@@ -261,6 +261,18 @@ def test_tiny_is_seeded_and_leaves_the_global_rng_alone():
         assert na == nb and torch.equal(pa, pb)
 
 
+@pytest.mark.parametrize("name, fixture", [("clip-b16", "clip_b16"), ("siglip2-b16", "siglip2_b16")])
+def test_random_weights_are_the_same_in_every_run_and_leave_the_global_rng_alone(request, name, fixture):
+    """--pretrained none is reproducible: a second build (here after other draws) has every weight equal."""
+    torch.manual_seed(123)
+    expected_next = torch.rand(1)
+    torch.manual_seed(123)
+    again = load_backbone(name, pretrained=None)
+    assert torch.equal(torch.rand(1), expected_next)
+    first = request.getfixturevalue(fixture).model.state_dict()
+    assert all(torch.equal(first[k], v) for k, v in again.model.state_dict().items())
+
+
 def test_encode_text_offline(tiny, clip_b16):
     for bb in (tiny, clip_b16):
         with torch.inference_mode():
