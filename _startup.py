@@ -1,4 +1,5 @@
-"""Ctrl-C and SIGTERM during a CLI's start-up (not a part of the paper): exit 130, one line, no traceback.
+"""Ctrl-C and SIGTERM during a CLI's start-up (not a part of the paper): exit 130, one line, no traceback; a missing
+package (a CLI run outside the project's venv): exit 2, one line.
 
 A CLI spends seconds importing torch, open_clip and timm before `cli.main_guard` installs its handler; a Ctrl-C
 then gave a `KeyboardInterrupt` traceback and a SIGTERM exit -15.  Every CLI imports this module first among its
@@ -21,6 +22,19 @@ def _exit_at_startup(signum, frame):
     os._exit(STARTUP_EXIT)  # no clean-up to run: the imports have written nothing
 
 
+def _missing_package(kind, exc, tb):
+    """sys.excepthook of a CLI: a ModuleNotFoundError is one `error:` line and exit 2, anything else a traceback."""
+    if not issubclass(kind, ModuleNotFoundError):
+        return sys.__excepthook__(kind, exc, tb)
+    sys.stdout.flush()
+    sys.stderr.write(
+        f"error: a required package is not installed ({exc}); install the project's requirements in the Python "
+        f"that runs this script (`pip install -r requirements.txt`; is the project's venv active?).\n"
+    )
+    sys.stderr.flush()
+    os._exit(2)
+
+
 def install():
     main_file = getattr(sys.modules.get("__main__"), "__file__", None)
     if not main_file or os.path.dirname(os.path.abspath(main_file)) != os.path.dirname(os.path.abspath(__file__)):
@@ -28,6 +42,7 @@ def install():
     for sig in (signal.SIGINT, signal.SIGTERM):
         if signal.getsignal(sig) != signal.SIG_IGN:
             signal.signal(sig, _exit_at_startup)
+    sys.excepthook = _missing_package
 
 
 install()

@@ -237,6 +237,18 @@ def test_stitch_refuses_a_canvas_that_cannot_fit_with_its_estimate(capsys):
     assert "stitching 17197609 windows needs at least" in err and "GiB" in err and "free" in err
 
 
+@pytest.mark.parametrize("module", ["PIL", "torch"])
+def test_a_missing_package_is_one_error_line_and_exit_2(tmp_path, module):
+    """A CLI run by a Python without the requirements (its venv not active): one line naming the package."""
+    (tmp_path / module).mkdir()
+    (tmp_path / module / "__init__.py").write_text(f"raise ModuleNotFoundError(\"No module named '{module}'\")\n")
+    env = dict(ENV, PYTHONPATH=str(tmp_path))  # this fake package, found first, fails as a missing one does
+    proc = subprocess.run([sys.executable, "segment.py", "--help"], cwd=ROOT, env=env, capture_output=True, text=True)
+    err = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(err) == 1 and err[0].startswith("error:"), proc.stderr
+    assert f"No module named '{module}'" in err[0] and "pip install -r requirements.txt" in err[0]
+
+
 def test_a_closed_stdout_pipe_is_a_quiet_exit():
     """`python stitch.py | head -0`: the reader is gone before the first line; exit 141 (SIGPIPE), no traceback."""
     proc = subprocess.Popen(
