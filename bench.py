@@ -333,7 +333,7 @@ def bench_teacher(backbone, sizes, strides, dense_s, args) -> list:
             n = teacher.num_windows(H, W)
             if done_windows >= batch:  # more windows averaged: a steadier estimate
                 per_window = done_seconds / done_windows
-            est = per_window * math.ceil(n / batch) * batch
+            est = per_window * n  # the n windows model_only runs (a tail batch costs a little more per window)
             fl = dense_flops(backbone, K, K, n)
             fl = None if fl is None else sum(fl)
             if est > args.max_call:  # too long to run here: extrapolate

@@ -75,6 +75,17 @@ def test_smoke_table(tmp_path, capsys):
     assert "targets" in capsys.readouterr().out
 
 
+def test_an_extrapolated_teacher_costs_its_windows_times_the_model_time_per_window(capsys):
+    """Above --max-call a row is estimated: model-only = n windows x the per-window time (3 and 9 windows here, not
+    rounded up to full batches of 16)."""
+    argv = ["--device", "cpu", "--backbone", "tiny", "--sizes", "128x256,256x256", "--strides", "64", "--no-train"]
+    res = bench.main([*argv, "--warmup", "0", "--reps", "1", "--max-call", "1e-9"])
+    rows = [r for r in res["rows"] if r["what"].startswith("teacher")]
+    assert [r["windows"] for r in rows] == [3, 9] and all(r["extrapolated"] for r in rows)
+    assert rows[1]["ref_s"] == pytest.approx(3 * rows[0]["ref_s"])
+    assert all(r["note"].startswith(f"model-only = {r['windows']} windows x") for r in rows)
+
+
 def test_naflex_is_benchmarked_single_pass_only_at_its_budget(tmp_path, capsys):
     """The single-pass baseline has no window: the teacher rows are a logged skip, not an error; its budget is in
     the header."""
