@@ -133,6 +133,33 @@ def test_text_tower_pools_the_end_of_text_token_and_is_causal(dino):
         assert torch.allclose(tower(tokens)[0], tower.head.linear_projection(x), atol=1e-6)
 
 
+def test_text_tower_equals_open_clips_causal_text_transformer(dino):
+    """An independent reference: open_clip's CLIP text transformer (causal mask, pre-norm, GELU, pooled at the
+    arg-max id, projection without bias) given the same weights -- its fused q/k/v bias set to zero, as dino.txt's
+    q/k/v have none -- gives the same embeddings."""
+    from open_clip.transformer import TextTransformer as Reference
+
+    ours = dino.model.text_model
+    text = ours.backbone
+    width, heads, layers = text.ln_final.normalized_shape[0], text.blocks[0].attention.heads, len(text.blocks)
+    ref = Reference(context_length=77, width=width, heads=heads, layers=layers, output_dim=ours.embed_dim).eval()
+    state = {"token_embedding.weight": text.token_embedding.weight, "positional_embedding": text.positional_embedding}
+    state |= {f"ln_final.{k}": v for k, v in text.ln_final.state_dict().items()}
+    state["text_projection"] = ours.head.linear_projection.weight.T
+    for i, b in enumerate(text.blocks):
+        r = f"transformer.resblocks.{i}."
+        state |= {r + "attn.in_proj_weight": b.attention.qkv.weight, r + "attn.in_proj_bias": torch.zeros(3 * width)}
+        state |= {r + f"attn.out_proj.{k}": v for k, v in b.attention.proj.state_dict().items()}
+        for mine, theirs in (("attention_norm", "ln_1"), ("ffn_norm", "ln_2")):
+            state |= {r + f"{theirs}.{k}": v for k, v in getattr(b, mine).state_dict().items()}
+        for mine, theirs in (("fc1", "c_fc"), ("fc2", "c_proj")):
+            state |= {r + f"mlp.{theirs}.{k}": v for k, v in getattr(b.feed_forward, mine).state_dict().items()}
+    ref.load_state_dict(state, strict=True)
+    tokens = dino.tokenizer(["a photo of a cat", "road", "the sky above the port was the colour of television"])
+    with torch.inference_mode():
+        assert torch.allclose(ours(tokens), ref(tokens), atol=1e-5, rtol=1e-4)
+
+
 def test_text_parameter_names_are_the_released_ones(dino):
     names = set(dino.model.text_model.state_dict())
     for name in (
