@@ -76,16 +76,19 @@ def main_guard(main, argv=None, interrupted: str = "interrupted."):
     _signals.clear()
     try:
         result = main(argv)
+        sys.stdout.flush()  # a closed pipe fails here, inside the guard, not at the interpreter's exit
     except UserError as exc:
         print(printable(f"error: {exc}"), file=sys.stderr)
+        stdout_closed()  # what was printed before the error cannot fail at exit either
         raise SystemExit(2 if not _signals else 130) from None
     except KeyboardInterrupt as exc:
         print(printable(str(exc.args[0]) if exc.args else interrupted), file=sys.stderr)
+        stdout_closed()
         raise SystemExit(130) from None
-    except BrokenPipeError:  # the reader of stdout went away (`| head`): stop quietly, as Unix tools do
-        with contextlib.suppress(OSError, ValueError):  # no second error when Python flushes stdout at exit
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        raise SystemExit(141) from None  # 128 + SIGPIPE
+    except BrokenPipeError:
+        if not stdout_closed():
+            raise  # another pipe (a subprocess's): an error of its own
+        raise SystemExit(141) from None  # stdout's reader went away (`| head`): quietly, as Unix tools do
     finally:
         for sig, handler in old.items():
             signal.signal(sig, handler)
@@ -93,6 +96,22 @@ def main_guard(main, argv=None, interrupted: str = "interrupted."):
         print(printable(interrupted), file=sys.stderr)
         raise SystemExit(130)
     return result
+
+
+def stdout_closed() -> bool:
+    """Whether stdout is a pipe whose reader went away (`| head`); if so, stdout is pointed at /dev/null, so that
+    flushing what is left (at the interpreter's exit) cannot fail again.  False where it cannot be told."""
+    import select
+
+    try:
+        poll = select.poll()
+        poll.register(sys.stdout.fileno(), select.POLLOUT)
+        gone = any(events & select.POLLERR for _, events in poll.poll(0))
+        if gone:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return gone
+    except (AttributeError, OSError, ValueError):  # no poll (Windows), no file descriptor (a notebook, pytest)
+        return False
 
 
 def printable(text: str) -> str:

@@ -133,8 +133,10 @@ def _run(argv):
     if K % p or s > K:
         raise UserError(f"--window ({K}) must be a multiple of --patch ({p}) and --stride ({s}) at most the window.")
     H, W = (max(K, math.ceil(side / p) * p) for side in (args.height, args.width))  # the grid, at least K
+    n, k, r = math.prod(math.ceil((L - K) / s) + 1 for L in (H, W)), K // p, sub_patch_factor(s, p)  # (E1) count
+    need = 4 * n * k * k + 24 * n * (k * r) ** 2 + 8 * (H * r // p) * (W * r // p)  # maps; up_r, indices; canvas
+    check_bytes(need, "cpu", f"stitching {n} windows", "fp32 maps with C=1, their cell indices and the canvas")
     ys, xs = window_starts(H, K, s), window_starts(W, K, s)  # (E1)
-    n, k, r = len(ys) * len(xs), K // p, sub_patch_factor(s, p)
     print(f"image {args.height}x{args.width} -> padded to {H}x{W} (multiple of p={p}, at least K={K})")
     print(f"window K={K}, stride s={s}: {len(ys)} x {len(xs)} = {n} windows")
     print(f"  row starts: {ys[:4]} ... {ys[-3:]}\n  col starts: {xs[:4]} ... {xs[-3:]}")
@@ -142,8 +144,6 @@ def _run(argv):
         f"sub-patch factor r={r}: canvas of {p // r} px cells, {H * r // p} x {W * r // p}; "
         f"each window map {K // p}x{K // p} -> {K * r // p}x{K * r // p}"
     )
-    need = 4 * n * k * k + 24 * n * (k * r) ** 2 + 8 * (H * r // p) * (W * r // p)  # maps; up_r, indices; canvas
-    check_bytes(need, "cpu", f"stitching {n} windows", "fp32 maps with C=1, their cell indices and the canvas")
     corners = torch.tensor(window_grid(H, W, K, s)) * r // p  # (E1) in cells
     canvas = Stitcher(1, (H * r // p, W * r // p), 1, r)
     canvas.add(torch.ones(n, k, k, 1), torch.zeros_like(corners[:, 0]), *corners.T)

@@ -234,7 +234,9 @@ def test_stitch_numbers_are_checked(argv, match, capsys):
 def test_stitch_refuses_a_canvas_that_cannot_fit_with_its_estimate(capsys):
     """17 million windows of 512 px on a 100000^2 image: refused before a window map is allocated."""
     err = refused(stitch.main, ["--height", "100000", "--width", "100000"], capsys)
-    assert "stitching 17197609 windows needs at least" in err and "GiB" in err and "free" in err
+    assert "stitching 17197609 windows needs at least" in err and "GiB" in err and "free" in err  # 4147 x 4147
+    err = refused(stitch.main, ["--height", str(10**12), "--width", "512"], capsys)  # no list of 4e10 starts built
+    assert "stitching 41666666647 windows needs at least" in err
 
 
 @pytest.mark.parametrize("module", ["PIL", "torch"])
@@ -249,15 +251,19 @@ def test_a_missing_package_is_one_error_line_and_exit_2(tmp_path, module):
     assert f"No module named '{module}'" in err[0] and "pip install -r requirements.txt" in err[0]
 
 
-def test_a_closed_stdout_pipe_is_a_quiet_exit():
-    """`python stitch.py | head -0`: the reader is gone before the first line; exit 141 (SIGPIPE), no traceback."""
+@pytest.mark.parametrize("unbuffered", [True, False])
+@pytest.mark.parametrize("argv, rc", [(["--height", "512"], 141), (["--height", "100000", "--width", "100000"], 2)])
+def test_a_closed_stdout_pipe_is_a_quiet_exit(unbuffered, argv, rc):
+    """`python stitch.py | head -0`: the reader is gone before the first line.  A run that ends well is exit 141
+    (SIGPIPE), one that ends in an error keeps its `error:` line and exit 2; never a BrokenPipeError, whether
+    Python buffers stdout (as it does for a pipe) or not (PYTHONUNBUFFERED, set on some machines)."""
+    env = {k: v for k, v in ENV.items() if k != "PYTHONUNBUFFERED"} | ({"PYTHONUNBUFFERED": "1"} if unbuffered else {})
     proc = subprocess.Popen(
-        [sys.executable, "stitch.py", "--height", "512", "--width", "512"], cwd=ROOT, env=ENV,
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-    )  # fmt: skip
+        [sys.executable, "stitch.py", *argv], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
     proc.stdout.close()
-    err = proc.stderr.read().decode()
-    assert proc.wait(timeout=300) == 141 and err == "", err
+    err = proc.stderr.read().decode().splitlines()
+    assert proc.wait(timeout=300) == rc and len(err) == (rc == 2) and all(e.startswith("error:") for e in err), err
 
 
 # ----------------------------------------------------------------------------------------------------------------
