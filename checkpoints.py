@@ -444,9 +444,10 @@ RANDOM_SEED = 0  # --pretrained none: every architecture's random weights are th
 
 @contextlib.contextmanager
 def seeded(seed: int = RANDOM_SEED):
-    """Build random weights from a fixed seed on a forked CPU generator: the caller's RNG state is left as it was."""
+    """Build random weights (on the CPU) from a fixed seed: only the CPU generator is seeded, inside a fork of it,
+    so the caller's RNG state -- CPU and GPU -- is left as it was (`torch.manual_seed` would reseed every GPU)."""
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+        torch.default_generator.manual_seed(seed)
         yield
 
 

@@ -697,7 +697,7 @@ def fig5_key(args, image: str, how, checkpoint: str | None, text_id: str) -> dic
         pretrained=str(args.pretrained),
         pretrained_sha1=weights_sha1(args.pretrained),
         checkpoint_sha1=content_sha1(checkpoint) if checkpoint else None,
-        settings=dataclasses.asdict(how),
+        settings={k: v for k, v in dataclasses.asdict(how).items() if (k, v) != ("lposs_k", 400)},  # older keys match
         device=resolve_device(args.device).type,
         text=text_id,
     )

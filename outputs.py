@@ -81,8 +81,8 @@ def folder_record(args, settings, checkpoint, classes, templates) -> dict:
     post = {f.name: f.default for f in fields(RefineSettings)}  # refine.py's fields: left out at their defaults,
     kept = {k: v for k, v in asdict(settings).items() if k not in post or v != post[k]}  # so older records match
     record = {"backbone": args.backbone, "pretrained": args.pretrained, "settings": kept}
-    if args.backbone.endswith("naflex-b16"):  # its patch budget decides its outputs (other records unchanged)
-        record["naflex_patches"] = args.naflex_patches
+    if args.backbone.endswith("naflex-b16") and args.naflex_patches != 256:  # a budget other than the reference
+        record["naflex_patches"] = args.naflex_patches  # one's decides the outputs (older records still match)
     return record | {"checkpoint": checkpoint and file_sha1(checkpoint), "classes": classes, "templates": templates}
 
 

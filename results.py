@@ -40,10 +40,12 @@ def file_stamp(path: str | None) -> tuple[str, int, int] | None:
 
 
 def out_path(args) -> Path:
-    """--out, else runs/eval/<dataset>-<backbone>[-<checkpoint stem>][-lposs|-lposs+][-anyup].json."""
+    """--out, else runs/eval/<dataset>-<backbone>[-<checkpoint stem>][-lposs|-lposs+[-kK]][-anyup].json."""
     tag = f"-{Path(args.checkpoint).stem}" if args.checkpoint else ""
     post = (getattr(args, "refine", "none"), getattr(args, "upsample", "bilinear"))  # refine.py's flags
     tag += "".join(f"-{v}" for v in post if v not in ("none", "bilinear"))  # not the file of the plain run
+    k = getattr(args, "lposs_k", 400)
+    tag += f"-k{k}" if post[0] != "none" and k != 400 else ""  # nor the reference k's
     return Path(args.out) if args.out else HERE / "runs" / "eval" / f"{args.dataset}-{args.backbone}{tag}.json"
 
 

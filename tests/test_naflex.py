@@ -205,3 +205,18 @@ def test_segment_and_evaluate_run_offline_on_random_weights(tmp_path, capsys, mo
     single = [line.split() for line in out.splitlines() if line.startswith("single ")]
     assert len(single) == 1 and 0 <= float(single[0][1]) <= 100 and single[0][3] == "1"
     assert len(grids) > 1 and 64 < max(h * w for h, w in grids[1:]) <= 256  # evaluate.py: the default budget
+
+
+def test_a_segment_folder_records_only_a_budget_other_than_the_reference():
+    """Folders segmented at the reference budget (256) before --naflex-patches existed still resume."""
+    import argparse
+
+    import outputs
+    from segment import SegmentSettings
+
+    def record(budget):
+        args = argparse.Namespace(backbone="siglip2-naflex-b16", pretrained="none", naflex_patches=budget)
+        return outputs.folder_record(args, SegmentSettings(), None, [["a"]], ["{}"])
+
+    assert "naflex_patches" not in record(256) and record(64)["naflex_patches"] == 64
+    assert record(None)["naflex_patches"] is None  # 'all'

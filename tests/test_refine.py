@@ -270,6 +270,12 @@ def test_folder_record_names_the_post_processing_only_when_asked(tmp_path):
     assert refined == plain | {"refine": "lposs"}  # a folder segmented without it is not "done" with it
     few = outputs.folder_record(args, SegmentSettings(refine="lposs", lposs_k=30), None, [["a"]], ["{}"])
     assert few["settings"] == plain | {"refine": "lposs", "lposs_k": 30}
+    import figures
+
+    image, args = str(ROOT / "assets" / "astronaut.jpg"), argparse.Namespace(backbone="tiny", pretrained="none")
+    args.device = "cpu"
+    fig5 = [figures.fig5_key(args, image, SegmentSettings(lposs_k=k), None, "t")["settings"] for k in (400, 30)]
+    assert "lposs_k" not in fig5[0] and fig5[1]["lposs_k"] == 30  # fig5 panels cached before --lposs-k still match
     evaluate_args = argparse.Namespace(refine="lposs", affinity="self", lposs_k=30)
     assert refine.run_record(evaluate_args) == {"refine": "lposs", "affinity": "self", "lposs_k": 30}
     assert "lposs_k" not in refine.run_record(argparse.Namespace(refine="lposs", affinity="self", lposs_k=400))
@@ -318,6 +324,8 @@ def test_evaluate_anyup_records_its_weights_and_its_own_file(eval_args, tmp_path
     assert settings["upsample"] == "anyup" and settings["anyup_weights"] == path and len(settings["anyup_sha1"]) == 40
     args = evaluate.build_parser().parse_args(eval_args + ["--refine", "lposs+"])
     assert out_path(args).name == "voc20-tiny-lposs+.json"
+    args = evaluate.build_parser().parse_args(eval_args + ["--refine", "lposs", "--lposs-k", "30"])
+    assert out_path(args).name == "voc20-tiny-lposs-k30.json"  # the reference k's results are not overwritten
     bad = [(["--upsample", "anyup"], "--anyup-weights PATH")]
     bad += [(["--modes", "single,slidelogit24", "--refine", "lposs"], "slidelogitN")]
     for extra, words in bad:

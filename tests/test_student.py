@@ -273,6 +273,12 @@ def test_random_weights_are_the_same_in_every_run_and_leave_the_global_rng_alone
     assert all(torch.equal(first[k], v) for k, v in again.model.state_dict().items())
 
 
+def test_random_weights_reseed_only_the_cpu_generator(monkeypatch):
+    """`torch.manual_seed` would also reseed every GPU generator of the caller (e.g. distill.py's --seed)."""
+    monkeypatch.setattr(torch, "manual_seed", lambda *a: pytest.fail("reseeds every device's generator"))
+    assert load_backbone("tiny").random_weights
+
+
 def test_encode_text_offline(tiny, clip_b16):
     for bb in (tiny, clip_b16):
         with torch.inference_mode():
