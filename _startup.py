@@ -23,13 +23,17 @@ def _exit_at_startup(signum, frame):
 
 
 def _missing_package(kind, exc, tb):
-    """sys.excepthook of a CLI: a ModuleNotFoundError is one `error:` line and exit 2, anything else a traceback."""
-    if not issubclass(kind, ModuleNotFoundError):
+    """sys.excepthook of a CLI: a third-party package that is missing or too old (an ImportError naming a module
+    that is not one of this folder's) is one `error:` line and exit 2; anything else keeps its traceback."""
+    top = (getattr(exc, "name", None) or "").split(".")[0]
+    here = os.path.dirname(os.path.abspath(__file__))
+    if not issubclass(kind, ImportError) or not top or os.path.exists(os.path.join(here, top + ".py")):
         return sys.__excepthook__(kind, exc, tb)
+    what = "is not installed" if issubclass(kind, ModuleNotFoundError) else "is too old or broken"
     sys.stdout.flush()
     sys.stderr.write(
-        f"error: a required package is not installed ({exc}); install the project's requirements in the Python "
-        f"that runs this script (`pip install -r requirements.txt`; is the project's venv active?).\n"
+        f"error: a required package {what} ({exc}); install the project's requirements in the Python that runs "
+        f"this script (`pip install -r requirements.txt`; is the project's venv active?).\n"
     )
     sys.stderr.flush()
     os._exit(2)

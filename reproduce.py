@@ -21,7 +21,6 @@ of each dataset's typical evaluation size (random weights, so no download) and e
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import statistics
 import subprocess
@@ -364,7 +363,7 @@ def time_backbone(name: str, args) -> list[dict]:
         with torch.inference_mode(), autocast(device, args.precision):
             single = _seconds(lambda: backbone.dense(x), device, args.repeats)
         if not getattr(backbone, "slides", True):  # NaFlex: a single-pass baseline, no teacher
-            rows.append(dict(backbone=name, size=[H, W], datasets=datasets, single_s=single, teacher_s=float("nan"),
+            rows.append(dict(backbone=name, size=[H, W], datasets=datasets, single_s=single, teacher_s=None,
                              windows=0, teacher_how="no teacher (single-pass baseline)"))  # fmt: skip
             continue
         teacher = Teacher(backbone, stride=24, precision=args.precision)
@@ -395,8 +394,8 @@ def time_backbone(name: str, args) -> list[dict]:
 
 
 def number(x: float, width: int, digits: int) -> str:
-    """A table cell: `x` to `digits` places, or a dash for NaN (the NaFlex baseline has no teacher)."""
-    return f"{'—':>{width}}" if math.isnan(x) else f"{x:{width}.{digits}f}"
+    """A table cell: `x` to `digits` places, or a dash for None (the NaFlex baseline has no teacher; null in JSON)."""
+    return f"{'—':>{width}}" if x is None else f"{x:{width}.{digits}f}"
 
 
 def timing(args) -> int:
@@ -416,16 +415,17 @@ def timing(args) -> int:
     split = {d: n for d, _, _, n in BENCHMARKS}
     say(f"\n{'backbone':<12} {'HxW':>10} {'single s':>9} {'teacher s':>10} {'ratio':>6}  teacher windows")
     for r in rows:
+        t = r["teacher_s"]
         say(
             f"{r['backbone']:<12} {r['size'][0]:>4}x{r['size'][1]:<5} {r['single_s']:9.3f} "
-            f"{number(r['teacher_s'], 10, 2)} {number(r['teacher_s'] / r['single_s'], 6, 0)}  {r['teacher_how']}"
+            f"{number(t, 10, 2)} {number(t and t / r['single_s'], 6, 0)}  {r['teacher_how']}"
         )
     say(f"\n{'backbone':<12} {'dataset':<11} {'images':>6} {'single min':>11} {'teacher min':>12}")
     for r in rows:
         for d in r["datasets"]:
             say(
                 f"{r['backbone']:<12} {d:<11} {split[d]:>6} {split[d] * r['single_s'] / 60:11.1f} "
-                f"{number(split[d] * r['teacher_s'] / 60, 12, 1)}"
+                f"{number(r['teacher_s'] and split[d] * r['teacher_s'] / 60, 12, 1)}"
             )
     write_json(
         Path(args.out) / "timing.json",

@@ -6,7 +6,7 @@
 # Here (a machine with this repo's venv), once:  bash scripts/bench_gpu.sh --prepare     (copies open_clip/timm/...
 #   into .gpu_site/, which the device image lacks), then on the GPU machine:  bash scripts/gpu_backbones.sh
 # (the device tool: run(command="bash scripts/gpu_backbones.sh", carry=[".gpu_site"], timeout_s=420)).
-#  1. reproduce.py --timing for dinov3-l16 and siglip2-naflex-b16, fp32 (the authors') -> timing.log
+#  1. reproduce.py --timing for dinov3-l16 and siglip2-naflex-b16, fp32 (the authors') -> timing.log, timing/timing.json
 #  2. bench.py, dinov3-l16: single pass and stride-24 teacher, both sizes            -> bench_dinov3.md / .log
 #  3. bench.py, siglip2-naflex-b16: single pass at the 256 budget and at 'all'        -> bench_naflex_*.md / .log
 # Every step has its own timeout so that the outputs always come back. Writes to $OUT (default runs/gpu_backbones).
@@ -18,7 +18,6 @@ mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 PY=python3
 if [ -d .gpu_site ]; then export PYTHONPATH="$PWD/.gpu_site${PYTHONPATH:+:$PYTHONPATH}"; fi
-TMP=$(mktemp -d)
 DEV=cuda SIZES=1024x2048,672x896 QUICK=() REPS=(--warmup 2 --reps 5)
 if [ "${SMOKE:-0}" = 1 ]; then DEV=cpu SIZES=64x128 QUICK=(--quick) REPS=(--warmup 0 --reps 1); fi
 {
@@ -33,7 +32,7 @@ step() { local name=$1 limit=$2; shift 2; echo "== $name (limit ${limit}s): $*" 
          echo "== $name: exit $rc after $((SECONDS - t0)) s" | tee -a "$OUT/$name.log"; tail -n 25 "$OUT/$name.log"; }
 
 step timing 150 $PY reproduce.py --timing --device "$DEV" --precision fp32 --backbones dinov3-l16,siglip2-naflex-b16 \
-  "${QUICK[@]}" --out "$TMP/timing"
+  "${QUICK[@]}" --out "$OUT/timing"
 step bench_dinov3 120 $PY bench.py --device "$DEV" --backbone dinov3-l16 --sizes "$SIZES" --strides 24 --no-train \
   "${REPS[@]}" --max-call 30 --markdown "$OUT/bench_dinov3.md"
 for budget in 256 all; do

@@ -239,16 +239,36 @@ def test_stitch_refuses_a_canvas_that_cannot_fit_with_its_estimate(capsys):
     assert "stitching 41666666647 windows needs at least" in err
 
 
-@pytest.mark.parametrize("module", ["PIL", "torch"])
-def test_a_missing_package_is_one_error_line_and_exit_2(tmp_path, module):
-    """A CLI run by a Python without the requirements (its venv not active): one line naming the package."""
+@pytest.mark.parametrize(
+    "module, raised, words",
+    [
+        (
+            "PIL",
+            "ModuleNotFoundError(\"No module named 'PIL'\", name='PIL')",
+            "is not installed (No module named 'PIL')",
+        ),
+        ("torch", "ModuleNotFoundError(\"No module named 'torch'\", name='torch')", "is not installed"),
+        ("PIL", "ImportError(\"cannot import name 'ImageOps' from 'PIL'\", name='PIL')", "is too old or broken"),
+    ],
+)
+def test_a_missing_package_is_one_error_line_and_exit_2(tmp_path, module, raised, words):
+    """A CLI run by a Python without the requirements (its venv not active), or with a too old one: one line."""
     (tmp_path / module).mkdir()
-    (tmp_path / module / "__init__.py").write_text(f"raise ModuleNotFoundError(\"No module named '{module}'\")\n")
+    (tmp_path / module / "__init__.py").write_text(f"raise {raised}\n")
     env = dict(ENV, PYTHONPATH=str(tmp_path))  # this fake package, found first, fails as a missing one does
     proc = subprocess.run([sys.executable, "segment.py", "--help"], cwd=ROOT, env=env, capture_output=True, text=True)
     err = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and len(err) == 1 and err[0].startswith("error:"), proc.stderr
-    assert f"No module named '{module}'" in err[0] and "pip install -r requirements.txt" in err[0]
+    assert words in err[0] and "pip install -r requirements.txt" in err[0]
+
+
+def test_a_missing_module_of_the_project_itself_keeps_its_traceback(tmp_path):
+    """A broken import inside the project is a bug to be seen, not a missing requirement."""
+    (tmp_path / "PIL").mkdir()
+    (tmp_path / "PIL" / "__init__.py").write_text("raise ModuleNotFoundError(\"No module named 'cli'\", name='cli')\n")
+    env = dict(ENV, PYTHONPATH=str(tmp_path))
+    proc = subprocess.run([sys.executable, "segment.py", "--help"], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert proc.returncode == 1 and "Traceback" in proc.stderr and "error: a required package" not in proc.stderr
 
 
 @pytest.mark.parametrize("unbuffered", [True, False])
