@@ -46,6 +46,11 @@ def output_files(stem: str | Path, features: bool, masks: bool) -> list[Path]:
     return [mask.with_suffix(".pt")] * features + [mask, overlay_path(mask)] * masks
 
 
+def default_mask(image: str) -> Path:
+    """Where one image's mask goes without --out: runs/segment/<image stem>.png (runs/ is ignored by git)."""
+    return Path("runs") / "segment" / (Path(image).stem + ".png")
+
+
 def check_outputs(args, folder: bool) -> bool:
     """Refuse an --out that cannot be used BEFORE any work; True when masks are made (classes are given), False
     for --save-features alone."""
@@ -55,7 +60,7 @@ def check_outputs(args, folder: bool) -> bool:
     if args.save_features and args.mode == "slidelogit":
         raise UserError("mode 'slidelogit' gives logits, not features: --save-features needs single or slide.")
     if not folder:
-        out = Path(args.out or "seg.png")
+        out = Path(args.out or default_mask(args.image))
         check_mask_path(out) if masks else check_writable(out.with_suffix(".pt"))
     return masks
 

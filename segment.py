@@ -315,7 +315,7 @@ def build_parser() -> cli.ArgumentParser:
         description="Open-vocabulary segmentation of one image or a folder (SPAR, E5): writes a colour mask (palette "
         "PNG, pixel value = class index) and an overlay with a legend per image, and prints per-class pixel shares.",
         epilog='example: python segment.py assets/rocket.jpg --classes "sky; smoke, cloud; rocket; tower; sea" '
-        "--backbone siglip2-b16 --checkpoint run/student.pt --out rocket_seg.png; a folder: DIR --out OUTDIR",
+        "--backbone siglip2-b16 --checkpoint run/student.pt --out runs/rocket.png; a folder: DIR --out OUTDIR",
     )
     p.add_argument("image", help="image file (any size and aspect ratio), or a folder of them (--out: a folder)")
     p.add_argument("--classes", help='class names: "road, car, sky"; with ";" commas give synonyms: "road; car, truck"')
@@ -325,7 +325,7 @@ def build_parser() -> cli.ArgumentParser:
     cli.add_flags(p, SegmentSettings, protocol="aligned", short_side=672, long_side=2048)  # this CLI's defaults
     p.add_argument("--templates", default=str(DEFAULT_TEMPLATES), help="prompt templates, one per line with {}")
     p.add_argument("--text-cache", help=f"text-embedding cache folder ('none': off; default ${CACHE_ENV} or ~/.cache)")
-    p.add_argument("--out", help="mask PNG (default seg.png; overlay: <stem>_overlay.png), or the output folder")
+    p.add_argument("--out", help="mask PNG (default runs/segment/<stem>.png; overlay <stem>_overlay.png) or a folder")
     p.add_argument("--save-features", action="store_true", help="also write <stem>.pt: fp16 (h, w, C) features")
     return p
 
@@ -384,7 +384,7 @@ def _run(argv=None):
     title = f"{backbone.name}" + (" + student" if checkpoint else "") + f" ({how})"
     if folder:
         return outputs.run_folder(plan, partial(write_outputs, backbone, text, settings, title=title))
-    files = outs(args.out or "seg.png")
+    files = outs(args.out or outputs.default_mask(args.image))
     seg = write_outputs(backbone, text, settings, args.image, files, title, image)
     model = backbone.name + (f" + {cli.display_name(checkpoint)}" if checkpoint else "")
     setup = f"(run at {cli.hxw(*hw)}), backbone {model}, mode {how}"

@@ -372,6 +372,18 @@ def test_cli_bundled_image_writes_mask_of_its_size(tmp_path, template_file, caps
     assert "segmentation" in stdout and " s " in stdout
 
 
+def test_cli_without_out_writes_under_runs_not_beside_the_user(tmp_path, template_file, monkeypatch, capsys):
+    """No --out: runs/segment/<image stem>.png (runs/ is git-ignored), never seg.png in the current folder."""
+    monkeypatch.chdir(tmp_path)
+    image = str(ROOT / "assets" / "chelsea.jpg")
+    segment.main(
+        [image, "--backbone", "tiny", "--classes", "a, b", "--templates", template_file, "--text-cache", "none"]
+    )
+    made = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*.png"))
+    assert made == ["runs/segment/chelsea.png", "runs/segment/chelsea_overlay.png"]
+    assert "wrote runs/segment/chelsea.png" in capsys.readouterr().out
+
+
 def test_cli_odd_size_slide_and_class_file(tmp_path, template_file, capsys):
     img = tmp_path / "odd.png"
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (45, 70, 3), dtype=np.uint8)).save(img)
