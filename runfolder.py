@@ -403,7 +403,8 @@ def split_images(args) -> tuple[str, list[str], str, list[str]]:
     """(train folder, train files, held-out folder, held-out files), files relative to their folder."""
     if args.images is None:  # the bundled photos, fixed split
         files = list_images(ASSETS, DistillError)
-        return ASSETS, [f for f in files if f not in ASSET_HELDOUT], ASSETS, [f for f in files if f in ASSET_HELDOUT]
+        train, held = [f for f in files if f not in ASSET_HELDOUT], [f for f in files if f in ASSET_HELDOUT]
+        return ASSETS, train[: args.max_images] if args.max_images else train, ASSETS, held
     files = list_images(args.images, DistillError)
     if args.heldout:
         train, held_dir, held = files, args.heldout, list_images(args.heldout, DistillError)

@@ -193,6 +193,11 @@ def test_file_order_sorts_numbers_by_value(tmp_path):
     args = SimpleNamespace(images=str(tmp_path), heldout=None, num_heldout=1, max_images=3)
     _, train, _, held = runfolder.split_images(args)
     assert train == ["b.png", "sa_1.jpg", "sa_2.jpg"] and held == ["x/sa_3.jpg"]  # --max-images: the first N
+    bundled = SimpleNamespace(images=None, heldout=None, num_heldout=2, max_images=None)
+    _, all_four, _, held = runfolder.split_images(bundled)
+    assert len(all_four) == 4 and len(held) == 2  # the bundled photos: 4 to train, 2 held out
+    _, first_two, _, held_too = runfolder.split_images(SimpleNamespace(**{**vars(bundled), "max_images": 2}))
+    assert first_two == all_four[:2] and held_too == held  # --max-images holds for them too
 
 
 def test_epoch_order_is_file_order_in_global_batches():
