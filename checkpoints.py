@@ -81,7 +81,7 @@ def _read_torch_file(path: str, what: str = "checkpoint"):
     except pickle.UnpicklingError as exc:
         if "Unsupported global" not in str(exc):  # garbage bytes: not a torch file at all
             raise BackboneError(
-                f"cannot read {what} '{path}' (not a torch file); the file is corrupt, truncated or not a torch file."
+                f"cannot read {what} '{path}': it is not a torch file (or it is corrupt or truncated)."
             ) from exc
         raise BackboneError(
             f"cannot read {what} '{path}': it holds Python objects that safe loading "
@@ -286,10 +286,15 @@ def save_student(path: str, backbone, settings: dict):
     )
 
 
+def not_a_file(path: str) -> str:
+    """Why `path` cannot be read as a weights file, in a few words: a folder, or nothing there."""
+    return "is a folder, not a file" if os.path.isdir(path) else "does not exist"
+
+
 def load_state_dict_file(model: nn.Module, path: str, name: str):
     """A plain state dict of the whole open_clip model (or {"state_dict": ...}), e.g. `tiny` weights, strictly."""
     if not os.path.isfile(path):
-        raise BackboneError(f"cannot load {name}: weights file '{path}' does not exist.")
+        raise BackboneError(f"cannot load {name}: weights file '{path}' {not_a_file(path)}.")
     state = _read_torch_file(path, "weights file")
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
@@ -506,7 +511,7 @@ def _open_clip_model(spec: BackboneSpec, pretrained):
     if pretrained != "default":
         if not os.path.isfile(pretrained):
             raise BackboneError(
-                f"cannot load {spec.name}: weights file '{pretrained}' does not exist; "
+                f"cannot load {spec.name}: weights file '{pretrained}' {not_a_file(pretrained)}; "
                 f"pass an existing open_clip checkpoint path, 'default' to download, or None."
             )
         return open_clip.create_model(spec.openclip_name, pretrained=pretrained)

@@ -29,7 +29,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from checkpoints import BackboneError, _read_torch_file, _state_mismatch, seeded
+from checkpoints import BackboneError, _read_torch_file, _state_mismatch, not_a_file, seeded
 
 CONFIGS = {
     "dinov3-l16": dict(
@@ -179,7 +179,7 @@ def build_dinotxt(spec, pretrained) -> DinoTxt:
         raise BackboneError(
             f"{spec.name} has no download through open_clip or timm (Meta's dino.txt files need their licence); "
             f"pass --pretrained BACKBONE.pth,DINOTXT.pth (Meta's two files) or a file in the released layout, "
-            f"--checkpoint the authors' SPAR DINOv3-TXT file, or --pretrained none for random weights."
+            f"segment.py / evaluate.py --checkpoint the authors' SPAR DINOv3-TXT file, or --pretrained none."
         )
     with seeded(cfg["seed"]):
         model = DinoTxt(cfg)
@@ -194,7 +194,7 @@ def load_released_files(model: DinoTxt, name: str, pretrained: str):
     state = {}
     for path in paths:
         if not os.path.isfile(path):
-            raise BackboneError(f"cannot load {name}: weights file '{path}' does not exist.")
+            raise BackboneError(f"cannot load {name}: weights file '{path}' {not_a_file(path)}.")
         obj = _read_torch_file(path, "weights file")
         obj = obj.get("state_dict", obj) if isinstance(obj, dict) else obj
         if not isinstance(obj, dict) or not all(isinstance(k, str) and torch.is_tensor(v) for k, v in obj.items()):

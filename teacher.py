@@ -48,7 +48,10 @@ class Teacher(nn.Module):
         self.head = head
         p = backbone.patch_size
         if not getattr(backbone, "slides", True):  # NaFlex: each image is resized to a patch budget, no window K
-            raise TeacherError(f"{backbone.name} is a single-pass baseline with no native window; use --mode single.")
+            raise TeacherError(
+                f"{backbone.name} is a single-pass baseline with no window to slide; run it as a single pass "
+                f"(segment.py --mode single, evaluate.py --modes single)."
+            )
         if self.window < p or self.window % p:  # 0, negative, below one patch, or between two patch multiples
             raise TeacherError(f"window {self.window} must be a positive multiple of the patch size {p}.")
         if not 0 < stride <= self.window:  # a stride above K leaves strips that no window sees

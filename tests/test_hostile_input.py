@@ -175,6 +175,12 @@ def test_pretrained_that_is_not_a_weights_file_is_one_error_line(tmp_path, kind)
     assert done.returncode == 2 and len(err) == 1 and err[0].startswith("error: ") and str(path) in err[0], err
 
 
+@pytest.mark.parametrize("name", ["tiny", "dinov3-tiny"])
+def test_a_folder_given_as_weights_is_named_a_folder(tmp_path, name):
+    with pytest.raises(UserError, match="is a folder, not a file"):
+        student.load_backbone(name, pretrained=str(tmp_path))
+
+
 @pytest.mark.parametrize(
     "args, match",
     [
