@@ -139,7 +139,7 @@ def evaluate_command(
     if ckpt:
         cmd += ["--checkpoint", ckpt]
     if backbone == "siglip2-naflex-b16":
-        cmd += ["--naflex-patches", args.naflex_patches]
+        cmd += ["--naflex-patches", "all" if args.naflex_patches is None else str(args.naflex_patches)]
     for flag in ("device", "max_images", "short_side", "templates", "text_cache"):
         value = getattr(args, flag)
         if value is not None:
@@ -356,6 +356,7 @@ def time_backbone(name: str, args) -> list[dict]:
     from teacher import Teacher
 
     backbone = load_backbone(name, None, args.device)
+    backbone.max_patches = args.naflex_patches  # NaFlex's patch budget (only `NaFlexBackbone` reads it)
     device = backbone.device
     rows = []
     for (H, W), datasets in QUICK_SIZES if args.quick else TIMING_SIZES:
@@ -413,18 +414,18 @@ def timing(args) -> int:
     for name in args.backbones:
         rows += time_backbone(args.smoke_backbone or name, args)
     split = {d: n for d, _, _, n in BENCHMARKS}
-    say(f"\n{'backbone':<12} {'HxW':>10} {'single s':>9} {'teacher s':>10} {'ratio':>6}  teacher windows")
+    say(f"\n{'backbone':<18} {'HxW':>10} {'single s':>9} {'teacher s':>10} {'ratio':>6}  teacher windows")
     for r in rows:
         t = r["teacher_s"]
         say(
-            f"{r['backbone']:<12} {r['size'][0]:>4}x{r['size'][1]:<5} {r['single_s']:9.3f} "
+            f"{r['backbone']:<18} {r['size'][0]:>4}x{r['size'][1]:<5} {r['single_s']:9.3f} "
             f"{number(t, 10, 2)} {number(t and t / r['single_s'], 6, 0)}  {r['teacher_how']}"
         )
-    say(f"\n{'backbone':<12} {'dataset':<11} {'images':>6} {'single min':>11} {'teacher min':>12}")
+    say(f"\n{'backbone':<18} {'dataset':<11} {'images':>6} {'single min':>11} {'teacher min':>12}")
     for r in rows:
         for d in r["datasets"]:
             say(
-                f"{r['backbone']:<12} {d:<11} {split[d]:>6} {split[d] * r['single_s'] / 60:11.1f} "
+                f"{r['backbone']:<18} {d:<11} {split[d]:>6} {split[d] * r['single_s'] / 60:11.1f} "
                 f"{number(r['teacher_s'] and split[d] * r['teacher_s'] / 60, 12, 1)}"
             )
     write_json(
@@ -440,6 +441,8 @@ def timing(args) -> int:
 
 def add_row_flags(p: argparse.ArgumentParser):
     """Each row's SPAR checkpoint and, where a row needs its own, its base weights."""
+    from cli import patch_budget
+
     p.add_argument("--siglip2-ckpt", help="SPAR SigLIP2 checkpoint: the authors' .pth/.ckpt or our student.pt")
     p.add_argument("--maskclip-ckpt", help="SPAR MaskCLIP (OpenCLIP ViT-B/16) checkpoint")
     p.add_argument("--dinov3-ckpt", help="SPAR DINOv3.txt checkpoint (the authors' SPAR DINOv3-TXT .pth or ours)")
@@ -449,7 +452,13 @@ def add_row_flags(p: argparse.ArgumentParser):
         "the released layout (default: --pretrained)",
     )
     p.add_argument("--naflex-pretrained", help="base weights of the NaFlex row: an open_clip state dict")
-    p.add_argument("--naflex-patches", default="256", help="the NaFlex row's patch budget (default: %(default)s)")
+    p.add_argument(
+        "--naflex-patches",
+        default="256",
+        type=patch_budget,
+        metavar="N|all",
+        help="the NaFlex row's patch budget, aspect ratio kept (default: %(default)s; 'all': each image's own grid)",
+    )
     p.add_argument(
         "--slide",
         action="store_true",

@@ -40,12 +40,15 @@ def file_stamp(path: str | None) -> tuple[str, int, int] | None:
 
 
 def out_path(args) -> Path:
-    """--out, else runs/eval/<dataset>-<backbone>[-<checkpoint stem>][-lposs|-lposs+[-kK]][-anyup].json."""
+    """--out, else runs/eval/<dataset>-<backbone>[-<checkpoint stem>][-lposs|-lposs+[-kK]][-anyup][-pN].json
+    (-pN: a NaFlex patch budget other than 256, -pall for 'all')."""
     tag = f"-{Path(args.checkpoint).stem}" if args.checkpoint else ""
     post = (getattr(args, "refine", "none"), getattr(args, "upsample", "bilinear"))  # refine.py's flags
     tag += "".join(f"-{v}" for v in post if v not in ("none", "bilinear"))  # not the file of the plain run
     k = getattr(args, "lposs_k", 400)
     tag += f"-k{k}" if post[0] != "none" and k != 400 else ""  # nor the reference k's
+    budget = getattr(args, "naflex_patches", 256)
+    tag += f"-p{budget or 'all'}" if args.backbone.endswith("naflex-b16") and budget != 256 else ""  # NaFlex's
     return Path(args.out) if args.out else HERE / "runs" / "eval" / f"{args.dataset}-{args.backbone}{tag}.json"
 
 

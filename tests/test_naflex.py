@@ -115,6 +115,16 @@ def test_the_patch_budget_is_part_of_the_results_settings(tmp_path):
     assert settings("siglip2-naflex-b16", "--naflex-patches", "1024")["naflex_patches"] == 1024
     assert settings("siglip2-naflex-b16", "--naflex-patches", "all")["naflex_patches"] is None
     assert "naflex_patches" not in settings("tiny")  # other backbones' records (and their resume) are unchanged
+    from results import out_path
+
+    def name(*extra):
+        return out_path(evaluate.build_parser().parse_args(["--dataset", "voc21", *extra])).name
+
+    naflex = ["--backbone", "siglip2-naflex-b16"]
+    assert name(*naflex) == "voc21-siglip2-naflex-b16.json"  # the reference budget: the file it always had
+    assert name(*naflex, "--naflex-patches", "64") == "voc21-siglip2-naflex-b16-p64.json"  # not overwriting it
+    assert name(*naflex, "--naflex-patches", "all") == "voc21-siglip2-naflex-b16-pall.json"
+    assert name("--backbone", "tiny", "--naflex-patches", "64") == "voc21-tiny.json"
 
 
 # --------------------------------------------------------------------------------------------------------------
