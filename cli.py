@@ -158,7 +158,7 @@ def add_backbone_args(parser: argparse.ArgumentParser, names, default: str = "ti
         "--pretrained",
         default="default",
         help="'default' (download through open_clip, cached), 'none' (random weights, offline), "
-        "or a local open_clip weights file",
+        "or a local open_clip weights file (dinov3-l16: BACKBONE.pth,DINOTXT.pth; docs/backbones.md)",
     )
     parser.add_argument(
         "--device",
