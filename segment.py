@@ -161,11 +161,11 @@ def run_size(H: int, W: int, settings: SegmentSettings, patch: int) -> tuple[int
     """The size an H x W image runs at (`resized_hw`), refused when a side is smaller than one patch."""
     hw = resized_hw(H, W, settings.short_side, settings.long_side)
     if min(H, W, *hw) < patch:
-        raise SegmentError(
+        raise SegmentError(  # the image itself is too small, or its resize (a long side capped by --long-side)
             f"the image is {cli.hxw(H, W)} px"
-            + (f", resized to {cli.hxw(*hw)}," if hw != (H, W) else "")
+            + (f", resized to {cli.hxw(*hw)}," if min(H, W) >= patch else "")
             + f" smaller than one {patch} px patch on a side; there is nothing to segment"
-            + ("; use a larger short side (paper: 672) or none to keep its size." if hw != (H, W) else ".")
+            + ("; raise --long-side (0: no cap) or keep its size with --short-side 0." if min(H, W) >= patch else ".")
         )
     return hw
 

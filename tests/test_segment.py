@@ -325,8 +325,12 @@ def test_segment_tiny_any_size_single_and_slide(tiny, tmp_path):
         assert torch.equal(seg.labels, seg.logits.argmax(1)), mode
     all_zero = segment.segment(tiny, image, text, SegmentSettings(prob_thd=1.01)).labels
     assert (all_zero == 0).all()
-    with pytest.raises(SegmentError, match="smaller than one"):
+    with pytest.raises(SegmentError, match="smaller than one") as exc:
         segment.segment(tiny, torch.rand(1, 3, 8, 300), text)
+    assert str(exc.value).endswith("there is nothing to segment.")  # the image itself: no advice to resize it
+    with pytest.raises(SegmentError, match="resized to 14x2048") as exc:  # 20 x 3000, the long side capped
+        segment.segment(tiny, torch.rand(1, 3, 20, 3000), text, SegmentSettings(short_side=672, long_side=2048))
+    assert "--long-side (0: no cap)" in str(exc.value)
 
 
 def test_resized_hw_keeps_ratio():
