@@ -14,22 +14,9 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-runs/gpu_backbones}"
-mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-PY=python3
-if [ -d .gpu_site ]; then export PYTHONPATH="$PWD/.gpu_site${PYTHONPATH:+:$PYTHONPATH}"; fi
+. scripts/gpu_common.sh  # env.txt and `step`
 DEV=cuda SIZES=1024x2048,672x896 QUICK=() REPS=(--warmup 2 --reps 5)
 if [ "${SMOKE:-0}" = 1 ]; then DEV=cpu SIZES=64x128 QUICK=(--quick) REPS=(--warmup 0 --reps 1); fi
-{
-  date -u
-  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1
-  $PY -c "import torch, timm, open_clip; print('torch', torch.__version__, '| timm', timm.__version__,
-'| open_clip', open_clip.__version__, '| gpu', torch.cuda.get_device_name() if torch.cuda.is_available() else 'NONE')"
-} 2>&1 | tee "$OUT/env.txt"
-
-step() { local name=$1 limit=$2; shift 2; echo "== $name (limit ${limit}s): $*" | tee -a "$OUT/$name.log"
-         local t0=$SECONDS; timeout "$limit" "$@" >>"$OUT/$name.log" 2>&1; local rc=$?
-         echo "== $name: exit $rc after $((SECONDS - t0)) s" | tee -a "$OUT/$name.log"; tail -n 25 "$OUT/$name.log"; }
 
 step timing 150 $PY reproduce.py --timing --device "$DEV" --precision fp32 --backbones dinov3-l16,siglip2-naflex-b16 \
   "${QUICK[@]}" --out "$OUT/timing"
