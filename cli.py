@@ -139,7 +139,19 @@ class ArgumentParser(argparse.ArgumentParser):
         namespace, extras = super().parse_known_args(args, namespace)
         if self.threads_flag:
             apply_threads(namespace.threads)
+        note_unused_budget(getattr(namespace, "backbone", None), getattr(namespace, "naflex_patches", 256))
         return namespace, extras
+
+
+_noted = set()
+
+
+def note_unused_budget(backbone: str | None, budget):
+    """A --naflex-patches given with a backbone that has no patch budget is said once (on stderr), not ignored
+    silently."""
+    if backbone and budget != 256 and not backbone.endswith("naflex-b16") and (backbone, budget) not in _noted:
+        _noted.add((backbone, budget))
+        print(f"note: --naflex-patches applies to siglip2-naflex-b16 only; {backbone} ignores it.", file=sys.stderr)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -230,3 +230,17 @@ def test_a_segment_folder_records_only_a_budget_other_than_the_reference():
 
     assert "naflex_patches" not in record(256) and record(64)["naflex_patches"] == 64
     assert record(None)["naflex_patches"] is None  # 'all'
+
+
+def test_a_budget_given_to_another_backbone_is_said_once(capsys):
+    import cli
+
+    cli._noted.clear()
+    for _ in range(2):
+        evaluate.build_parser().parse_args(["--dataset", "voc21", "--backbone", "tiny", "--naflex-patches", "64"])
+    evaluate.build_parser().parse_args(
+        ["--dataset", "voc21", "--backbone", "siglip2-naflex-b16", "--naflex-patches", "64"]
+    )
+    evaluate.build_parser().parse_args(["--dataset", "voc21", "--backbone", "tiny"])  # the default: nothing to say
+    err = capsys.readouterr().err.splitlines()
+    assert err == ["note: --naflex-patches applies to siglip2-naflex-b16 only; tiny ignores it."]
