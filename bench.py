@@ -634,6 +634,7 @@ def build_parser(device_default: str) -> argparse.ArgumentParser:
         metavar="N|all",
         help="siglip2-naflex-b16 only: its patch budget (default: %(default)s; 'all': the image's own grid)",
     )
+    p.naflex_flag = True  # the --backbone's budget: said when that backbone has none
     p.add_argument("--sizes", default=None, help="comma-separated HxW image sizes (default: per device)")
     p.add_argument("--strides", default=None, help="comma-separated teacher strides, each <= K (default: per device)")
     p.add_argument("--train-size", default=None, help="HxW of the training-step image (default: per device)")

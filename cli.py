@@ -130,6 +130,7 @@ class ArgumentParser(argparse.ArgumentParser):
     what --help prints).  A --threads flag added by `add_threads_arg` is applied as it is parsed (`apply_threads`)."""
 
     threads_flag = False  # set by add_threads_arg
+    naflex_flag = False  # set where --naflex-patches is the --backbone's budget (add_backbone_args, bench.py)
 
     def error(self, message):
         print(printable(f"error: {message} (see {self.prog} --help)"), file=sys.stderr)
@@ -139,7 +140,8 @@ class ArgumentParser(argparse.ArgumentParser):
         namespace, extras = super().parse_known_args(args, namespace)
         if self.threads_flag:
             apply_threads(namespace.threads)
-        note_unused_budget(getattr(namespace, "backbone", None), getattr(namespace, "naflex_patches", 256))
+        if self.naflex_flag:
+            note_unused_budget(namespace.backbone, namespace.naflex_patches)
         return namespace, extras
 
 
@@ -180,6 +182,7 @@ def add_backbone_args(parser: argparse.ArgumentParser, names, default: str = "ti
     add_threads_arg(parser)
     if not naflex:
         return
+    parser.naflex_flag = True
     parser.add_argument(
         "--naflex-patches",
         default="256",

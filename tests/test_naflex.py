@@ -244,3 +244,8 @@ def test_a_budget_given_to_another_backbone_is_said_once(capsys):
     evaluate.build_parser().parse_args(["--dataset", "voc21", "--backbone", "tiny"])  # the default: nothing to say
     err = capsys.readouterr().err.splitlines()
     assert err == ["note: --naflex-patches applies to siglip2-naflex-b16 only; tiny ignores it."]
+    import figures
+
+    cli._noted.clear()  # figures.py fig3's --naflex-patches is the NaFlex line's budget, whatever --backbone is
+    figures.build_parser().parse_args(["fig3", "--backbone", "tiny", "--naflex-patches", "64"])
+    assert capsys.readouterr().err == ""
