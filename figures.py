@@ -65,6 +65,7 @@ from cli import (
 )
 from files import atomic_write, check_writable, content_sha1, read_json, save_torch, write_json
 from pictures import class_colours, pca_rgb
+from refine import LPOSS_K
 from results import complete_modes, run_settings
 
 SIX = ("voc21", "voc20", "cityscapes", "ade20k", "context60", "context59")
@@ -690,6 +691,7 @@ def fig5_key(args, image: str, how, checkpoint: str | None, text_id: str) -> dic
     the settings, the device kind and the class text; a cached pair made with other values is recomputed."""
     from checkpoints import weights_sha1
 
+    settings = {k: v for k, v in dataclasses.asdict(how).items() if (k, v) != ("lposs_k", LPOSS_K)}  # as before it
     return dict(
         format=1,
         image_sha1=content_sha1(image),
@@ -697,7 +699,7 @@ def fig5_key(args, image: str, how, checkpoint: str | None, text_id: str) -> dic
         pretrained=str(args.pretrained),
         pretrained_sha1=weights_sha1(args.pretrained),
         checkpoint_sha1=content_sha1(checkpoint) if checkpoint else None,
-        settings={k: v for k, v in dataclasses.asdict(how).items() if (k, v) != ("lposs_k", 400)},  # older keys match
+        settings=settings,
         device=resolve_device(args.device).type,
         text=text_id,
     )

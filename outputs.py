@@ -36,6 +36,7 @@ from files import (
     save_torch,
     write_json,
 )
+from naflex import DEFAULT_PATCHES
 from pictures import check_mask_path, class_shares, overlay_path, save_mask, save_overlay
 from refine import RefineSettings
 
@@ -86,8 +87,8 @@ def folder_record(args, settings, checkpoint, classes, templates) -> dict:
     post = {f.name: f.default for f in fields(RefineSettings)}  # refine.py's fields: left out at their defaults,
     kept = {k: v for k, v in asdict(settings).items() if k not in post or v != post[k]}  # so older records match
     record = {"backbone": args.backbone, "pretrained": args.pretrained, "settings": kept}
-    if args.backbone.endswith("naflex-b16") and args.naflex_patches != 256:  # a budget other than the reference
-        record["naflex_patches"] = args.naflex_patches  # one's decides the outputs (older records still match)
+    if args.backbone.endswith("naflex-b16") and args.naflex_patches != DEFAULT_PATCHES:  # a budget that is not
+        record["naflex_patches"] = args.naflex_patches  # the reference one decides the outputs (older records match)
     return record | {"checkpoint": checkpoint and file_sha1(checkpoint), "classes": classes, "templates": templates}
 
 

@@ -31,6 +31,7 @@ from lposs import lposs, lposs_plus
 from results import file_stamp
 
 REFINES = ("none", "lposs", "lposs+")
+LPOSS_K = 400  # the reference k (lposs.py's default): left out of records, so those made before --lposs-k match
 UPSAMPLES = ("bilinear", "anyup")
 ANYUP_HINT = "anyup_multi_backbone.pth from github.com/wimmerth/anyup's releases"
 
@@ -48,7 +49,7 @@ class RefineSettings:
         "self", "LPOSS affinity features: self (the backbone in use, e.g. the student) or a DINO ViT weights file"
     )
     lposs_k: int = flag(
-        400, "LPOSS's k nearest patches per patch, (L2) (400: the reference; see docs/lposs_anyup.md)", (">=", 1)
+        LPOSS_K, "LPOSS's k nearest patches per patch, (L2) (400: the reference; see docs/lposs_anyup.md)", (">=", 1)
     )
     upsample: str = flag("bilinear", "logits to pixels: bilinear, or anyup (features by AnyUp)", choices=UPSAMPLES)
     anyup_weights: str | None = flag(None, f"the AnyUp weights file for --upsample anyup ({ANYUP_HINT})")
@@ -95,7 +96,7 @@ def run_record(args) -> dict:
     if getattr(args, "refine", "none") != "none":
         affinity = args.affinity
         record.update(refine=args.refine, affinity=affinity)
-        if getattr(args, "lposs_k", 400) != 400:  # the reference k is left out, so older records still resume
+        if getattr(args, "lposs_k", LPOSS_K) != LPOSS_K:  # the reference k is left out: older records resume
             record.update(lposs_k=args.lposs_k)
         if affinity != "self":
             record.update(affinity=os.path.abspath(affinity), affinity_sha1=content_sha1(affinity))

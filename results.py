@@ -24,6 +24,7 @@ from benchmarks import settings_for
 from checkpoints import weights_sha1
 from cli import UserError, display_name
 from files import check_writable, content_sha1, lock, read_json
+from naflex import DEFAULT_PATCHES
 
 RESULTS_FORMAT = "spar-evaluate-results"  # the marker by which evaluate.py knows a results file as its own
 
@@ -45,10 +46,10 @@ def out_path(args) -> Path:
     tag = f"-{Path(args.checkpoint).stem}" if args.checkpoint else ""
     post = (getattr(args, "refine", "none"), getattr(args, "upsample", "bilinear"))  # refine.py's flags
     tag += "".join(f"-{v}" for v in post if v not in ("none", "bilinear"))  # not the file of the plain run
-    k = getattr(args, "lposs_k", 400)
+    k = getattr(args, "lposs_k", 400)  # refine.LPOSS_K, the reference k (refine.py is imported after this file)
     tag += f"-k{k}" if post[0] != "none" and k != 400 else ""  # nor the reference k's
-    budget = getattr(args, "naflex_patches", 256)
-    tag += f"-p{budget or 'all'}" if args.backbone.endswith("naflex-b16") and budget != 256 else ""  # NaFlex's
+    budget = getattr(args, "naflex_patches", DEFAULT_PATCHES)
+    tag += f"-p{budget or 'all'}" if args.backbone.endswith("naflex-b16") and budget != DEFAULT_PATCHES else ""
     return Path(args.out) if args.out else HERE / "runs" / "eval" / f"{args.dataset}-{args.backbone}{tag}.json"
 
 
